@@ -1,0 +1,218 @@
+//! `apt-layer mount`: build the tree, mount it, serve until unmounted.
+//!
+//! Readiness contract: `mount` (without `--foreground`) returns only once
+//! the kernel has completed the FUSE handshake, i.e. the tree is served. It
+//! re-executes itself in the foreground in a new session with a pipe; the
+//! child writes `ok` to the pipe after the handshake, or its error, and the
+//! parent exits 0 or reports that error.
+//!
+//! Shutdown: `umount`, SIGTERM, SIGINT or SIGHUP end the session; the daemon
+//! unmounts (if needed), lets in-flight work finish briefly and exits 0.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::config::{AuthFile, MountOptions, RegistriesConf};
+use crate::fuse::Fs;
+use crate::model::Tree;
+use crate::model::tree::TreeOptions;
+use crate::registry::RegistryClient;
+use crate::store::MetaStore;
+
+/// Loads auth and registries.conf and builds the shared registry client.
+pub fn make_client(
+    authfile: Option<&Path>,
+    registries_conf: Option<&Path>,
+    insecure: &[String],
+    timeout: Duration,
+) -> Result<RegistryClient, String> {
+    let auth = AuthFile::load(authfile)?;
+    let mut conf = RegistriesConf::load(registries_conf)?;
+    for h in insecure {
+        conf.add_insecure(h);
+    }
+    RegistryClient::new(conf, auth, timeout)
+}
+
+/// Runs `apt-layer mount`. `ready_fd` is the pipe of a parent waiting for
+/// readiness (internal).
+pub fn mount(opts: MountOptions, foreground: bool, ready_fd: Option<i32>) -> Result<(), String> {
+    if !foreground {
+        return daemonize(&opts);
+    }
+    let mut ready = ready_fd.map(|fd| {
+        // SAFETY: the parent passed us this fd for exactly this purpose.
+        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    });
+    let result = serve(&opts, &mut ready);
+    if let (Err(e), Some(r)) = (&result, ready.as_mut()) {
+        let _ = writeln!(r, "{e}");
+    }
+    result
+}
+
+fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), String> {
+    let client = make_client(
+        opts.authfile.as_deref(),
+        opts.registries_conf.as_deref(),
+        &opts.insecure_registries,
+        opts.timeout,
+    )?;
+    std::fs::create_dir_all(&opts.cache_dir)
+        .map_err(|e| format!("cannot create cache dir {}: {e}", opts.cache_dir.display()))?;
+    let meta = MetaStore::open(&opts.cache_dir)
+        .map_err(|e| format!("cache dir {}: {e}", opts.cache_dir.display()))?;
+    let mut configured: Vec<String> = client.conf().registries().map(str::to_string).collect();
+    configured.extend(client.auth().registries().map(str::to_string));
+    configured.extend(opts.insecure_registries.iter().cloned());
+    configured.retain(|r| crate::registry::name::is_registry(r));
+    let tree = Arc::new(Tree::new(
+        client,
+        meta,
+        TreeOptions {
+            tag_ttl: opts.tag_ttl,
+            configured,
+        },
+    ));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("apt-layer-io")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("apt-layer".into()),
+        MountOption::CUSTOM("subtype=apt-layer".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    cfg.mount_options.push(if opts.suid {
+        MountOption::Suid
+    } else {
+        MountOption::NoSuid
+    });
+    cfg.mount_options.push(if opts.dev {
+        MountOption::Dev
+    } else {
+        MountOption::NoDev
+    });
+    cfg.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+
+    std::fs::create_dir_all(&opts.mountpoint).ok();
+    let fs = Fs::new(tree, rt.handle().clone());
+    let mut session = fuser::Session::new(fs, &opts.mountpoint, &cfg)
+        .map_err(|e| format!("cannot mount {}: {e}", opts.mountpoint.display()))?;
+    tracing::info!(mountpoint = %opts.mountpoint.display(), cache = %opts.cache_dir.display(), "serving");
+    if let Some(mut r) = ready.take() {
+        let _ = r.write_all(b"ok\n");
+    }
+
+    let mut unmounter = session.unmount_callable();
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut t, mut i, mut h) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+            _ => return,
+        };
+        tokio::select! { _ = t.recv() => {}, _ = i.recv() => {}, _ = h.recv() => {} }
+        tracing::info!("signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed");
+        }
+    });
+    let res = session.run();
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match res {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+        Err(e) => tracing::debug!(error = %e, "session ended"),
+    }
+    tracing::info!("unmounted; exiting");
+    Ok(())
+}
+
+/// Re-executes in the foreground in a new session, and waits for it to
+/// report readiness (or failure) through a pipe.
+fn daemonize(opts: &MountOptions) -> Result<(), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these two fds to us.
+    let (mut rd, wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let log_path = opts
+        .log_file
+        .clone()
+        .unwrap_or_else(|| opts.cache_dir.join("apt-layer.log"));
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("cannot open log {}: {e}", log_path.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    args.push("--ready-fd".into());
+    args.push("3".into());
+    let wr_fd = std::os::fd::AsRawFd::as_raw_fd(&wr);
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if libc::dup2(wr_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start daemon: {e}"))?;
+    drop(wr);
+    let mut msg = String::new();
+    let _ = rd.read_to_string(&mut msg);
+    if msg.starts_with("ok") {
+        return Ok(());
+    }
+    let _ = child.wait();
+    let msg = msg.trim();
+    Err(if msg.is_empty() {
+        format!("daemon exited before serving; see {}", log_path.display())
+    } else {
+        format!("{msg} (log: {})", log_path.display())
+    })
+}

@@ -1,0 +1,23 @@
+//! apt-layer: container registries as a filesystem.
+//!
+//! The crate is drawn in layers, each depending only on the ones above it:
+//!
+//! ```text
+//! config    what the user configured: mount options, auth files, registries.conf
+//! registry  talking to registries: names, auth, mirrors, timeouts, retries, digests
+//! store     what is kept on disk: metadata blobs by digest (never evicted)
+//! inspect   the JSON skopeo prints, computed from manifest + config + tags
+//! model     the tree users see: nodes, inodes, TTLs, listings, file contents
+//! fuse      the thin kernel adapter: decode a request, call the model, reply
+//! daemon    mounting, daemonising, readiness and clean shutdown
+//! ```
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod daemon;
+pub mod fuse;
+pub mod inspect;
+pub mod model;
+pub mod registry;
+pub mod singleflight;
+pub mod store;

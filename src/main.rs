@@ -1,0 +1,213 @@
+//! The `apt-layer` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use apt_layer::config::{MountOptions, parse_size};
+use apt_layer::daemon;
+use apt_layer::inspect::{InspectInput, inspect_json, list_tags_json};
+use apt_layer::model::image::{Image, select_platform};
+use apt_layer::registry::name::ImageRef;
+
+#[derive(Parser)]
+#[command(
+    name = "apt-layer",
+    version,
+    about = "Container registries as a filesystem: ls, cat, chroot into and copy to any image"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Flags every command that talks to registries takes.
+#[derive(Args, Clone, Default)]
+struct RegistryArgs {
+    /// Credentials file (else $REGISTRY_AUTH_FILE, else the containers defaults).
+    #[arg(long, value_name = "FILE")]
+    authfile: Option<PathBuf>,
+    /// registries.conf (v2) to use instead of the system one.
+    #[arg(long, value_name = "FILE")]
+    registries_conf: Option<PathBuf>,
+    /// Reach HOST over plain HTTP (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registry: Vec<String>,
+    /// Seconds before a registry operation fails.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount the registry tree (default /run/apt-layer/registries).
+    Mount {
+        /// Where to mount.
+        mountpoint: Option<PathBuf>,
+        /// Cache directory.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Cache size bound (e.g. 10G, 512M).
+        #[arg(long, value_name = "SIZE")]
+        cache_size: Option<String>,
+        /// Credentials file.
+        #[arg(long, value_name = "FILE")]
+        authfile: Option<PathBuf>,
+        /// registries.conf (v2).
+        #[arg(long, value_name = "FILE")]
+        registries_conf: Option<PathBuf>,
+        /// Reach HOST over plain HTTP (repeatable).
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registry: Vec<String>,
+        /// Mount options, comma separated (see README).
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// Stay in the foreground, logging to stderr.
+        #[arg(long, short = 'f')]
+        foreground: bool,
+        /// Internal: readiness pipe of the parent.
+        #[arg(long, hide = true)]
+        ready_fd: Option<i32>,
+    },
+    /// Print the JSON `skopeo inspect docker://REF` prints.
+    Inspect {
+        /// Image reference (`registry/repo:tag`, `…@sha256:…`, `docker://` allowed).
+        reference: String,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+    /// Print the JSON `skopeo list-tags docker://REPO` prints.
+    ListTags {
+        /// Repository (`registry/repo`).
+        repository: String,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,fuser=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let r = match cli.cmd {
+        Cmd::Mount {
+            mountpoint,
+            cache_dir,
+            cache_size,
+            authfile,
+            registries_conf,
+            insecure_registry,
+            options,
+            foreground,
+            ready_fd,
+        } => (|| {
+            let mut o =
+                MountOptions::new(mountpoint.unwrap_or_else(|| "/run/apt-layer/registries".into()));
+            for s in &options {
+                o.apply_o(s)?;
+            }
+            if let Some(d) = cache_dir {
+                o.cache_dir = d;
+            }
+            if let Some(s) = cache_size {
+                o.cache_size = parse_size(&s)?;
+            }
+            o.authfile = authfile.or(o.authfile);
+            o.registries_conf = registries_conf.or(o.registries_conf);
+            o.insecure_registries.extend(insecure_registry);
+            daemon::mount(o, foreground, ready_fd)
+        })(),
+        Cmd::Inspect { reference, reg } => {
+            runtime().and_then(|rt| rt.block_on(inspect(&reference, &reg)))
+        }
+        Cmd::ListTags { repository, reg } => {
+            runtime().and_then(|rt| rt.block_on(list_tags(&repository, &reg)))
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apt-layer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn client(reg: &RegistryArgs) -> Result<apt_layer::registry::RegistryClient, String> {
+    daemon::make_client(
+        reg.authfile.as_deref(),
+        reg.registries_conf.as_deref(),
+        &reg.insecure_registry,
+        Duration::from_secs(reg.timeout),
+    )
+}
+
+async fn inspect(reference: &str, reg: &RegistryArgs) -> Result<(), String> {
+    let r = ImageRef::parse(reference, Some("latest"))?;
+    let c = client(reg)?;
+    let e = |e: apt_layer::registry::RegistryError| e.to_string();
+    let wanted = r
+        .digest
+        .clone()
+        .or(r.tag.clone())
+        .expect("default tag applied");
+    let top = c.manifest(&r.registry, &r.repo, &wanted).await.map_err(e)?;
+    let (index, manifest) = if top.is_index {
+        let d = select_platform(&top)?;
+        let m = c.manifest(&r.registry, &r.repo, &d).await.map_err(e)?;
+        (Some(top), m)
+    } else {
+        (None, top)
+    };
+    let image = Image::new(index, manifest)?;
+    let config = c
+        .blob(
+            &r.registry,
+            &r.repo,
+            &image.config.digest,
+            apt_layer::registry::MAX_METADATA_SIZE,
+        )
+        .await
+        .map_err(e)?;
+    let tags = c.list_tags(&r.registry, &r.repo).await.map_err(e)?;
+    let out = inspect_json(&InspectInput {
+        name: &r.name(),
+        tag: r.tag.as_deref(),
+        digest: &image.top_digest,
+        repo_tags: &tags,
+        manifest: &image.manifest.bytes,
+        config: &config,
+    })?;
+    std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(|e| e.to_string())
+}
+
+async fn list_tags(repository: &str, reg: &RegistryArgs) -> Result<(), String> {
+    let r = ImageRef::parse(repository, None)?;
+    if r.tag.is_some() || r.digest.is_some() {
+        return Err(format!(
+            "{repository}: list-tags takes a repository, without tag or digest"
+        ));
+    }
+    let c = client(reg)?;
+    let tags = c
+        .list_tags(&r.registry, &r.repo)
+        .await
+        .map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut std::io::stdout(), &list_tags_json(&r.name(), &tags))
+        .map_err(|e| e.to_string())
+}

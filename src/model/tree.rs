@@ -1,0 +1,952 @@
+//! The operations on the tree: lookup, getattr, list, open.
+//!
+//! Caching by mutability:
+//! - everything addressed by digest (manifests, configs, resolved images) is
+//!   immutable: kept in memory and in the [`MetaStore`], trusted forever;
+//! - tag lists, tag → image answers and catalogs change: trusted for
+//!   `tag_ttl`, then asked again.
+//!
+//! Single-flight: concurrent lookups that need the same registry answer
+//! share one request ([`Flights`]). No lock is held across an `.await`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use super::image::{Image, select_platform};
+use super::node::{Inodes, MetaKind, Node, ROOT_INO};
+use super::{DirEntry, Entry, FsError, IMMUTABLE_TTL, Kind, OpenFile, Stat};
+use crate::inspect::{InspectInput, inspect_json};
+use crate::registry::name::{
+    canonical_repo, is_registry, is_repo_component, is_sha256_digest, is_tag,
+};
+use crate::registry::{MAX_METADATA_SIZE, RawManifest, RegistryClient, RegistryError};
+use crate::singleflight::Flights;
+use crate::store::MetaStore;
+
+type Res<T> = Result<T, FsError>;
+type RepoKey = (Arc<str>, Arc<str>);
+
+/// A cached answer and when it was fetched.
+struct Timed<T> {
+    at: Instant,
+    value: T,
+}
+
+/// A map of answers that expire after a TTL.
+struct TtlMap<K, V> {
+    map: Mutex<HashMap<K, Timed<V>>>,
+}
+
+impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
+    fn new() -> Self {
+        TtlMap {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+    fn get(&self, k: &K, ttl: Duration) -> Option<V> {
+        let m = self.map.lock().unwrap();
+        m.get(k)
+            .filter(|t| t.at.elapsed() < ttl)
+            .map(|t| t.value.clone())
+    }
+    fn put(&self, k: K, v: V) {
+        self.map.lock().unwrap().insert(
+            k,
+            Timed {
+                at: Instant::now(),
+                value: v,
+            },
+        );
+    }
+}
+
+/// Settings of the tree.
+#[derive(Debug, Clone)]
+pub struct TreeOptions {
+    /// How long mutable answers (tags, catalogs) are trusted.
+    pub tag_ttl: Duration,
+    /// Registries listed at the top from configuration.
+    pub configured: Vec<String>,
+}
+
+/// The registry tree.
+pub struct Tree {
+    client: RegistryClient,
+    meta: MetaStore,
+    inodes: Inodes,
+    opts: TreeOptions,
+    started: SystemTime,
+    /// Registries looked up (or configured) since mount.
+    registries: Mutex<BTreeSet<Arc<str>>>,
+    /// Repositories found since mount, per registry.
+    known_repos: Mutex<BTreeSet<RepoKey>>,
+    /// registry → catalog (`None`: the registry does not serve one).
+    catalogs: TtlMap<Arc<str>, Option<Arc<Vec<String>>>>,
+    /// (registry, repo) → tags, or the NotFound/Denied answer.
+    tags: TtlMap<RepoKey, Res<Arc<Vec<String>>>>,
+    /// (registry, repo, tag) → image.
+    tag_images: TtlMap<(Arc<str>, Arc<str>, Arc<str>), Arc<Image>>,
+    /// (registry, repo, top digest) → image. Immutable.
+    images: Mutex<HashMap<(Arc<str>, Arc<str>, Arc<str>), Arc<Image>>>,
+    /// Generated files (inspect.json) by inode, for `tag_ttl`.
+    generated: TtlMap<u64, Bytes>,
+    tag_flights: Flights<RepoKey, Res<Arc<Vec<String>>>>,
+    catalog_flights: Flights<Arc<str>, Res<Option<Arc<Vec<String>>>>>,
+    image_flights: Flights<(Arc<str>, Arc<str>, Arc<str>), Res<Arc<Image>>>,
+    blob_flights: Flights<(Arc<str>, Arc<str>, Arc<str>), Res<Bytes>>,
+}
+
+fn arc(s: &str) -> Arc<str> {
+    Arc::from(s)
+}
+
+impl Tree {
+    /// A tree over `client`, keeping metadata in `meta`.
+    pub fn new(client: RegistryClient, meta: MetaStore, opts: TreeOptions) -> Tree {
+        let registries = opts.configured.iter().map(|s| arc(s)).collect();
+        Tree {
+            client,
+            meta,
+            inodes: Inodes::new(),
+            opts,
+            started: SystemTime::now(),
+            registries: Mutex::new(registries),
+            known_repos: Mutex::new(BTreeSet::new()),
+            catalogs: TtlMap::new(),
+            tags: TtlMap::new(),
+            tag_images: TtlMap::new(),
+            images: Mutex::new(HashMap::new()),
+            generated: TtlMap::new(),
+            tag_flights: Flights::default(),
+            catalog_flights: Flights::default(),
+            image_flights: Flights::default(),
+            blob_flights: Flights::default(),
+        }
+    }
+
+    /// The registry client (for the CLI commands that share the model).
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    fn node(&self, ino: u64) -> Res<Arc<Node>> {
+        self.inodes.node(ino).ok_or(FsError::Stale(ino))
+    }
+
+    // ----- attributes -------------------------------------------------
+
+    fn dir_stat(&self, ino: u64) -> Stat {
+        Stat {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            mtime: self.started,
+        }
+    }
+
+    fn file_stat(&self, ino: u64, size: u64) -> Stat {
+        Stat {
+            ino,
+            kind: Kind::File,
+            size,
+            perm: 0o444,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            mtime: self.started,
+        }
+    }
+
+    /// The entry for `node`, with TTLs by mutability. `pinned` marks
+    /// children of `@sha256:` directories, whose names never change.
+    async fn entry_of(&self, node: Node, pinned: bool) -> Res<Entry> {
+        let mutable = self.opts.tag_ttl;
+        let (kind_dir, size, entry_ttl, attr_ttl) = match &node {
+            Node::Root
+            | Node::Outbox
+            | Node::Registry { .. }
+            | Node::Repo { .. }
+            | Node::Tag { .. } => (true, 0, mutable, mutable),
+            Node::Pinned { .. } => (true, 0, IMMUTABLE_TTL, IMMUTABLE_TTL),
+            Node::Meta { size, .. } => (
+                false,
+                *size,
+                if pinned { IMMUTABLE_TTL } else { mutable },
+                IMMUTABLE_TTL,
+            ),
+            Node::Inspect { .. } | Node::Status { .. } => (false, 0, mutable, Duration::ZERO),
+        };
+        let ino = self.inodes.ino(node.clone());
+        let stat = if kind_dir {
+            let mut s = self.dir_stat(ino);
+            if matches!(node, Node::Outbox) {
+                s.perm = 0o755;
+            }
+            s
+        } else {
+            let size = match &node {
+                Node::Inspect { .. } | Node::Status { .. } => {
+                    self.generate(ino, &node).await?.len() as u64
+                }
+                _ => size,
+            };
+            self.file_stat(ino, size)
+        };
+        Ok(Entry {
+            stat,
+            entry_ttl,
+            attr_ttl,
+        })
+    }
+
+    /// `getattr`.
+    pub async fn getattr(&self, ino: u64) -> Res<Entry> {
+        let node = self.node(ino)?;
+        self.entry_of((*node).clone(), true).await
+    }
+
+    // ----- lookup -----------------------------------------------------
+
+    /// `lookup(parent, name)`.
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Res<Entry> {
+        let parent_node = self.node(parent)?;
+        let name = name.to_str().ok_or(FsError::NotFound)?;
+        let (child, pinned) = match &*parent_node {
+            Node::Root => (self.lookup_root(name).await?, false),
+            Node::Outbox => return Err(FsError::NotFound),
+            Node::Registry { registry } => {
+                (self.lookup_repo_child(registry, None, name).await?, false)
+            }
+            Node::Repo { registry, path } => (
+                self.lookup_repo_child(registry, Some(path), name).await?,
+                false,
+            ),
+            Node::Tag {
+                registry,
+                repo,
+                tag,
+            } => {
+                let image = self.tag_image(registry, repo, tag).await?;
+                (
+                    self.image_child(registry, repo, Some(tag), &image, name)?,
+                    false,
+                )
+            }
+            Node::Pinned {
+                registry,
+                repo,
+                digest,
+            } => {
+                let image = self.pinned_image(registry, repo, digest).await?;
+                (self.image_child(registry, repo, None, &image, name)?, true)
+            }
+            Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } => {
+                return Err(FsError::NotDir);
+            }
+        };
+        self.entry_of(child, pinned).await
+    }
+
+    async fn lookup_root(&self, name: &str) -> Res<Node> {
+        if name == "outbox" {
+            return Ok(Node::Outbox);
+        }
+        if !is_registry(name) {
+            return Err(FsError::NotFound);
+        }
+        let known = self.registries.lock().unwrap().contains(name);
+        if !known {
+            match self.client.ping(name).await {
+                Ok(()) => {}
+                Err(e @ RegistryError::Unavailable { .. }) => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(registry = name, error = %e, "not a registry");
+                    return Err(FsError::NotFound);
+                }
+            }
+            self.registries.lock().unwrap().insert(arc(name));
+        }
+        Ok(Node::Registry {
+            registry: arc(name),
+        })
+    }
+
+    /// Names under a registry or repository directory: tags of the
+    /// repository, `@sha256:` pins, and deeper repository path components.
+    async fn lookup_repo_child(
+        &self,
+        registry: &Arc<str>,
+        parent: Option<&Arc<str>>,
+        name: &str,
+    ) -> Res<Node> {
+        let path: Arc<str> = match parent {
+            Some(p) => format!("{p}/{name}").into(),
+            None => arc(name),
+        };
+        if let Some(p) = parent {
+            if let Some(digest) = name.strip_prefix('@') {
+                if !is_sha256_digest(digest) {
+                    return Err(FsError::NotFound);
+                }
+                self.pinned_image(registry, p, digest).await?;
+                return Ok(Node::Pinned {
+                    registry: registry.clone(),
+                    repo: p.clone(),
+                    digest: arc(digest),
+                });
+            }
+            if self.is_known_prefix(registry, &path) {
+                return Ok(Node::Repo {
+                    registry: registry.clone(),
+                    path,
+                });
+            }
+            if is_tag(name) {
+                let tag_node = || Node::Tag {
+                    registry: registry.clone(),
+                    repo: p.clone(),
+                    tag: arc(name),
+                };
+                match self.tags(registry, p).await {
+                    Ok(tags) if tags.iter().any(|t| t == name) => return Ok(tag_node()),
+                    Ok(_) => {
+                        // Perhaps pushed since the list was read.
+                        match self.tag_image(registry, p, &arc(name)).await {
+                            Ok(_) => return Ok(tag_node()),
+                            Err(e) if is_absent(&e) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Err(e) if is_absent(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if !is_repo_component(name) {
+            return Err(FsError::NotFound);
+        }
+        if self.is_known_prefix(registry, &path) {
+            return Ok(Node::Repo {
+                registry: registry.clone(),
+                path,
+            });
+        }
+        match self.tags(registry, &path).await {
+            Ok(_) => {
+                self.known_repos
+                    .lock()
+                    .unwrap()
+                    .insert((registry.clone(), path.clone()));
+                Ok(Node::Repo {
+                    registry: registry.clone(),
+                    path,
+                })
+            }
+            Err(e) if is_absent(&e) => {
+                // A namespace has no tags; only a catalog can tell it from
+                // a name that does not exist.
+                match self.catalog(registry, true).await? {
+                    Some(_) if self.is_known_prefix(registry, &path) => Ok(Node::Repo {
+                        registry: registry.clone(),
+                        path,
+                    }),
+                    Some(_) => Err(e),
+                    None => Ok(Node::Repo {
+                        registry: registry.clone(),
+                        path,
+                    }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Children of a tag or pinned directory.
+    fn image_child(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        tag: Option<&Arc<str>>,
+        image: &Image,
+        name: &str,
+    ) -> Res<Node> {
+        let meta = |digest: &str, kind, size| Node::Meta {
+            registry: registry.clone(),
+            repo: repo.clone(),
+            digest: arc(digest),
+            kind,
+            size,
+        };
+        Ok(match name {
+            "manifest.json" => meta(
+                &image.manifest.digest,
+                MetaKind::Manifest,
+                image.manifest.bytes.len() as u64,
+            ),
+            "index.json" => match &image.index {
+                Some(i) => meta(&i.digest, MetaKind::Index, i.bytes.len() as u64),
+                None => return Err(FsError::NotFound),
+            },
+            "config.json" => meta(&image.config.digest, MetaKind::Config, image.config.size),
+            "digest" => meta(
+                &image.manifest.digest,
+                MetaKind::Digest,
+                image.manifest.digest.len() as u64 + 1,
+            ),
+            "inspect.json" => Node::Inspect {
+                registry: registry.clone(),
+                repo: repo.clone(),
+                tag: tag.cloned(),
+                top: image.top_digest.clone(),
+            },
+            "status" => Node::Status {
+                registry: registry.clone(),
+                repo: repo.clone(),
+                top: image.top_digest.clone(),
+            },
+            _ => return Err(FsError::NotFound),
+        })
+    }
+
+    fn image_children(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        tag: Option<&Arc<str>>,
+        image: &Image,
+    ) -> Vec<(&'static str, Node)> {
+        let mut names = vec!["manifest.json"];
+        if image.index.is_some() {
+            names.push("index.json");
+        }
+        names.extend(["config.json", "digest", "inspect.json", "status"]);
+        names
+            .into_iter()
+            .filter_map(|n| {
+                self.image_child(registry, repo, tag, image, n)
+                    .ok()
+                    .map(|node| (n, node))
+            })
+            .collect()
+    }
+
+    // ----- listing ----------------------------------------------------
+
+    /// The whole listing of directory `ino` (without `.` and `..`).
+    pub async fn list(&self, ino: u64) -> Res<Vec<DirEntry>> {
+        let node = self.node(ino)?;
+        let mut children: Vec<(String, Node)> = Vec::new();
+        let mut pinned = false;
+        match &*node {
+            Node::Root => {
+                let regs: Vec<Arc<str>> = self.registries.lock().unwrap().iter().cloned().collect();
+                for r in regs {
+                    children.push((r.to_string(), Node::Registry { registry: r }));
+                }
+                children.push(("outbox".into(), Node::Outbox));
+            }
+            Node::Outbox => {}
+            Node::Registry { registry } => {
+                for c in self.child_components(registry, None).await? {
+                    children.push((
+                        c.clone(),
+                        Node::Repo {
+                            registry: registry.clone(),
+                            path: arc(&c),
+                        },
+                    ));
+                }
+            }
+            Node::Repo { registry, path } => {
+                let tags = match self.tags(registry, path).await {
+                    Ok(t) => Some(t),
+                    Err(e) if is_absent(&e) => None,
+                    Err(e) => return Err(e),
+                };
+                let subs = self.child_components(registry, Some(path)).await?;
+                if tags.is_none()
+                    && subs.is_empty()
+                    && self.catalog(registry, false).await?.is_some()
+                {
+                    return Err(FsError::NotFound);
+                }
+                for t in tags.iter().flat_map(|t| t.iter()) {
+                    children.push((
+                        t.clone(),
+                        Node::Tag {
+                            registry: registry.clone(),
+                            repo: path.clone(),
+                            tag: arc(t),
+                        },
+                    ));
+                }
+                for s in subs {
+                    if !children.iter().any(|(n, _)| *n == s) {
+                        let sub = format!("{path}/{s}");
+                        children.push((
+                            s,
+                            Node::Repo {
+                                registry: registry.clone(),
+                                path: sub.into(),
+                            },
+                        ));
+                    }
+                }
+            }
+            Node::Tag {
+                registry,
+                repo,
+                tag,
+            } => {
+                let image = self.tag_image(registry, repo, tag).await?;
+                for (n, c) in self.image_children(registry, repo, Some(tag), &image) {
+                    children.push((n.into(), c));
+                }
+            }
+            Node::Pinned {
+                registry,
+                repo,
+                digest,
+            } => {
+                pinned = true;
+                let image = self.pinned_image(registry, repo, digest).await?;
+                for (n, c) in self.image_children(registry, repo, None, &image) {
+                    children.push((n.into(), c));
+                }
+            }
+            Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } => {
+                return Err(FsError::NotDir);
+            }
+        }
+        let mut out = Vec::with_capacity(children.len());
+        for (name, node) in children {
+            out.push(DirEntry {
+                name: OsString::from(name),
+                entry: self.entry_of(node, pinned).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Next path components below `parent` (or the registry top) among the
+    /// catalog and the repositories found since mount.
+    async fn child_components(
+        &self,
+        registry: &Arc<str>,
+        parent: Option<&Arc<str>>,
+    ) -> Res<Vec<String>> {
+        let catalog = self.catalog(registry, false).await?;
+        let known: Vec<String> = self
+            .known_repos
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(r, _)| r == registry)
+            .map(|(_, p)| p.to_string())
+            .collect();
+        let prefix = parent.map(|p| format!("{p}/")).unwrap_or_default();
+        let mut set = BTreeSet::new();
+        for repo in catalog.iter().flat_map(|c| c.iter()).chain(known.iter()) {
+            if let Some(rest) = repo.strip_prefix(&prefix)
+                && let Some(first) = rest.split('/').next()
+                && !first.is_empty()
+            {
+                set.insert(first.to_string());
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    fn is_known_prefix(&self, registry: &Arc<str>, path: &str) -> bool {
+        let matches = |repo: &str| {
+            repo == path
+                || (repo.starts_with(path) && repo.as_bytes().get(path.len()) == Some(&b'/'))
+        };
+        if self
+            .known_repos
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(r, p)| r == registry && matches(p))
+        {
+            return true;
+        }
+        self.catalogs
+            .get(registry, Duration::MAX)
+            .flatten()
+            .is_some_and(|c| c.iter().any(|r| matches(r)))
+    }
+
+    // ----- open / read ------------------------------------------------
+
+    /// `open`: the whole content of a metadata or generated file.
+    pub async fn open(&self, ino: u64) -> Res<OpenFile> {
+        let node = self.node(ino)?;
+        match &*node {
+            Node::Meta {
+                registry,
+                repo,
+                digest,
+                kind,
+                ..
+            } => {
+                let data = match kind {
+                    MetaKind::Manifest | MetaKind::Index => {
+                        self.manifest_bytes(registry, repo, digest).await?
+                    }
+                    MetaKind::Config => self.blob_bytes(registry, repo, digest).await?,
+                    MetaKind::Digest => Bytes::from(format!("{digest}\n")),
+                };
+                Ok(OpenFile {
+                    data,
+                    keep_cache: true,
+                    direct_io: false,
+                })
+            }
+            Node::Inspect { .. } | Node::Status { .. } => {
+                let data = self.generate(ino, &node).await?;
+                Ok(OpenFile {
+                    data,
+                    keep_cache: false,
+                    direct_io: true,
+                })
+            }
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    /// Content of generated files, cached for `tag_ttl`.
+    async fn generate(&self, ino: u64, node: &Node) -> Res<Bytes> {
+        if let Some(b) = self.generated.get(&ino, self.opts.tag_ttl) {
+            return Ok(b);
+        }
+        let data = match node {
+            Node::Inspect {
+                registry,
+                repo,
+                tag,
+                top,
+            } => {
+                let image = self.pinned_image(registry, repo, top).await?;
+                let config = self
+                    .blob_bytes(registry, repo, &image.config.digest)
+                    .await?;
+                let tags = self.tags(registry, repo).await?;
+                let canonical = canonical_repo(registry, repo);
+                let name = format!("{registry}/{canonical}");
+                inspect_json(&InspectInput {
+                    name: &name,
+                    tag: tag.as_deref(),
+                    digest: &image.top_digest,
+                    repo_tags: &tags,
+                    manifest: &image.manifest.bytes,
+                    config: &config,
+                })
+                .map_err(|reason| FsError::BadImage {
+                    image: name.clone(),
+                    reason,
+                })?
+            }
+            Node::Status {
+                registry,
+                repo,
+                top,
+            } => {
+                let image = self.pinned_image(registry, repo, top).await?;
+                status_json(&image)
+            }
+            _ => return Err(FsError::IsDir),
+        };
+        let data = Bytes::from(data);
+        self.generated.put(ino, data.clone());
+        Ok(data)
+    }
+
+    // ----- registry answers, cached -------------------------------------
+
+    async fn tags(&self, registry: &Arc<str>, repo: &Arc<str>) -> Res<Arc<Vec<String>>> {
+        let key = (registry.clone(), repo.clone());
+        if let Some(t) = self.tags.get(&key, self.opts.tag_ttl) {
+            return t;
+        }
+        self.tag_flights
+            .run(key.clone(), || async {
+                let canonical = canonical_repo(registry, repo);
+                let r = self
+                    .client
+                    .list_tags(registry, &canonical)
+                    .await
+                    .map(Arc::new)
+                    .map_err(FsError::from);
+                match &r {
+                    Ok(_) => self.tags.put(key, r.clone()),
+                    Err(e) if is_absent(e) => self.tags.put(key, r.clone()),
+                    Err(e) => log_error(e),
+                }
+                r
+            })
+            .await
+    }
+
+    /// The catalog; `None` when the registry does not serve one. `fresh`
+    /// re-reads a catalog older than a second.
+    async fn catalog(&self, registry: &Arc<str>, fresh: bool) -> Res<Option<Arc<Vec<String>>>> {
+        let ttl = if fresh {
+            Duration::from_secs(1)
+        } else {
+            self.opts.tag_ttl
+        };
+        if let Some(c) = self.catalogs.get(registry, ttl) {
+            return Ok(c);
+        }
+        self.catalog_flights
+            .run(registry.clone(), || async {
+                match self.client.catalog(registry).await {
+                    Ok(c) => {
+                        let c = Some(Arc::new(c));
+                        self.catalogs.put(registry.clone(), c.clone());
+                        Ok(c)
+                    }
+                    Err(e @ RegistryError::Unavailable { .. }) => {
+                        log_error(&FsError::Registry(e.clone()));
+                        Err(e.into())
+                    }
+                    Err(e) => {
+                        tracing::debug!(%registry, error = %e, "no catalog");
+                        self.catalogs.put(registry.clone(), None);
+                        Ok(None)
+                    }
+                }
+            })
+            .await
+    }
+
+    /// The image a tag points at now (re-asked after `tag_ttl`).
+    async fn tag_image(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        tag: &Arc<str>,
+    ) -> Res<Arc<Image>> {
+        let key = (registry.clone(), repo.clone(), tag.clone());
+        if let Some(i) = self.tag_images.get(&key, self.opts.tag_ttl) {
+            return Ok(i);
+        }
+        let image = self.resolve(registry, repo, tag).await?;
+        self.tag_images.put(key, image.clone());
+        Ok(image)
+    }
+
+    /// The image with top-level digest `digest` (immutable).
+    async fn pinned_image(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        digest: &str,
+    ) -> Res<Arc<Image>> {
+        let key = (registry.clone(), repo.clone(), arc(digest));
+        if let Some(i) = self.images.lock().unwrap().get(&key) {
+            return Ok(i.clone());
+        }
+        self.resolve(registry, repo, &key.2).await
+    }
+
+    /// Fetches and resolves a tag or digest to an image (single-flight).
+    async fn resolve(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        reference: &Arc<str>,
+    ) -> Res<Arc<Image>> {
+        let key = (registry.clone(), repo.clone(), reference.clone());
+        self.image_flights
+            .run(key, || async {
+                let r = self.resolve_uncached(registry, repo, reference).await;
+                if let Err(e) = &r {
+                    log_error(e);
+                }
+                r
+            })
+            .await
+    }
+
+    async fn resolve_uncached(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        reference: &str,
+    ) -> Res<Arc<Image>> {
+        let top = self.manifest(registry, repo, reference).await?;
+        let name = format!("{registry}/{repo}@{}", top.digest);
+        let bad = |reason: String| FsError::BadImage {
+            image: name.clone(),
+            reason,
+        };
+        let image = if top.is_index {
+            let digest = select_platform(&top).map_err(bad)?;
+            let m = self.manifest(registry, repo, &digest).await?;
+            if m.is_index {
+                return Err(bad("index points at another index for this platform".into()));
+            }
+            Image::new(Some(top), m).map_err(bad)?
+        } else {
+            Image::new(None, top).map_err(bad)?
+        };
+        let image = Arc::new(image);
+        self.images.lock().unwrap().insert(
+            (registry.clone(), repo.clone(), image.top_digest.clone()),
+            image.clone(),
+        );
+        Ok(image)
+    }
+
+    /// A manifest by tag or digest; by digest it comes from disk when kept.
+    async fn manifest(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        reference: &str,
+    ) -> Res<RawManifest> {
+        if is_sha256_digest(reference)
+            && let Some(bytes) = self.meta.get(reference)
+            && let Ok((media_type, is_index)) = crate::registry::classify_manifest(&bytes)
+        {
+            return Ok(RawManifest {
+                bytes,
+                digest: reference.to_string(),
+                media_type,
+                is_index,
+            });
+        }
+        let canonical = canonical_repo(registry, repo);
+        let m = self
+            .client
+            .manifest(registry, &canonical, reference)
+            .await?;
+        self.meta.put(&m.digest, &m.bytes);
+        Ok(m)
+    }
+
+    async fn manifest_bytes(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        digest: &str,
+    ) -> Res<Bytes> {
+        Ok(self.manifest(registry, repo, digest).await?.bytes)
+    }
+
+    /// A small blob (config) by digest: disk, else registry (single-flight).
+    async fn blob_bytes(&self, registry: &Arc<str>, repo: &Arc<str>, digest: &str) -> Res<Bytes> {
+        if let Some(b) = self.meta.get(digest) {
+            return Ok(b);
+        }
+        let key = (registry.clone(), repo.clone(), arc(digest));
+        self.blob_flights
+            .run(key, || async {
+                let canonical = canonical_repo(registry, repo);
+                let r = self
+                    .client
+                    .blob(registry, &canonical, digest, MAX_METADATA_SIZE)
+                    .await;
+                match r {
+                    Ok(b) => {
+                        self.meta.put(digest, &b);
+                        Ok(b)
+                    }
+                    Err(e) => {
+                        let e = FsError::from(e);
+                        log_error(&e);
+                        Err(e)
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Whether `ino` is the root (for the FUSE layer's statfs and checks).
+    pub fn is_root(ino: u64) -> bool {
+        ino == ROOT_INO
+    }
+}
+
+/// "Does not exist" answers, as opposed to failures: NotFound, and
+/// Docker Hub's anonymous 401 for repositories that do not exist.
+fn is_absent(e: &FsError) -> bool {
+    matches!(
+        e,
+        FsError::NotFound
+            | FsError::Registry(RegistryError::NotFound { .. })
+            | FsError::Registry(RegistryError::Denied {
+                anonymous: true,
+                ..
+            })
+    )
+}
+
+/// One log line per failure users see (absences are not failures).
+fn log_error(e: &FsError) {
+    match e {
+        FsError::Registry(RegistryError::NotFound { .. }) | FsError::NotFound => {}
+        FsError::Registry(RegistryError::Denied { .. }) => tracing::warn!("{e}"),
+        FsError::Registry(RegistryError::DigestMismatch { .. }) => {
+            tracing::error!("{e}; nothing was kept")
+        }
+        _ => tracing::warn!("{e}"),
+    }
+}
+
+/// The `status` file: per layer, what it is and how much of it is here.
+fn status_json(image: &Image) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = image
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "digest": l.digest,
+                "media_type": l.media_type,
+                "size": l.size,
+                "format": layer_format(&l.media_type),
+                "mode": "not fetched",
+                "state": "not fetched",
+                "bytes_fetched": 0,
+                "objects_cached": 0,
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "manifest": image.manifest.digest,
+        "top": &*image.top_digest,
+        "layers": layers,
+    });
+    let mut out = serde_json::to_vec_pretty(&v).expect("Value serialises");
+    out.push(b'\n');
+    out
+}
+
+/// Short name of a layer media type's format.
+pub fn layer_format(media_type: &str) -> &'static str {
+    if media_type.ends_with("tar+gzip")
+        || media_type.ends_with(".tar.gzip")
+        || media_type.ends_with("diff.tar.gzip")
+    {
+        "tar+gzip"
+    } else if media_type.ends_with("tar+zstd") || media_type.ends_with(".tar.zstd") {
+        "tar+zstd"
+    } else if media_type.ends_with(".tar") || media_type.ends_with("layer.v1.tar") {
+        "tar"
+    } else {
+        "unknown"
+    }
+}

@@ -1,0 +1,652 @@
+//! Talking to registries: every network operation of apt-layer goes through
+//! [`RegistryClient`], which applies the user's configuration (credentials,
+//! insecure hosts, mirrors, location rewrites, blocked registries), bounds
+//! every operation by the fetch timeout with a few retries for transient
+//! failures, and verifies every byte it returns against its digest.
+//!
+//! Contract: a method either returns verified data or a [`RegistryError`]
+//! whose variant says what the user should see; it never hangs longer than
+//! the configured timeout (plus retry backoff inside that same budget).
+
+pub mod name;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::registries::Endpoint;
+use crate::config::{AuthFile, RegistriesConf};
+
+/// Media types we accept for manifests, most specific first.
+pub const MANIFEST_ACCEPT: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Pages of a tag list or catalog we follow before calling it hostile.
+const MAX_PAGES: usize = 1000;
+/// Largest manifest or config we accept (the spec's advice is 4 MiB).
+pub const MAX_METADATA_SIZE: u64 = 16 << 20;
+
+/// What went wrong talking to a registry, classified by what the user sees.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The repository, tag, manifest or blob does not exist (HTTP 404,
+    /// `NAME_UNKNOWN`, `MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`). Shown as `ENOENT`.
+    #[error("{what} not found on {registry}")]
+    NotFound {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+    },
+    /// The registry refused our credentials or demands some (401/403).
+    /// Shown as `EACCES`.
+    #[error("registry {registry} refused access to {what} ({auth_source})")]
+    Denied {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+        /// Where credentials came from, or which files were searched.
+        auth_source: String,
+        /// True when no credentials were sent (Docker Hub answers 401 for
+        /// repositories that do not exist).
+        anonymous: bool,
+    },
+    /// The registry could not be reached, timed out or kept failing (5xx)
+    /// after retries. Shown as `EIO`.
+    #[error("registry {registry} unavailable for {what}: {reason}")]
+    Unavailable {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+        /// The last failure.
+        reason: String,
+    },
+    /// Bytes that do not hash to the digest they were asked by. Nothing is
+    /// kept. Shown as `EIO`.
+    #[error("digest mismatch for {what} from {registry}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+        /// The digest asked for.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// A response that breaks the distribution spec (bad JSON, a tag list
+    /// that never ends, a wrong status). Shown as `EIO`.
+    #[error("malformed answer from {registry} for {what}: {reason}")]
+    Malformed {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// registries.conf blocks this registry or repository. Shown as `EACCES`.
+    #[error("{what} on {registry} is blocked by registries.conf")]
+    Blocked {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+    },
+}
+
+impl RegistryError {
+    fn retryable(&self) -> bool {
+        matches!(self, RegistryError::Unavailable { .. })
+    }
+}
+
+/// A manifest or index exactly as served, with its verified digest.
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    /// The bytes as served (hash these, never re-serialised JSON).
+    pub bytes: Bytes,
+    /// `sha256:<hex>` of `bytes`.
+    pub digest: String,
+    /// `mediaType` from the body, or inferred from its shape.
+    pub media_type: String,
+    /// True for an image index / manifest list.
+    pub is_index: bool,
+}
+
+/// The registry client shared by the whole daemon (cheap to clone).
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    oci: Client,
+    conf: RegistriesConf,
+    auth: AuthFile,
+    timeout: Duration,
+    http: reqwest::Client,
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+impl RegistryClient {
+    /// Builds a client; `timeout` bounds each operation.
+    pub fn new(conf: RegistriesConf, auth: AuthFile, timeout: Duration) -> Result<Self, String> {
+        let insecure = conf.insecure_hosts();
+        let cfg = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure),
+            read_timeout: Some(timeout),
+            connect_timeout: Some(timeout.min(Duration::from_secs(10))),
+            user_agent: concat!("apt-layer/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        let oci = Client::try_from(cfg).map_err(|e| format!("registry client: {e}"))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        Ok(RegistryClient {
+            inner: Arc::new(Inner {
+                oci,
+                conf,
+                auth,
+                timeout,
+                http,
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn conf(&self) -> &RegistriesConf {
+        &self.inner.conf
+    }
+
+    /// The credentials in force.
+    pub fn auth(&self) -> &AuthFile {
+        &self.inner.auth
+    }
+
+    /// The per-operation timeout.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    fn registry_auth(&self, host: &str) -> RegistryAuth {
+        match self.inner.auth.get(host) {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Checks that `host` answers the distribution API at all (`GET /v2/`).
+    /// Used before showing a registry nobody configured.
+    pub async fn ping(&self, host: &str) -> Result<(), RegistryError> {
+        let scheme = if self.inner.conf.is_insecure_host(host) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!("{scheme}://{host}/v2/");
+        let r = tokio::time::timeout(self.inner.timeout, self.inner.http.get(&url).send()).await;
+        match r {
+            Ok(Ok(resp)) if resp.status().is_success() || resp.status().as_u16() == 401 => Ok(()),
+            Ok(Ok(resp)) => Err(RegistryError::NotFound {
+                registry: host.into(),
+                what: format!("registry API (GET /v2/ answered {})", resp.status()),
+            }),
+            Ok(Err(e)) => Err(RegistryError::NotFound {
+                registry: host.into(),
+                what: format!("registry ({e})"),
+            }),
+            Err(_) => Err(RegistryError::Unavailable {
+                registry: host.into(),
+                what: "GET /v2/".into(),
+                reason: "timed out".into(),
+            }),
+        }
+    }
+
+    /// Every tag of `registry/repo`, following every page. Tag lists always
+    /// go to the primary location, never to a mirror.
+    pub async fn list_tags(
+        &self,
+        registry: &str,
+        repo: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let ep = self.check(registry, repo)?;
+        let what = format!("tag list of {repo}");
+        let reference = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
+        let auth = self.registry_auth(&ep.host);
+        let mut tags: Vec<String> = Vec::new();
+        let mut last: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let page = self
+                .retrying(&ep.host, &what, || async {
+                    self.inner
+                        .oci
+                        .list_tags(&reference, &auth, None, last.as_deref())
+                        .await
+                })
+                .await?;
+            let new: Vec<String> = page
+                .tags
+                .into_iter()
+                .filter(|t| !tags.contains(t))
+                .collect();
+            if new.is_empty() {
+                return Ok(tags);
+            }
+            last = new.last().cloned();
+            tags.extend(new);
+        }
+        Err(RegistryError::Malformed {
+            registry: ep.host,
+            what,
+            reason: format!("tag list did not end after {MAX_PAGES} pages"),
+        })
+    }
+
+    /// Every repository `/v2/_catalog` lists (registries that do not serve
+    /// the catalog give an error, which callers treat as "unknown").
+    pub async fn catalog(&self, registry: &str) -> Result<Vec<String>, RegistryError> {
+        let ep = self.inner.conf.primary(registry, "x");
+        let reference = Reference::with_tag(ep.host.clone(), "x".into(), "latest".into());
+        let auth = self.registry_auth(&ep.host);
+        let mut repos: Vec<String> = Vec::new();
+        let mut last: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let page = self
+                .retrying(&ep.host, "catalog", || async {
+                    self.inner
+                        .oci
+                        .catalog(&reference, &auth, None, last.as_deref())
+                        .await
+                })
+                .await?;
+            let new: Vec<String> = page
+                .repositories
+                .into_iter()
+                .filter(|t| !repos.contains(t))
+                .collect();
+            if new.is_empty() {
+                return Ok(repos);
+            }
+            last = new.last().cloned();
+            repos.extend(new);
+        }
+        Err(RegistryError::Malformed {
+            registry: ep.host,
+            what: "catalog".into(),
+            reason: format!("catalog did not end after {MAX_PAGES} pages"),
+        })
+    }
+
+    /// A manifest or index by tag or digest, verified: by digest the bytes
+    /// must hash to it; by tag they must hash to the `Docker-Content-Digest`
+    /// the registry sent, if any. Tries mirrors first.
+    pub async fn manifest(
+        &self,
+        registry: &str,
+        repo: &str,
+        reference: &str,
+    ) -> Result<RawManifest, RegistryError> {
+        self.check(registry, repo)?;
+        let by_digest = name::is_sha256_digest(reference);
+        let what = format!("manifest {repo}:{reference}");
+        let mut last_err = None;
+        for ep in self.inner.conf.pull_endpoints(registry, repo) {
+            let r = if by_digest {
+                Reference::with_digest(ep.host.clone(), ep.repo.clone(), reference.into())
+            } else {
+                Reference::with_tag(ep.host.clone(), ep.repo.clone(), reference.into())
+            };
+            let auth = self.registry_auth(&ep.host);
+            let res = self
+                .retrying(&ep.host, &what, || async {
+                    self.inner
+                        .oci
+                        .pull_manifest_raw(&r, &auth, MANIFEST_ACCEPT)
+                        .await
+                })
+                .await;
+            match res {
+                Ok((bytes, _header_digest)) => {
+                    let digest = sha256_digest(&bytes);
+                    if by_digest && digest != reference {
+                        return Err(RegistryError::DigestMismatch {
+                            registry: ep.host,
+                            what,
+                            expected: reference.into(),
+                            actual: digest,
+                        });
+                    }
+                    if bytes.len() as u64 > MAX_METADATA_SIZE {
+                        return Err(RegistryError::Malformed {
+                            registry: ep.host,
+                            what,
+                            reason: "manifest too large".into(),
+                        });
+                    }
+                    let (media_type, is_index) =
+                        classify_manifest(&bytes).map_err(|reason| RegistryError::Malformed {
+                            registry: ep.host.clone(),
+                            what: what.clone(),
+                            reason,
+                        })?;
+                    return Ok(RawManifest {
+                        bytes,
+                        digest,
+                        media_type,
+                        is_index,
+                    });
+                }
+                Err(e) => {
+                    if ep.host != registry
+                        || self.inner.conf.pull_endpoints(registry, repo).len() > 1
+                    {
+                        tracing::debug!(endpoint = %ep.host, error = %e, "manifest read failed on endpoint");
+                    }
+                    // A digest mismatch from a mirror is worth trying the primary for.
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.expect("at least the primary endpoint"))
+    }
+
+    /// A whole small blob (a config), verified against `digest`, at most
+    /// `max` bytes. Tries mirrors first.
+    pub async fn blob(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        max: u64,
+    ) -> Result<Bytes, RegistryError> {
+        self.check(registry, repo)?;
+        let what = format!("blob {digest} of {repo}");
+        let mut last_err = None;
+        for ep in self.inner.conf.pull_endpoints(registry, repo) {
+            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
+            let auth = self.registry_auth(&ep.host);
+            let res = self
+                .retrying(&ep.host, &what, || async {
+                    self.inner
+                        .oci
+                        .store_auth_if_needed(r.resolve_registry(), &auth)
+                        .await;
+                    let mut s = self.inner.oci.pull_blob_stream(&r, digest).await?;
+                    let mut buf = Vec::new();
+                    while let Some(chunk) = s.next().await {
+                        let chunk = chunk?;
+                        if buf.len() as u64 + chunk.len() as u64 > max {
+                            return Err(OciDistributionError::SpecViolationError(format!(
+                                "blob larger than {max} bytes"
+                            )));
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    Ok(Bytes::from(buf))
+                })
+                .await;
+            match res {
+                Ok(bytes) => {
+                    let actual = sha256_digest(&bytes);
+                    if actual != digest {
+                        return Err(RegistryError::DigestMismatch {
+                            registry: ep.host,
+                            what,
+                            expected: digest.into(),
+                            actual,
+                        });
+                    }
+                    return Ok(bytes);
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least the primary endpoint"))
+    }
+
+    /// Applies `blocked` and returns the primary endpoint.
+    fn check(&self, registry: &str, repo: &str) -> Result<Endpoint, RegistryError> {
+        if self.inner.conf.is_blocked(registry, repo) {
+            return Err(RegistryError::Blocked {
+                registry: registry.into(),
+                what: repo.into(),
+            });
+        }
+        Ok(self.inner.conf.primary(registry, repo))
+    }
+
+    /// Runs `op` with the overall timeout, retrying transient failures with
+    /// backoff while time remains.
+    async fn retrying<T, F, Fut>(
+        &self,
+        host: &str,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let err = match tokio::time::timeout(left, op()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => self.classify(host, what, e),
+                Err(_) => RegistryError::Unavailable {
+                    registry: host.into(),
+                    what: what.into(),
+                    reason: format!("no answer within {:?}", self.inner.timeout),
+                },
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !err.retryable() || attempt >= 3 || left <= backoff {
+                return Err(err);
+            }
+            tracing::debug!(registry = host, what, attempt, error = %err, "retrying");
+            tokio::time::sleep(backoff).await;
+            backoff *= 3;
+        }
+    }
+
+    fn classify(&self, host: &str, what: &str, e: OciDistributionError) -> RegistryError {
+        let registry = host.to_string();
+        let what = what.to_string();
+        let denied = |registry: String, what: String| RegistryError::Denied {
+            auth_source: self.inner.auth.source(&registry),
+            anonymous: self.inner.auth.get(&registry).is_none(),
+            registry,
+            what,
+        };
+        match e {
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => denied(registry, what),
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+                if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+                {
+                    denied(registry, what)
+                } else if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        OciErrorCode::NameUnknown
+                            | OciErrorCode::ManifestUnknown
+                            | OciErrorCode::BlobUnknown
+                            | OciErrorCode::NameInvalid
+                            | OciErrorCode::TagInvalid
+                    )
+                }) {
+                    RegistryError::NotFound { registry, what }
+                } else if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
+                {
+                    RegistryError::Unavailable {
+                        registry,
+                        what,
+                        reason: envelope.to_string(),
+                    }
+                } else {
+                    RegistryError::Malformed {
+                        registry,
+                        what,
+                        reason: envelope.to_string(),
+                    }
+                }
+            }
+            OciDistributionError::ServerError { code, message, .. } => match code {
+                401 | 403 => denied(registry, what),
+                404 => RegistryError::NotFound { registry, what },
+                429 | 500..=599 => RegistryError::Unavailable {
+                    registry,
+                    what,
+                    reason: format!("HTTP {code}"),
+                },
+                _ => RegistryError::Malformed {
+                    registry,
+                    what,
+                    reason: format!(
+                        "HTTP {code}: {}",
+                        message.chars().take(200).collect::<String>()
+                    ),
+                },
+            },
+            OciDistributionError::ImageManifestNotFoundError(_) => {
+                RegistryError::NotFound { registry, what }
+            }
+            OciDistributionError::RequestError(e) => {
+                let reason = if e.is_timeout() {
+                    "timed out".to_string()
+                } else if e.is_connect() {
+                    format!("cannot connect: {}", root_cause(&e))
+                } else {
+                    root_cause(&e)
+                };
+                RegistryError::Unavailable {
+                    registry,
+                    what,
+                    reason,
+                }
+            }
+            OciDistributionError::IoError(e) => RegistryError::Unavailable {
+                registry,
+                what,
+                reason: e.to_string(),
+            },
+            OciDistributionError::DigestError(e) => RegistryError::DigestMismatch {
+                registry,
+                what,
+                expected: String::new(),
+                actual: e.to_string(),
+            },
+            other => RegistryError::Malformed {
+                registry,
+                what,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    let mut msg = e.to_string();
+    while let Some(next) = cur.source() {
+        msg = next.to_string();
+        cur = next;
+    }
+    msg
+}
+
+/// Returns the media type and whether `bytes` is an index, from the body's
+/// `mediaType` or, where that is absent (allowed for OCI), from its shape.
+pub fn classify_manifest(bytes: &[u8]) -> Result<(String, bool), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    if obj.get("schemaVersion").and_then(|s| s.as_i64()) != Some(2) {
+        return Err("schemaVersion is not 2 (schema 1 is not supported)".into());
+    }
+    let mt = obj
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .map(str::to_string);
+    let is_index = match mt.as_deref() {
+        Some("application/vnd.oci.image.index.v1+json")
+        | Some("application/vnd.docker.distribution.manifest.list.v2+json") => true,
+        Some("application/vnd.oci.image.manifest.v1+json")
+        | Some("application/vnd.docker.distribution.manifest.v2+json") => false,
+        Some(other) => return Err(format!("unsupported manifest media type {other}")),
+        None if obj.contains_key("manifests") => true,
+        None if obj.contains_key("layers") && obj.contains_key("config") => false,
+        None => return Err("neither an image manifest nor an index".into()),
+    };
+    if !is_index
+        && !(obj.get("layers").is_some_and(|l| l.is_array())
+            && obj.get("config").is_some_and(|c| c.is_object()))
+    {
+        return Err("image manifest without config and layers".into());
+    }
+    if is_index && !obj.get("manifests").is_some_and(|m| m.is_array()) {
+        return Err("index without manifests".into());
+    }
+    let media_type = mt.unwrap_or_else(|| {
+        if is_index {
+            "application/vnd.oci.image.index.v1+json"
+        } else {
+            "application/vnd.oci.image.manifest.v1+json"
+        }
+        .into()
+    });
+    Ok((media_type, is_index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_manifests() {
+        assert_eq!(
+            classify_manifest(br#"{"schemaVersion":2,"manifests":[]}"#)
+                .unwrap()
+                .1,
+            true
+        );
+        assert!(
+            !classify_manifest(br#"{"schemaVersion":2,"config":{},"layers":[]}"#)
+                .unwrap()
+                .1
+        );
+        assert!(classify_manifest(b"not json").is_err());
+        assert!(classify_manifest(br#"{"schemaVersion":1}"#).is_err());
+        assert!(classify_manifest(br#"{"schemaVersion":2,"mediaType":"text/plain"}"#).is_err());
+    }
+}

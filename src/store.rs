@@ -1,0 +1,96 @@
+//! The metadata store: manifests, indexes and configs kept on disk by
+//! digest, apart from the evictable content objects, so that everything
+//! addressed by digest survives a restart without touching the network.
+//!
+//! ```text
+//! <cache-dir>/
+//! ├── blobs/sha256/<64 hex>     manifests, indexes, configs (never evicted)
+//! ├── objects/<2 hex>/<62 hex>  file contents (evictable, composefs layout)
+//! └── tmp/                      partial writes, renamed into place
+//! ```
+//!
+//! Durability: a blob is written to `tmp/` and renamed into place, so a
+//! crash leaves either nothing or the whole blob. Reads re-verify the digest,
+//! so a damaged file is treated as missing (and removed), never served.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::registry::{name::is_sha256_digest, sha256_digest};
+
+/// Digest-addressed metadata on disk.
+#[derive(Debug, Clone)]
+pub struct MetaStore {
+    root: PathBuf,
+}
+
+impl MetaStore {
+    /// Opens (creating) the store under `cache_dir`.
+    pub fn open(cache_dir: &Path) -> std::io::Result<MetaStore> {
+        std::fs::create_dir_all(cache_dir.join("blobs/sha256"))?;
+        std::fs::create_dir_all(cache_dir.join("tmp"))?;
+        Ok(MetaStore {
+            root: cache_dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, digest: &str) -> Option<PathBuf> {
+        is_sha256_digest(digest).then(|| self.root.join("blobs/sha256").join(&digest[7..]))
+    }
+
+    /// The blob for `digest`, if present and intact.
+    pub fn get(&self, digest: &str) -> Option<Bytes> {
+        let path = self.path(digest)?;
+        let data = std::fs::read(&path).ok()?;
+        if sha256_digest(&data) != digest {
+            tracing::warn!(path = %path.display(), digest, "metadata blob damaged on disk; dropping it");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        Some(Bytes::from(data))
+    }
+
+    /// Stores `data`, which the caller has verified hashes to `digest`.
+    /// Failure to store is logged, not fatal: the data is still served.
+    pub fn put(&self, digest: &str, data: &[u8]) {
+        let Some(path) = self.path(digest) else {
+            return;
+        };
+        if path.exists() {
+            return;
+        }
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{}", &digest[7..], std::process::id()));
+        let res = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(digest, error = %e, "cannot store metadata blob");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(d.path()).unwrap();
+        let dg = sha256_digest(b"hello");
+        assert!(s.get(&dg).is_none());
+        s.put(&dg, b"hello");
+        assert_eq!(s.get(&dg).unwrap(), Bytes::from_static(b"hello"));
+        std::fs::write(d.path().join("blobs/sha256").join(&dg[7..]), b"hellp").unwrap();
+        assert!(s.get(&dg).is_none());
+    }
+}
