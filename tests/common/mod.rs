@@ -1,0 +1,2058 @@
+//! Shared harness for apt-layer's integration tests.
+//!
+//! Everything here drives real parts (DESIGN.md §6): Debian's CNCF
+//! distribution registry (`docker-registry serve`), images built with `umoci`
+//! and pushed with `skopeo`, `skopeo` as the oracle, and the real
+//! `apt-layer` binary mounted through the kernel's FUSE. The only fake is
+//! [`FaultServer`], a tiny HTTP server for faults a real registry will not
+//! make (wrong bytes, stalls, cut connections, endless pagination).
+//!
+//! Every test owns its registries (free ports, storage in a tempdir), its
+//! mount point and its cache, so tests run in parallel safely. Anything
+//! missing from the environment is a panic, never a skip: a test that needs
+//! FUSE or the registry must fail when they are absent.
+//!
+//! File-system calls into a mount go through [`within`] (or the wrappers
+//! [`read`], [`list`], [`stat`]) so that a hung daemon fails one test after a
+//! bounded time instead of hanging the whole suite.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use tempfile::TempDir;
+
+// ---------------------------------------------------------------------------
+// Environment
+// ---------------------------------------------------------------------------
+
+/// Tools the harness runs.
+const REQUIRED_TOOLS: &[&str] = &["docker-registry", "skopeo", "umoci", "htpasswd", "umount"];
+
+/// Checks that everything the integration tests need is present: the
+/// registry, skopeo, umoci, htpasswd, `/dev/fuse` and root. Panics with the
+/// list of what is missing — in CI (`CI` set) and locally alike: these tests
+/// never skip.
+pub fn require_env() {
+    let mut missing = Vec::new();
+    for tool in REQUIRED_TOOLS {
+        if which(tool).is_none() {
+            missing.push(format!("`{tool}` not found on PATH"));
+        }
+    }
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse does not exist".to_string());
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("not running as root (FUSE mounts and chown need root)".to_string());
+    }
+    if !missing.is_empty() {
+        let ci = std::env::var_os("CI").is_some();
+        panic!(
+            "integration test environment incomplete{}:\n  - {}\n\
+             Install: docker-registry skopeo umoci fuse3 apache2-utils, run as root with /dev/fuse.",
+            if ci {
+                " (CI is set: tests must fail, not skip)"
+            } else {
+                ""
+            },
+            missing.join("\n  - ")
+        );
+    }
+}
+
+/// Finds `tool` on PATH.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| {
+            fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// The OCI architecture name of this machine (`amd64`, `arm64`, ...).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        other => panic!("no OCI architecture name known for {other}"),
+    }
+}
+
+/// Runs `cmd`, panicking with its stderr when it fails. Returns stdout.
+pub fn run(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.stdout
+}
+
+/// `sha256` of `bytes` as lowercase hex (no `sha256:` prefix).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(bytes))
+}
+
+/// Tail of a text, for panic messages.
+pub fn tail(text: &str, lines: usize) -> String {
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls `cond` every 50 ms until it is true or `timeout` has passed.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Guarded file-system calls and errno helpers
+// ---------------------------------------------------------------------------
+
+/// Default bound for one file-system call into a mount.
+pub const FS_GUARD: Duration = Duration::from_secs(60);
+
+/// Runs `f` on its own thread and returns its result, panicking if it takes
+/// longer than `limit` (the thread is left behind, stuck in the kernel; it is
+/// released when the mount's daemon dies).
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    timed_within(limit, what, f).0
+}
+
+/// Like [`within`], also returning how long `f` took.
+pub fn timed_within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (T, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    thread::Builder::new()
+        .name(format!("fs-call {what}"))
+        .spawn(move || {
+            let r = f();
+            let _ = tx.send((r, start.elapsed()));
+        })
+        .expect("spawn thread");
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => panic!("{what}: no answer after {limit:?} (hang)"),
+    }
+}
+
+/// `std::fs::read`, bounded by [`FS_GUARD`].
+pub fn read(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
+    let p = path.as_ref().to_path_buf();
+    within(FS_GUARD, &format!("read {}", p.display()), move || {
+        fs::read(&p)
+    })
+}
+
+/// `std::fs::read_to_string`, bounded by [`FS_GUARD`].
+pub fn read_string(path: impl AsRef<Path>) -> io::Result<String> {
+    let p = path.as_ref().to_path_buf();
+    within(FS_GUARD, &format!("read {}", p.display()), move || {
+        fs::read_to_string(&p)
+    })
+}
+
+/// Lists a directory (`ls`): sorted names, the first error of opendir or
+/// readdir. Bounded by [`FS_GUARD`].
+pub fn list(path: impl AsRef<Path>) -> io::Result<Vec<String>> {
+    let p = path.as_ref().to_path_buf();
+    within(FS_GUARD, &format!("ls {}", p.display()), move || {
+        list_now(&p)
+    })
+}
+
+/// Unbounded [`list`], for use inside [`within`] / [`timed_within`].
+pub fn list_now(p: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(p)? {
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `std::fs::symlink_metadata` (lstat), bounded by [`FS_GUARD`].
+pub fn stat(path: impl AsRef<Path>) -> io::Result<fs::Metadata> {
+    let p = path.as_ref().to_path_buf();
+    within(FS_GUARD, &format!("stat {}", p.display()), move || {
+        fs::symlink_metadata(&p)
+    })
+}
+
+/// The errno of a failed call; panics when the call succeeded or failed
+/// without an OS error.
+pub fn errno_of<T>(res: io::Result<T>) -> i32 {
+    match res {
+        Ok(_) => panic!("expected an error, the call succeeded"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("error without errno: {e:?}")),
+    }
+}
+
+/// Name of an errno, for messages.
+pub fn errno_name(errno: i32) -> String {
+    io::Error::from_raw_os_error(errno).to_string()
+}
+
+/// Asserts that `res` failed with `expected` errno, naming `what` on failure.
+pub fn assert_errno<T>(res: io::Result<T>, expected: i32, what: &str) {
+    match res {
+        Ok(_) => panic!(
+            "{what}: expected {} ({expected}), the call succeeded",
+            errno_name(expected)
+        ),
+        Err(e) => {
+            let got = e.raw_os_error();
+            assert_eq!(
+                got,
+                Some(expected),
+                "{what}: expected errno {expected} ({}), got {e:?}",
+                errno_name(expected)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Minimal HTTP/1.1 client on std::net (for manifest PUTs and readiness)
+// ---------------------------------------------------------------------------
+
+/// A response read by [`http`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// First header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request to `host` ("127.0.0.1:PORT") with `Connection:
+/// close`; `target` is the path and query. Handles Content-Length, chunked
+/// and read-to-close bodies.
+pub fn http(
+    method: &str,
+    host: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<HttpResponse> {
+    let mut s = TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: apt-layer-tests\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "PUT" || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw, method == "HEAD")
+}
+
+fn parse_response(raw: &[u8], head: bool) -> io::Result<HttpResponse> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    let end = find(raw, b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
+    let head_text = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head_text.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let resp = HttpResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head {
+        return Ok(resp);
+    }
+    let body = if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else if let Some(len) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        rest[..len.min(rest.len())].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpResponse { body, ..resp })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = find(data, b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `Authorization: Basic …` value for `user:pass`.
+pub fn basic_auth(user: &str, pass: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Registry: the real CNCF distribution registry
+// ---------------------------------------------------------------------------
+
+/// A running `docker-registry serve CONFIG` on 127.0.0.1 and a free port,
+/// storage and log in its own tempdir. Killed on drop.
+pub struct Registry {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+    config: PathBuf,
+    log_path: PathBuf,
+    /// Basic credentials, when started with htpasswd.
+    creds: Option<(String, String)>,
+}
+
+impl Registry {
+    /// A plain registry without auth.
+    pub fn start() -> Registry {
+        Self::start_inner(None, None)
+    }
+
+    /// A registry requiring htpasswd Basic auth for `user`/`pass`.
+    pub fn start_with_htpasswd(user: &str, pass: &str) -> Registry {
+        Self::start_inner(Some((user, pass)), None)
+    }
+
+    /// A pull-through cache (`proxy.remoteurl`) of `remote_url`
+    /// (e.g. `http://127.0.0.1:5000`): a registry mirror.
+    pub fn start_proxy(remote_url: &str) -> Registry {
+        Self::start_inner(None, Some(remote_url))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>, proxy: Option<&str>) -> Registry {
+        require_env();
+        let dir = tempfile::Builder::new()
+            .prefix("apt-layer-registry-")
+            .tempdir()
+            .expect("tempdir");
+        let storage = dir.path().join("storage");
+        fs::create_dir_all(&storage).unwrap();
+        let log_path = dir.path().join("registry.log");
+        let config = dir.path().join("config.yml");
+        let mut auth_yaml = String::new();
+        if let Some((user, pass)) = auth {
+            let line = run(Command::new("htpasswd").args(["-Bbn", user, pass]));
+            let htpasswd = dir.path().join("htpasswd");
+            fs::write(&htpasswd, &line).unwrap();
+            auth_yaml = format!(
+                "auth:\n  htpasswd:\n    realm: apt-layer-test\n    path: {}\n",
+                htpasswd.display()
+            );
+        }
+        let proxy_yaml = proxy
+            .map(|url| format!("proxy:\n  remoteurl: {url}\n"))
+            .unwrap_or_default();
+        let mut last_err = String::new();
+        let mut dir = dir;
+        // A free port may be taken by a parallel test before the registry
+        // binds it: retry with another.
+        for _attempt in 0..4 {
+            let port = free_port();
+            let yaml = format!(
+                r#"version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+{auth_yaml}{proxy_yaml}"#,
+                storage = storage.display()
+            );
+            fs::write(&config, yaml).unwrap();
+            let mut reg = Registry {
+                dir,
+                port,
+                child: None,
+                config: config.clone(),
+                log_path: log_path.clone(),
+                creds: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            };
+            match reg.spawn_and_wait() {
+                Ok(()) => return reg,
+                Err(e) => {
+                    last_err = e;
+                    reg.stop();
+                    dir = std::mem::replace(&mut reg.dir, TempDir::new().unwrap());
+                }
+            }
+        }
+        panic!("docker-registry did not start: {last_err}");
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn docker-registry: {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return Err(format!(
+                    "docker-registry exited with {status}; log:\n{}",
+                    tail(&self.log(), 30)
+                ));
+            }
+            if let Ok(r) = http("GET", &self.host(), "/v2/", &[], &[])
+                && (r.status == 200 || r.status == 401)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no answer on /v2/ after 20 s; log:\n{}",
+                    tail(&self.log(), 30)
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The credentials, when started with htpasswd.
+    pub fn creds(&self) -> Option<(&str, &str)> {
+        self.creds.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// Where the registry stores its blobs and repositories.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// The whole log (access-log lines like
+    /// `"GET /v2/foo/manifests/latest HTTP/1.1" 200 …`).
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Current length of the log, to look only at what comes later with
+    /// [`Registry::log_since`].
+    pub fn log_len(&self) -> usize {
+        fs::metadata(&self.log_path)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    }
+
+    /// The log from byte `offset` on.
+    pub fn log_since(&self, offset: usize) -> String {
+        let all = fs::read(&self.log_path).unwrap_or_default();
+        String::from_utf8_lossy(&all[offset.min(all.len())..]).into_owned()
+    }
+
+    /// Access-log request lines (`GET /v2/... HTTP/1.1`) from `offset` on.
+    pub fn requests_since(&self, offset: usize) -> Vec<String> {
+        self.log_since(offset)
+            .lines()
+            .filter_map(|l| {
+                let start = l.find("\"")? + 1;
+                let rest = &l[start..];
+                let end = rest.find("\"")?;
+                let req = &rest[..end];
+                req.contains(" HTTP/").then(|| req.to_string())
+            })
+            .collect()
+    }
+
+    /// Kills the registry and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the registry again on the same port with the same storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                // The old socket may linger for a moment.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("registry restart retry: {e}");
+                    self.stop();
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("registry restart failed: {e}"),
+            }
+        }
+    }
+
+    /// Whether the registry process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if thread::panicking() && self.child.is_some() {
+            eprintln!(
+                "---- registry {} log (tail) ----\n{}",
+                self.host(),
+                tail(&self.log(), 40)
+            );
+        }
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Images: umoci builds, skopeo pushes
+// ---------------------------------------------------------------------------
+
+/// What a file-system entry of a test layer is.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(String),
+    /// Hard link to another path of the same layer tree (relative to its root).
+    Hardlink(String),
+    Fifo,
+    CharDev(u32, u32),
+    BlockDev(u32, u32),
+    /// Delete the path from the lower layers (becomes a whiteout through
+    /// `umoci repack`). Only in [`Layer::Tree`].
+    Remove,
+}
+
+/// One entry of a test layer, path relative to the image root.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: String,
+    pub kind: Kind,
+    pub mode: Option<u32>,
+    pub owner: Option<(u32, u32)>,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Seconds since the epoch.
+    pub mtime: Option<i64>,
+}
+
+impl Entry {
+    fn new(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.trim_start_matches('/').to_string(),
+            kind,
+            mode: None,
+            owner: None,
+            xattrs: Vec::new(),
+            mtime: None,
+        }
+    }
+    pub fn file(path: &str, data: impl Into<Vec<u8>>) -> Entry {
+        Self::new(path, Kind::File(data.into()))
+    }
+    pub fn dir(path: &str) -> Entry {
+        Self::new(path, Kind::Dir)
+    }
+    pub fn symlink(path: &str, target: &str) -> Entry {
+        Self::new(path, Kind::Symlink(target.to_string()))
+    }
+    pub fn hardlink(path: &str, target: &str) -> Entry {
+        Self::new(
+            path,
+            Kind::Hardlink(target.trim_start_matches('/').to_string()),
+        )
+    }
+    pub fn fifo(path: &str) -> Entry {
+        Self::new(path, Kind::Fifo)
+    }
+    pub fn chardev(path: &str, major: u32, minor: u32) -> Entry {
+        Self::new(path, Kind::CharDev(major, minor))
+    }
+    pub fn blockdev(path: &str, major: u32, minor: u32) -> Entry {
+        Self::new(path, Kind::BlockDev(major, minor))
+    }
+    pub fn remove(path: &str) -> Entry {
+        Self::new(path, Kind::Remove)
+    }
+    /// Permission bits including setuid/setgid/sticky (e.g. `0o4755`).
+    pub fn mode(mut self, mode: u32) -> Entry {
+        self.mode = Some(mode);
+        self
+    }
+    pub fn owner(mut self, uid: u32, gid: u32) -> Entry {
+        self.owner = Some((uid, gid));
+        self
+    }
+    pub fn xattr(mut self, name: &str, value: impl Into<Vec<u8>>) -> Entry {
+        self.xattrs.push((name.to_string(), value.into()));
+        self
+    }
+    pub fn mtime(mut self, secs: i64) -> Entry {
+        self.mtime = Some(secs);
+        self
+    }
+}
+
+/// One layer of a test image.
+#[derive(Debug, Clone)]
+pub enum Layer {
+    /// Entries written on top of the image so far. Without [`Kind::Remove`]
+    /// they are added with `umoci insert SRC /`; with removals, by `umoci
+    /// unpack`, edit, `umoci repack` (deletions become whiteouts).
+    Tree(Vec<Entry>),
+    /// `umoci insert --opaque SRC TARGET`: TARGET replaced by `entries`
+    /// (paths relative to TARGET), an opaque directory.
+    Opaque { target: String, entries: Vec<Entry> },
+    /// `umoci insert --whiteout TARGET`.
+    Whiteout(String),
+}
+
+/// A test image: layers and config edits, made by [`make_image`].
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    pub tag: String,
+    pub layers: Vec<Layer>,
+    pub labels: Vec<(String, String)>,
+    pub env: Vec<String>,
+    pub author: Option<String>,
+    pub architecture: Option<String>,
+    pub os: Option<String>,
+    pub cmd: Vec<String>,
+}
+
+impl ImageSpec {
+    pub fn new(tag: &str) -> ImageSpec {
+        ImageSpec {
+            tag: tag.to_string(),
+            layers: Vec::new(),
+            labels: Vec::new(),
+            env: Vec::new(),
+            author: None,
+            architecture: None,
+            os: None,
+            cmd: Vec::new(),
+        }
+    }
+    pub fn layer(mut self, layer: Layer) -> Self {
+        self.layers.push(layer);
+        self
+    }
+    /// A [`Layer::Tree`] layer.
+    pub fn tree(self, entries: Vec<Entry>) -> Self {
+        self.layer(Layer::Tree(entries))
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// `KEY=VALUE`.
+    pub fn env(mut self, kv: &str) -> Self {
+        self.env.push(kv.to_string());
+        self
+    }
+    pub fn author(mut self, a: &str) -> Self {
+        self.author = Some(a.to_string());
+        self
+    }
+    pub fn architecture(mut self, a: &str) -> Self {
+        self.architecture = Some(a.to_string());
+        self
+    }
+    pub fn os(mut self, o: &str) -> Self {
+        self.os = Some(o.to_string());
+        self
+    }
+    pub fn cmd(mut self, c: &[&str]) -> Self {
+        self.cmd = c.iter().map(|s| s.to_string()).collect();
+        self
+    }
+}
+
+/// Builds `spec` into the OCI layout `dir/oci` (created with `umoci init`
+/// if missing; several tags may share one layout) and returns the layout
+/// path. Reference it as [`layout_ref`]`(&layout, &spec.tag)`.
+pub fn make_image(dir: &Path, spec: &ImageSpec) -> PathBuf {
+    require_env();
+    let layout = dir.join("oci");
+    if !layout.join("index.json").exists() {
+        run(Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(&layout));
+    }
+    let image = layout_ref(&layout, &spec.tag);
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    let work = tempfile::Builder::new()
+        .prefix("layer-")
+        .tempdir_in(dir)
+        .unwrap();
+    for (i, layer) in spec.layers.iter().enumerate() {
+        match layer {
+            Layer::Tree(entries) if entries.iter().any(|e| matches!(e.kind, Kind::Remove)) => {
+                let bundle = work.path().join(format!("bundle{i}"));
+                run(Command::new("umoci")
+                    .args(["unpack", "--image", &image])
+                    .arg(&bundle));
+                write_entries(&bundle.join("rootfs"), entries);
+                run(Command::new("umoci")
+                    .args(["repack", "--image", &image])
+                    .arg(&bundle));
+                fs::remove_dir_all(&bundle).unwrap();
+            }
+            Layer::Tree(entries) => {
+                let src = work.path().join(format!("src{i}"));
+                fs::create_dir(&src).unwrap();
+                fs::set_permissions(&src, fs::Permissions::from_mode(0o755)).unwrap();
+                write_entries(&src, entries);
+                run(Command::new("umoci")
+                    .args(["insert", "--image", &image])
+                    .arg(&src)
+                    .arg("/"));
+            }
+            Layer::Opaque { target, entries } => {
+                let src = work.path().join(format!("src{i}"));
+                fs::create_dir(&src).unwrap();
+                fs::set_permissions(&src, fs::Permissions::from_mode(0o755)).unwrap();
+                write_entries(&src, entries);
+                run(Command::new("umoci")
+                    .args(["insert", "--opaque", "--image", &image])
+                    .arg(&src)
+                    .arg(format!("/{}", target.trim_start_matches('/'))));
+            }
+            Layer::Whiteout(target) => {
+                run(Command::new("umoci")
+                    .args(["insert", "--whiteout", "--image", &image])
+                    .arg(format!("/{}", target.trim_start_matches('/'))));
+            }
+        }
+    }
+    let mut cfg = Command::new("umoci");
+    cfg.args(["config", "--image", &image]);
+    let mut any = false;
+    for (k, v) in &spec.labels {
+        cfg.arg(format!("--config.label={k}={v}"));
+        any = true;
+    }
+    for e in &spec.env {
+        cfg.arg(format!("--config.env={e}"));
+        any = true;
+    }
+    for c in &spec.cmd {
+        cfg.arg(format!("--config.cmd={c}"));
+        any = true;
+    }
+    if let Some(a) = &spec.author {
+        cfg.arg(format!("--author={a}"));
+        any = true;
+    }
+    if let Some(a) = &spec.architecture {
+        cfg.arg(format!("--architecture={a}"));
+        any = true;
+    }
+    if let Some(o) = &spec.os {
+        cfg.arg(format!("--os={o}"));
+        any = true;
+    }
+    if any {
+        run(&mut cfg);
+    }
+    layout
+}
+
+/// `LAYOUT:TAG`, the `--image` / `oci:` reference of a tag in a layout.
+pub fn layout_ref(layout: &Path, tag: &str) -> String {
+    format!("{}:{tag}", layout.display())
+}
+
+/// The manifest digest of `tag` in an OCI layout (from its index.json).
+pub fn layout_digest(layout: &Path, tag: &str) -> String {
+    let index: Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("tag {tag} not in {}", layout.display()))["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes `entries` under `root`, creating parents (0755) as needed.
+pub fn write_entries(root: &Path, entries: &[Entry]) {
+    for e in entries {
+        let p = root.join(&e.path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).unwrap();
+        }
+        match &e.kind {
+            Kind::Remove => {
+                let md = fs::symlink_metadata(&p)
+                    .unwrap_or_else(|err| panic!("remove {}: {err}", p.display()));
+                if md.is_dir() {
+                    fs::remove_dir_all(&p).unwrap();
+                } else {
+                    fs::remove_file(&p).unwrap();
+                }
+                continue;
+            }
+            Kind::File(data) => {
+                fs::write(&p, data).unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+            }
+            Kind::Dir => {
+                fs::create_dir_all(&p).unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            Kind::Symlink(target) => std::os::unix::fs::symlink(target, &p).unwrap(),
+            Kind::Hardlink(target) => fs::hard_link(root.join(target), &p).unwrap(),
+            Kind::Fifo => mknod(&p, libc::S_IFIFO | 0o644, 0),
+            Kind::CharDev(ma, mi) => mknod(&p, libc::S_IFCHR | 0o644, libc::makedev(*ma, *mi)),
+            Kind::BlockDev(ma, mi) => mknod(&p, libc::S_IFBLK | 0o644, libc::makedev(*ma, *mi)),
+        }
+        let c = cpath(&p);
+        let is_link = matches!(e.kind, Kind::Symlink(_));
+        if let Some((uid, gid)) = e.owner {
+            assert_eq!(
+                unsafe { libc::lchown(c.as_ptr(), uid, gid) },
+                0,
+                "lchown {}",
+                p.display()
+            );
+        }
+        if let Some(mode) = e.mode
+            && !is_link
+        {
+            // After chown, which clears setuid/setgid.
+            assert_eq!(
+                unsafe { libc::chmod(c.as_ptr(), mode as libc::mode_t) },
+                0,
+                "chmod {}",
+                p.display()
+            );
+        }
+        for (name, value) in &e.xattrs {
+            let n = std::ffi::CString::new(name.as_str()).unwrap();
+            let r = unsafe {
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "lsetxattr {name} on {}: {}",
+                p.display(),
+                io::Error::last_os_error()
+            );
+        }
+        if let Some(t) = e.mtime {
+            let ts = [
+                libc::timespec {
+                    tv_sec: t,
+                    tv_nsec: 0,
+                },
+                libc::timespec {
+                    tv_sec: t,
+                    tv_nsec: 0,
+                },
+            ];
+            let r = unsafe {
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    ts.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            assert_eq!(r, 0, "utimensat {}", p.display());
+        }
+    }
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn mknod(p: &Path, mode: libc::mode_t, dev: libc::dev_t) {
+    let c = cpath(p);
+    let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
+}
+
+/// Manifest format for [`push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Keep the OCI manifest.
+    Oci,
+    /// `skopeo copy --format v2s2`: Docker v2 schema 2.
+    V2s2,
+}
+
+fn docker_ref(r: &str) -> String {
+    if r.starts_with("docker://") {
+        r.to_string()
+    } else {
+        format!("docker://{r}")
+    }
+}
+
+/// Pushes `layout_ref` (`LAYOUT:TAG`) to `dest` (`HOST/REPO:TAG` or
+/// `HOST/REPO@sha256:…`) with skopeo; returns the pushed manifest digest.
+pub fn push(layout_ref: &str, dest: &str, format: Format) -> String {
+    push_with_creds(layout_ref, dest, format, None)
+}
+
+/// [`push`] with `--dest-creds user:pass`.
+pub fn push_with_creds(
+    layout_ref: &str,
+    dest: &str,
+    format: Format,
+    creds: Option<(&str, &str)>,
+) -> String {
+    let digestfile = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
+        .arg(digestfile.path());
+    if format == Format::V2s2 {
+        cmd.args(["--format", "v2s2"]);
+    }
+    if let Some((u, p)) = creds {
+        cmd.arg("--dest-creds").arg(format!("{u}:{p}"));
+    }
+    cmd.arg(format!("oci:{layout_ref}")).arg(docker_ref(dest));
+    run(&mut cmd);
+    fs::read_to_string(digestfile.path())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Builds a small image with a distinct file and labels, pushes it to
+/// `HOST/REPO:TAG` in `format`, returns the manifest digest. `dir` holds the
+/// layout.
+pub fn push_simple(dir: &Path, dest: &str, format: Format) -> String {
+    let tag = format!("t{}", sha256_hex(dest.as_bytes()).get(..12).unwrap());
+    let spec = ImageSpec::new(&tag)
+        .tree(vec![
+            Entry::file("etc/hello", format!("hello from {dest}\n")),
+            Entry::dir("usr/bin"),
+        ])
+        .tree(vec![
+            Entry::file("etc/second", "second layer\n").mode(0o600),
+        ])
+        .label("org.example.dest", dest)
+        .env("APT_LAYER_TEST=1")
+        .author("apt-layer tests");
+    let layout = make_image(dir, &spec);
+    push(&layout_ref(&layout, &tag), dest, format)
+}
+
+/// The manifest at `HOST/REPO:REF` as the registry serves it:
+/// (bytes, Content-Type). `reference` is a tag or digest.
+pub fn get_manifest(
+    host: &str,
+    repo: &str,
+    reference: &str,
+    creds: Option<(&str, &str)>,
+) -> (Vec<u8>, String) {
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
+                  application/vnd.docker.distribution.manifest.v2+json, \
+                  application/vnd.docker.distribution.manifest.list.v2+json";
+    let auth = creds.map(|(u, p)| basic_auth(u, p));
+    let mut headers = vec![("Accept", accept)];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let r = http(
+        "GET",
+        host,
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &headers,
+        &[],
+    )
+    .expect("GET manifest");
+    assert_eq!(
+        r.status,
+        200,
+        "GET manifest {host}/{repo}:{reference}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let ct = r.header("content-type").unwrap_or_default().to_string();
+    (r.body, ct)
+}
+
+/// PUTs `bytes` as the manifest `HOST/REPO:REFERENCE` with `content_type`;
+/// returns the registry's `Docker-Content-Digest`.
+pub fn put_manifest(
+    host: &str,
+    repo: &str,
+    reference: &str,
+    content_type: &str,
+    bytes: &[u8],
+    creds: Option<(&str, &str)>,
+) -> String {
+    let auth = creds.map(|(u, p)| basic_auth(u, p));
+    let mut headers = vec![("Content-Type", content_type)];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let r = http(
+        "PUT",
+        host,
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &headers,
+        bytes,
+    )
+    .expect("PUT manifest");
+    assert_eq!(
+        r.status,
+        201,
+        "PUT manifest {host}/{repo}:{reference}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.header("docker-content-digest")
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Gives the manifest of `HOST/REPO:base_tag` every tag of `tags` (same
+/// bytes, PUT by tag): a repository with many tags, cheaply.
+pub fn push_many_tags(host: &str, repo: &str, base_tag: &str, tags: &[String]) {
+    let (bytes, ct) = get_manifest(host, repo, base_tag, None);
+    for t in tags {
+        put_manifest(host, repo, t, &ct, &bytes, None);
+    }
+}
+
+/// One platform of a multi-platform image pushed by [`push_multi_platform`].
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    pub architecture: String,
+    pub digest: String,
+    pub manifest: Vec<u8>,
+}
+
+/// A multi-platform tag: the index and its platform manifests.
+#[derive(Debug, Clone)]
+pub struct MultiPlatform {
+    pub index: Vec<u8>,
+    pub index_digest: String,
+    pub platforms: Vec<PlatformImage>,
+}
+
+impl MultiPlatform {
+    pub fn platform(&self, arch: &str) -> &PlatformImage {
+        self.platforms
+            .iter()
+            .find(|p| p.architecture == arch)
+            .unwrap_or_else(|| panic!("no {arch} platform"))
+    }
+}
+
+/// Builds one single-platform image per architecture (linux, distinct
+/// content), pushes each by digest to `HOST/REPO`, then PUTs an OCI image
+/// index naming them as `HOST/REPO:TAG`. The index JSON is hand made: no tool
+/// here makes one.
+pub fn push_multi_platform(
+    dir: &Path,
+    host: &str,
+    repo: &str,
+    tag: &str,
+    archs: &[&str],
+) -> MultiPlatform {
+    let mut platforms = Vec::new();
+    let mut descriptors = Vec::new();
+    for arch in archs {
+        let t = format!("{tag}-{arch}");
+        let spec = ImageSpec::new(&t)
+            .tree(vec![Entry::file("etc/arch", format!("{arch}\n"))])
+            .label("org.example.arch", arch)
+            .architecture(arch)
+            .os("linux");
+        let layout = make_image(dir, &spec);
+        let digest = layout_digest(&layout, &t);
+        let pushed = push(
+            &layout_ref(&layout, &t),
+            &format!("{host}/{repo}@{digest}"),
+            Format::Oci,
+        );
+        assert_eq!(pushed, digest, "skopeo kept the OCI manifest bytes");
+        let (manifest, ct) = get_manifest(host, repo, &digest, None);
+        assert_eq!(sha256_digest(&manifest), digest);
+        descriptors.push(json!({
+            "mediaType": if ct.is_empty() { "application/vnd.oci.image.manifest.v1+json".to_string() } else { ct },
+            "digest": digest,
+            "size": manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        }));
+        platforms.push(PlatformImage {
+            architecture: arch.to_string(),
+            digest,
+            manifest,
+        });
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": descriptors,
+    }))
+    .unwrap();
+    let index_digest = put_manifest(
+        host,
+        repo,
+        tag,
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+        None,
+    );
+    assert_eq!(index_digest, sha256_digest(&index));
+    MultiPlatform {
+        index,
+        index_digest,
+        platforms,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// skopeo as the oracle
+// ---------------------------------------------------------------------------
+
+/// Runs `skopeo ARGS` and returns stdout (panics on failure).
+pub fn skopeo(args: &[&str]) -> Vec<u8> {
+    run(Command::new("skopeo").args(args))
+}
+
+/// `skopeo inspect --tls-verify=false docker://REF`.
+pub fn skopeo_inspect(reference: &str) -> Value {
+    serde_json::from_slice(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &docker_ref(reference),
+    ]))
+    .unwrap()
+}
+
+/// `skopeo inspect --raw --config`: the config blob bytes.
+pub fn skopeo_inspect_raw_config(reference: &str) -> Vec<u8> {
+    skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        "--config",
+        &docker_ref(reference),
+    ])
+}
+
+/// `skopeo inspect --raw`: the manifest (or index) bytes as served.
+pub fn skopeo_raw_manifest(reference: &str) -> Vec<u8> {
+    skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        &docker_ref(reference),
+    ])
+}
+
+/// `skopeo list-tags --tls-verify=false docker://REPO`.
+pub fn skopeo_list_tags(repo: &str) -> Value {
+    serde_json::from_slice(&skopeo(&[
+        "list-tags",
+        "--tls-verify=false",
+        &docker_ref(repo),
+    ]))
+    .unwrap()
+}
+
+/// The tags of `skopeo list-tags`, sorted.
+pub fn skopeo_tags(repo: &str) -> Vec<String> {
+    let v = skopeo_list_tags(repo);
+    let mut tags: Vec<String> = v["Tags"]
+        .as_array()
+        .expect("Tags array")
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    tags.sort();
+    tags
+}
+
+/// The fields Debian's skopeo 1.9.3 prints in `inspect` (REFERENCE.md).
+pub const SKOPEO_INSPECT_FIELDS: &[&str] = &[
+    "Name",
+    "Digest",
+    "RepoTags",
+    "Created",
+    "DockerVersion",
+    "Labels",
+    "Architecture",
+    "Os",
+    "Layers",
+    "Env",
+];
+
+/// Asserts that `ours` (apt-layer's inspect JSON) equals `oracle` (skopeo's)
+/// on every field skopeo 1.9.3 prints, and that `LayersData`, when present,
+/// matches the layers of `manifest` (MIMEType, Digest, Size).
+pub fn assert_inspect_matches(ours: &Value, oracle: &Value, manifest: &[u8], what: &str) {
+    for field in SKOPEO_INSPECT_FIELDS {
+        assert!(
+            oracle.get(*field).is_some(),
+            "skopeo printed no {field}: {oracle}"
+        );
+        assert_eq!(
+            ours.get(*field),
+            oracle.get(*field),
+            "{what}: inspect field {field} differs from skopeo\nours:   {ours}\nskopeo: {oracle}"
+        );
+    }
+    if let Some(ld) = ours.get("LayersData") {
+        let m: Value = serde_json::from_slice(manifest).expect("manifest JSON");
+        let layers = m["layers"].as_array().expect("manifest layers");
+        let ld = ld
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: LayersData is not an array: {ld}"));
+        assert_eq!(
+            ld.len(),
+            layers.len(),
+            "{what}: LayersData length vs manifest layers"
+        );
+        for (d, l) in ld.iter().zip(layers) {
+            assert_eq!(d["MIMEType"], l["mediaType"], "{what}: LayersData MIMEType");
+            assert_eq!(d["Digest"], l["digest"], "{what}: LayersData Digest");
+            assert_eq!(d["Size"], l["size"], "{what}: LayersData Size");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The apt-layer binary
+// ---------------------------------------------------------------------------
+
+/// Path of the `apt-layer` binary cargo built for these tests.
+pub fn apt_layer_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_apt-layer")
+}
+
+/// Output of a finished `apt-layer` command.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// stdout parsed as JSON; panics (with stderr) on failure or bad JSON.
+    pub fn json(&self) -> Value {
+        assert!(
+            self.status.success(),
+            "apt-layer failed with {}:\n{}",
+            self.status,
+            self.stderr
+        );
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "apt-layer printed no JSON ({e}):\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&self.stdout),
+                self.stderr
+            )
+        })
+    }
+}
+
+/// Runs `apt-layer ARGS` (RUST_LOG=info), killed after `limit`.
+pub fn apt_layer(args: &[&str], limit: Duration) -> CliOutput {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(apt_layer_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .stdin(Stdio::null())
+        .stdout(out.reopen().unwrap())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .expect("spawn apt-layer");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "apt-layer {args:?} did not finish within {limit:?}; stderr:\n{}",
+                fs::read_to_string(err.path()).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    CliOutput {
+        status,
+        stdout: fs::read(out.path()).unwrap(),
+        stderr: String::from_utf8_lossy(&fs::read(err.path()).unwrap()).into_owned(),
+    }
+}
+
+/// An auth file (`{"auths":{HOST:{"auth":base64(user:pass)}}}`) in `dir`.
+pub fn write_authfile(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {
+    let mut auths = serde_json::Map::new();
+    for (host, user, pass) in entries {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        auths.insert(host.to_string(), json!({ "auth": b64 }));
+    }
+    let p = dir.join(format!("auth-{}.json", free_port()));
+    fs::write(
+        &p,
+        serde_json::to_vec_pretty(&json!({ "auths": auths })).unwrap(),
+    )
+    .unwrap();
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Mount: the real daemon on a real FUSE mount
+// ---------------------------------------------------------------------------
+
+/// Options of a [`Mount`] before it starts.
+#[derive(Debug, Clone)]
+pub struct MountBuilder {
+    insecure: Vec<String>,
+    authfile: Option<PathBuf>,
+    registries_conf: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    timeout_secs: u64,
+    tag_ttl_secs: u64,
+    options: Vec<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl MountBuilder {
+    /// Adds `--insecure-registry HOST`.
+    pub fn insecure(mut self, host: &str) -> Self {
+        self.insecure.push(host.to_string());
+        self
+    }
+    /// `--authfile PATH` (default: an empty `{}` file of the mount).
+    pub fn authfile(mut self, p: &Path) -> Self {
+        self.authfile = Some(p.to_path_buf());
+        self
+    }
+    /// `--registries-conf PATH` (default: an empty file of the mount).
+    pub fn registries_conf(mut self, p: &Path) -> Self {
+        self.registries_conf = Some(p.to_path_buf());
+        self
+    }
+    /// `--cache-dir PATH` (default: a fresh directory of the mount), e.g. to
+    /// remount over the same cache.
+    pub fn cache_dir(mut self, p: &Path) -> Self {
+        self.cache_dir = Some(p.to_path_buf());
+        self
+    }
+    /// `-o timeout=SECS` (default 5).
+    pub fn timeout(mut self, secs: u64) -> Self {
+        self.timeout_secs = secs;
+        self
+    }
+    /// `-o tag_ttl=SECS` (default 300).
+    pub fn tag_ttl(mut self, secs: u64) -> Self {
+        self.tag_ttl_secs = secs;
+        self
+    }
+    /// One more `-o` option (`key=value` or flag).
+    pub fn option(mut self, o: &str) -> Self {
+        self.options.push(o.to_string());
+        self
+    }
+    /// One more command-line argument, after the others.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+    /// An environment variable of the daemon (default `RUST_LOG=info`).
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// Starts the daemon and waits until the mount is served.
+    pub fn start(self) -> Mount {
+        Mount::start_with(self)
+    }
+}
+
+/// `apt-layer mount MNT --foreground …` running, its mount point, cache,
+/// auth file and log in its own tempdir. Stopped (SIGTERM, then lazy umount
+/// and SIGKILL) on drop.
+pub struct Mount {
+    dir: Option<TempDir>,
+    mnt: PathBuf,
+    cache: PathBuf,
+    log_path: PathBuf,
+    authfile: PathBuf,
+    registries_conf: PathBuf,
+    child: Option<Child>,
+    exit: Option<ExitStatus>,
+}
+
+impl Mount {
+    pub fn builder() -> MountBuilder {
+        MountBuilder {
+            insecure: Vec::new(),
+            authfile: None,
+            registries_conf: None,
+            cache_dir: None,
+            timeout_secs: 5,
+            tag_ttl_secs: 300,
+            options: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// A mount with defaults and `--insecure-registry` for each host.
+    pub fn start(insecure: &[&str]) -> Mount {
+        let mut b = Self::builder();
+        for h in insecure {
+            b = b.insecure(h);
+        }
+        b.start()
+    }
+
+    fn start_with(b: MountBuilder) -> Mount {
+        require_env();
+        let dir = tempfile::Builder::new()
+            .prefix("apt-layer-mount-")
+            .tempdir()
+            .expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let cache = b
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("cache"));
+        fs::create_dir_all(&cache).unwrap();
+        let authfile = b.authfile.clone().unwrap_or_else(|| {
+            let p = dir.path().join("auth.json");
+            fs::write(&p, "{}\n").unwrap();
+            p
+        });
+        let registries_conf = b.registries_conf.clone().unwrap_or_else(|| {
+            let p = dir.path().join("registries.conf");
+            fs::write(&p, "").unwrap();
+            p
+        });
+        let log_path = dir.path().join("daemon.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut opts = vec![
+            format!("timeout={}", b.timeout_secs),
+            format!("tag_ttl={}", b.tag_ttl_secs),
+        ];
+        opts.extend(b.options.iter().cloned());
+        let mut cmd = Command::new(apt_layer_bin());
+        cmd.arg("mount")
+            .arg(&mnt)
+            .arg("--foreground")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--registries-conf")
+            .arg(&registries_conf)
+            .arg("--authfile")
+            .arg(&authfile);
+        for h in &b.insecure {
+            cmd.arg("--insecure-registry").arg(h);
+        }
+        cmd.arg("-o").arg(opts.join(","));
+        cmd.args(&b.args);
+        cmd.env("RUST_LOG", "info").env_remove("REGISTRY_AUTH_FILE");
+        for (k, v) in &b.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut m = Mount {
+            dir: Some(dir),
+            mnt,
+            cache,
+            log_path,
+            authfile,
+            registries_conf,
+            child: Some(child),
+            exit: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if m.is_mounted() {
+                return m;
+            }
+            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                m.child = None;
+                m.exit = Some(status);
+                panic!(
+                    "apt-layer mount exited with {status} before {} was mounted; command {cmd:?}\nlog:\n{}",
+                    m.mnt.display(),
+                    m.log()
+                );
+            }
+            if Instant::now() > deadline {
+                let log = m.log();
+                m.stop();
+                panic!(
+                    "{} not mounted as fuse.apt-layer after 15 s; command {cmd:?}\nlog:\n{log}",
+                    m.mnt.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// `MNT/rel`.
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache
+    }
+
+    pub fn authfile_path(&self) -> &Path {
+        &self.authfile
+    }
+
+    pub fn registries_conf_path(&self) -> &Path {
+        &self.registries_conf
+    }
+
+    /// The daemon's stdout+stderr so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => false,
+            Some(c) => match c.try_wait().unwrap() {
+                None => true,
+                Some(s) => {
+                    self.exit = Some(s);
+                    self.child = None;
+                    false
+                }
+            },
+        }
+    }
+
+    /// How the daemon exited, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
+    }
+
+    /// Whether /proc/self/mountinfo shows the mount point as `fuse.apt-layer`.
+    pub fn is_mounted(&self) -> bool {
+        mount_fstype(&self.mnt).as_deref() == Some("fuse.apt-layer")
+    }
+
+    /// SIGTERM, wait ≤ 10 s; then `umount -l` and SIGKILL. Leaves nothing
+    /// mounted. Returns the exit status when the daemon exited by itself.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut status = None;
+            while Instant::now() < deadline {
+                if let Some(s) = child.try_wait().unwrap() {
+                    status = Some(s);
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            if status.is_none() {
+                eprintln!("apt-layer did not exit 10 s after SIGTERM; umount -l and SIGKILL");
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+                let _ = child.wait();
+            } else {
+                self.exit = status;
+            }
+        }
+        if mount_fstype(&self.mnt).is_some() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        self.exit
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "---- apt-layer daemon log {} (tail) ----\n{}",
+                self.log_path.display(),
+                tail(&self.log(), 80)
+            );
+        }
+        self.stop();
+        if mount_fstype(&self.mnt).is_some() {
+            // Never let TempDir's remove_dir_all walk into a live mount.
+            eprintln!("{} still mounted; leaking its tempdir", self.mnt.display());
+            if let Some(d) = self.dir.take() {
+                let _ = d.keep();
+            }
+        }
+    }
+}
+
+/// The fstype of the mount at `path` in /proc/self/mountinfo (the last one
+/// mounted there), if any.
+pub fn mount_fstype(path: &Path) -> Option<String> {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.get(4) != Some(&want.as_str()) {
+            continue;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        found = fields.get(sep + 1).map(|s| s.to_string());
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------
+// FaultServer: an in-process HTTP server for faults real registries don't make
+// ---------------------------------------------------------------------------
+
+/// What the [`FaultServer`] does with one request.
+#[derive(Debug, Clone)]
+pub enum FaultReply {
+    /// Answer with this status, headers and body (Content-Length and
+    /// `Connection: close` are added; HEAD gets no body).
+    Respond {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// Read the request, never answer, keep the socket open.
+    Stall,
+    /// Read the request and cut the connection without answering.
+    Close,
+    /// The default: `GET /v2/` → 200 `{}`, anything else → 404 registry error.
+    Default,
+}
+
+impl FaultReply {
+    /// A JSON answer.
+    pub fn json(status: u16, body: &str) -> FaultReply {
+        Self::bytes(status, "application/json", body.as_bytes().to_vec())
+    }
+    /// An answer with a Content-Type.
+    pub fn bytes(status: u16, content_type: &str, body: Vec<u8>) -> FaultReply {
+        FaultReply::Respond {
+            status,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body,
+        }
+    }
+    /// Adds a header to a `Respond`.
+    pub fn with_header(self, k: &str, v: &str) -> FaultReply {
+        match self {
+            FaultReply::Respond {
+                status,
+                mut headers,
+                body,
+            } => {
+                headers.push((k.to_string(), v.to_string()));
+                FaultReply::Respond {
+                    status,
+                    headers,
+                    body,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+type Handler = dyn Fn(&str, &str) -> FaultReply + Send + Sync + 'static;
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 and a free port, answering each
+/// request with `handler(method, target)` (`target` is the path with its
+/// query string, e.g. `/v2/x/tags/list?n=10&last=a`). Every request is
+/// recorded. Stalled sockets stay open until the server drops.
+pub struct FaultServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    requests: Arc<Mutex<Vec<(String, String)>>>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl FaultServer {
+    pub fn start(
+        handler: impl Fn(&str, &str) -> FaultReply + Send + Sync + 'static,
+    ) -> FaultServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault server");
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (stop2, req2, held2) = (stop.clone(), requests.clone(), held.clone());
+        let thread = thread::Builder::new()
+            .name(format!("fault-server-{port}"))
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = conn else { continue };
+                    let (h, r, k, s) =
+                        (handler.clone(), req2.clone(), held2.clone(), stop2.clone());
+                    thread::spawn(move || serve_conn(stream, &*h, &r, &k, &s));
+                }
+            })
+            .unwrap();
+        FaultServer {
+            port,
+            stop,
+            thread: Some(thread),
+            requests,
+            held,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Every (method, target) received so far.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// How many requests had a target starting with `prefix`.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| t.starts_with(prefix))
+            .count()
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for s in self.held.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn serve_conn(
+    mut stream: TcpStream,
+    handler: &Handler,
+    requests: &Mutex<Vec<(String, String)>>,
+    held: &Mutex<Vec<TcpStream>>,
+    stop: &AtomicBool,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = Vec::new();
+    // Keep-alive: serve requests on this connection until it closes.
+    loop {
+        let end = loop {
+            if let Some(e) = find(&buf, b"\r\n\r\n") {
+                break e;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or_default().split_whitespace();
+        let method = first.next().unwrap_or_default().to_string();
+        let target = first.next().unwrap_or_default().to_string();
+        let mut content_length = 0usize;
+        let mut close = false;
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    content_length = v.trim().parse().unwrap_or(0);
+                }
+                if k.trim().eq_ignore_ascii_case("connection")
+                    && v.trim().eq_ignore_ascii_case("close")
+                {
+                    close = true;
+                }
+            }
+        }
+        buf.drain(..end + 4);
+        while buf.len() < content_length {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..content_length);
+        requests
+            .lock()
+            .unwrap()
+            .push((method.clone(), target.clone()));
+        let reply = match handler(&method, &target) {
+            FaultReply::Default => default_reply(&method, &target),
+            r => r,
+        };
+        match reply {
+            FaultReply::Stall => {
+                held.lock().unwrap().push(stream);
+                return;
+            }
+            FaultReply::Close => {
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            FaultReply::Default => unreachable!(),
+            FaultReply::Respond {
+                status,
+                headers,
+                body,
+            } => {
+                let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+                let mut has_ct = false;
+                for (k, v) in &headers {
+                    has_ct |= k.eq_ignore_ascii_case("content-type");
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                if !has_ct {
+                    out.push_str("Content-Type: application/json\r\n");
+                }
+                out.push_str("Docker-Distribution-Api-Version: registry/2.0\r\n");
+                out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                if close {
+                    out.push_str("Connection: close\r\n");
+                }
+                out.push_str("\r\n");
+                let mut bytes = out.into_bytes();
+                if method != "HEAD" {
+                    bytes.extend_from_slice(&body);
+                }
+                if stream.write_all(&bytes).is_err() || close {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn default_reply(method: &str, target: &str) -> FaultReply {
+    let path = target.split('?').next().unwrap_or_default();
+    if (method == "GET" || method == "HEAD") && (path == "/v2/" || path == "/v2") {
+        FaultReply::json(200, "{}")
+    } else {
+        FaultReply::json(
+            404,
+            r#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#,
+        )
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        206 => "Partial Content",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// Splits a request target into path and query parameters.
+pub fn split_target(target: &str) -> (String, BTreeMap<String, String>) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params = query
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    (path.to_string(), params)
+}
