@@ -881,8 +881,10 @@ impl Tree {
     }
 }
 
-/// "Does not exist" answers, as opposed to failures: NotFound, and
-/// Docker Hub's anonymous 401 for repositories that do not exist.
+/// "Does not exist" answers, as opposed to failures: NotFound, and an
+/// anonymous 401 from a token-auth registry (Docker Hub's answer for
+/// repositories that do not exist). A Basic-auth registry's 401 is a
+/// refusal, shown as EACCES.
 fn is_absent(e: &FsError) -> bool {
     matches!(
         e,
@@ -890,6 +892,7 @@ fn is_absent(e: &FsError) -> bool {
             | FsError::Registry(RegistryError::NotFound { .. })
             | FsError::Registry(RegistryError::Denied {
                 anonymous: true,
+                token_auth: true,
                 ..
             })
     )

@@ -59,9 +59,11 @@ pub enum RegistryError {
         what: String,
         /// Where credentials came from, or which files were searched.
         auth_source: String,
-        /// True when no credentials were sent (Docker Hub answers 401 for
-        /// repositories that do not exist).
+        /// True when no credentials were sent.
         anonymous: bool,
+        /// True when the registry issues bearer tokens: an anonymous 401
+        /// there can also mean "no such repository" (Docker Hub does this).
+        token_auth: bool,
     },
     /// The registry could not be reached, timed out or kept failing (5xx)
     /// after retries. Shown as `EIO`.
@@ -139,6 +141,8 @@ struct Inner {
     auth: AuthFile,
     timeout: Duration,
     http: reqwest::Client,
+    /// host → whether `GET /v2/` challenges with `Bearer`.
+    token_auth: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 /// `sha256:<hex>` of `data`.
@@ -159,6 +163,7 @@ impl RegistryClient {
         };
         let oci = Client::try_from(cfg).map_err(|e| format!("registry client: {e}"))?;
         let http = reqwest::Client::builder()
+            .user_agent(concat!("apt-layer/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .timeout(timeout)
             .build()
@@ -170,6 +175,7 @@ impl RegistryClient {
                 auth,
                 timeout,
                 http,
+                token_auth: Default::default(),
             }),
         })
     }
@@ -222,6 +228,38 @@ impl RegistryClient {
                 reason: "timed out".into(),
             }),
         }
+    }
+
+    /// Whether `host` challenges with `Bearer` (cached; false when unsure).
+    async fn is_token_auth(&self, host: &str) -> bool {
+        if let Some(&b) = self.inner.token_auth.lock().unwrap().get(host) {
+            return b;
+        }
+        let scheme = if self.inner.conf.is_insecure_host(host) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!("{scheme}://{host}/v2/");
+        let bearer = match tokio::time::timeout(
+            self.inner.timeout,
+            self.inner.http.get(&url).send(),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => resp
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .and_then(|h| h.to_str().ok())
+                .is_some_and(|h| h.trim_start().to_ascii_lowercase().starts_with("bearer")),
+            _ => return false,
+        };
+        self.inner
+            .token_auth
+            .lock()
+            .unwrap()
+            .insert(host.to_string(), bearer);
+        bearer
     }
 
     /// Every tag of `registry/repo`, following every page. Tag lists always
@@ -464,6 +502,25 @@ impl RegistryClient {
                     reason: format!("no answer within {:?}", self.inner.timeout),
                 },
             };
+            let err = match err {
+                RegistryError::Denied {
+                    registry,
+                    what,
+                    auth_source,
+                    anonymous: true,
+                    ..
+                } => {
+                    let token_auth = self.is_token_auth(&registry).await;
+                    RegistryError::Denied {
+                        registry,
+                        what,
+                        auth_source,
+                        anonymous: true,
+                        token_auth,
+                    }
+                }
+                e => e,
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             if !err.retryable() || attempt >= 3 || left <= backoff {
                 return Err(err);
@@ -480,6 +537,7 @@ impl RegistryClient {
         let denied = |registry: String, what: String| RegistryError::Denied {
             auth_source: self.inner.auth.source(&registry),
             anonymous: self.inner.auth.get(&registry).is_none(),
+            token_auth: false,
             registry,
             what,
         };
