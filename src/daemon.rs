@@ -72,9 +72,16 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     configured.extend(client.auth().registries().map(str::to_string));
     configured.extend(opts.insecure_registries.iter().cloned());
     configured.retain(|r| crate::registry::name::is_registry(r));
+    let cache_err = |e: std::io::Error| format!("cache dir {}: {e}", opts.cache_dir.display());
+    let objects = Arc::new(
+        crate::cas::ObjectStore::open(&opts.cache_dir, opts.cache_size).map_err(cache_err)?,
+    );
+    let indexes = crate::layer::IndexStore::open(&opts.cache_dir).map_err(cache_err)?;
+    let layers = Arc::new(crate::rootfs::Layers::new(client.clone(), objects, indexes));
     let tree = Arc::new(Tree::new(
         client,
         meta,
+        layers,
         TreeOptions {
             tag_ttl: opts.tag_ttl,
             configured,

@@ -6,6 +6,9 @@
 //! config    what the user configured: mount options, auth files, registries.conf
 //! registry  talking to registries: names, auth, mirrors, timeouts, retries, digests
 //! store     what is kept on disk: metadata blobs by digest (never evicted)
+//! cas       the content store: file contents as objects by sha256, LRU-bounded
+//! layer     reading a layer once into an index plus objects; indexes on disk
+//! rootfs    merging layer indexes into an image's tree, fetching on demand
 //! inspect   the JSON skopeo prints, computed from manifest + config + tags
 //! model     the tree users see: nodes, inodes, TTLs, listings, file contents
 //! fuse      the thin kernel adapter: decode a request, call the model, reply
@@ -13,11 +16,14 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cas;
 pub mod config;
 pub mod daemon;
 pub mod fuse;
 pub mod inspect;
+pub mod layer;
 pub mod model;
 pub mod registry;
+pub mod rootfs;
 pub mod singleflight;
 pub mod store;

@@ -46,7 +46,8 @@ mod tests {
                 registry: s(),
                 what: s(),
                 auth_source: s(),
-                anonymous: false
+                anonymous: false,
+                token_auth: false
             }),
             Errno::EACCES
         );

@@ -27,8 +27,9 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::model::{DirEntry, Entry, FsError, Kind, OpenFile, Stat, Tree};
+use crate::model::{Content, DirEntry, Entry, FsError, Kind, OpenFile, Stat, Tree};
 use errno::errno;
+use std::os::unix::fs::FileExt;
 
 enum Handle {
     Dir(Arc<Vec<DirEntry>>),
@@ -93,6 +94,17 @@ fn attr(s: &Stat) -> FileAttr {
         rdev: s.rdev,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+/// xattr replies: the size when asked with 0, else the data if it fits.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
     }
 }
 
@@ -285,10 +297,31 @@ impl Filesystem for Fs {
             Some(Handle::File(f)) => f.clone(),
             _ => return reply.error(Errno::EBADF),
         };
-        let len = file.data.len() as u64;
-        let start = offset.min(len) as usize;
-        let end = (offset.saturating_add(size as u64)).min(len) as usize;
-        reply.data(&file.data[start..end]);
+        match &file.content {
+            Content::Bytes(data) => {
+                let len = data.len() as u64;
+                let start = offset.min(len) as usize;
+                let end = (offset.saturating_add(size as u64)).min(len) as usize;
+                reply.data(&data[start..end]);
+            }
+            Content::File(f) => {
+                // A local, verified object: a pread is not network I/O.
+                let mut buf = vec![0u8; size as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    match f.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading object failed");
+                            return reply.error(Errno::EIO);
+                        }
+                    }
+                }
+                reply.data(&buf[..got]);
+            }
+        }
     }
 
     fn release(
@@ -316,23 +349,45 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::ENODATA);
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let tree = self.tree.clone();
+        self.run(async move {
+            match tree.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(FsError::NotFound) => reply.error(Errno::EINVAL),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (tree, name) = (self.tree.clone(), name.as_encoded_bytes().to_vec());
+        self.run(async move {
+            match tree.xattrs(ino.0).await {
+                Ok(x) => match x.iter().find(|(k, _)| *k == name) {
+                    Some((_, v)) => reply_xattr(reply, size, v),
+                    None => reply.error(Errno::ENODATA),
+                },
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let tree = self.tree.clone();
+        self.run(async move {
+            match tree.xattrs(ino.0).await {
+                Ok(x) => {
+                    let mut names = Vec::new();
+                    for (k, _) in &x {
+                        names.extend_from_slice(k);
+                        names.push(0);
+                    }
+                    reply_xattr(reply, size, &names);
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -121,11 +121,20 @@ pub struct DirEntry {
     pub entry: Entry,
 }
 
-/// An opened file: its whole contents for generated and metadata files.
+/// Where an open file's bytes come from.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// Held in memory (metadata and generated files).
+    Bytes(bytes::Bytes),
+    /// A verified object in the content store.
+    File(std::sync::Arc<std::fs::File>),
+}
+
+/// An opened file.
 #[derive(Debug, Clone)]
 pub struct OpenFile {
     /// Contents.
-    pub data: bytes::Bytes,
+    pub content: Content,
     /// Immutable content: the kernel may keep its page cache across opens.
     pub keep_cache: bool,
     /// Generated content whose size may differ from `getattr`: bypass the

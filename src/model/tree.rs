@@ -12,19 +12,23 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
 use super::image::{Image, select_platform};
 use super::node::{Inodes, MetaKind, Node, ROOT_INO};
-use super::{DirEntry, Entry, FsError, IMMUTABLE_TTL, Kind, OpenFile, Stat};
+use super::{Content, DirEntry, Entry, FsError, IMMUTABLE_TTL, Kind, OpenFile, Stat};
 use crate::inspect::{InspectInput, inspect_json};
+use crate::layer::EntryKind;
 use crate::registry::name::{
     canonical_repo, is_registry, is_repo_component, is_sha256_digest, is_tag,
 };
 use crate::registry::{MAX_METADATA_SIZE, RawManifest, RegistryClient, RegistryError};
+use crate::rootfs::merge::MergedTree;
+use crate::rootfs::{Layers, Rootfs};
 use crate::singleflight::Flights;
 use crate::store::MetaStore;
 
@@ -65,6 +69,10 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 }
 
+/// First inode number of rootfs trees; image slot `k` owns
+/// `ROOTFS_BASE + k << 32 ..`, and its node `i` is that plus `i`.
+pub const ROOTFS_BASE: u64 = 1 << 40;
+
 /// Settings of the tree.
 #[derive(Debug, Clone)]
 pub struct TreeOptions {
@@ -99,6 +107,11 @@ pub struct Tree {
     catalog_flights: Flights<Arc<str>, Res<Option<Arc<Vec<String>>>>>,
     image_flights: Flights<(Arc<str>, Arc<str>, Arc<str>), Res<Arc<Image>>>,
     blob_flights: Flights<(Arc<str>, Arc<str>, Arc<str>), Res<Bytes>>,
+    /// Layers and the content store.
+    layers: Arc<Layers>,
+    /// Rootfs by slot (inode range), and by platform manifest digest.
+    rootfs_slots: RwLock<Vec<Arc<Rootfs>>>,
+    rootfs_by_manifest: Mutex<HashMap<Arc<str>, Arc<Rootfs>>>,
 }
 
 fn arc(s: &str) -> Arc<str> {
@@ -107,7 +120,12 @@ fn arc(s: &str) -> Arc<str> {
 
 impl Tree {
     /// A tree over `client`, keeping metadata in `meta`.
-    pub fn new(client: RegistryClient, meta: MetaStore, opts: TreeOptions) -> Tree {
+    pub fn new(
+        client: RegistryClient,
+        meta: MetaStore,
+        layers: Arc<Layers>,
+        opts: TreeOptions,
+    ) -> Tree {
         let registries = opts.configured.iter().map(|s| arc(s)).collect();
         Tree {
             client,
@@ -126,7 +144,176 @@ impl Tree {
             catalog_flights: Flights::default(),
             image_flights: Flights::default(),
             blob_flights: Flights::default(),
+            layers,
+            rootfs_slots: RwLock::new(Vec::new()),
+            rootfs_by_manifest: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The layers and content store.
+    pub fn layers(&self) -> &Arc<Layers> {
+        &self.layers
+    }
+
+    // ----- rootfs -----------------------------------------------------
+
+    fn rootfs_of(&self, ino: u64) -> Option<(Arc<Rootfs>, u32)> {
+        if ino < ROOTFS_BASE {
+            return None;
+        }
+        let slot = ((ino - ROOTFS_BASE) >> 32) as usize;
+        let rf = self.rootfs_slots.read().unwrap().get(slot)?.clone();
+        let i = (ino - rf.base) as u32;
+        Some((rf, i))
+    }
+
+    /// The rootfs of `image` (one per platform manifest, shared by tags).
+    pub fn rootfs_for(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        image: &Arc<Image>,
+    ) -> Arc<Rootfs> {
+        let key: Arc<str> = arc(&image.manifest.digest);
+        let mut by = self.rootfs_by_manifest.lock().unwrap();
+        if let Some(r) = by.get(&key) {
+            return r.clone();
+        }
+        let mut slots = self.rootfs_slots.write().unwrap();
+        let base = ROOTFS_BASE + ((slots.len() as u64) << 32);
+        let rf = Arc::new(Rootfs::new(
+            base,
+            registry.clone(),
+            repo.clone(),
+            image.clone(),
+        ));
+        slots.push(rf.clone());
+        by.insert(key, rf.clone());
+        rf
+    }
+
+    fn rootfs_stat(rf: &Rootfs, tree: &MergedTree, i: u32) -> Option<Stat> {
+        let n = tree.node(i)?;
+        let kind = match n.kind {
+            EntryKind::Dir => Kind::Dir,
+            EntryKind::File | EntryKind::Hardlink => Kind::File,
+            EntryKind::Symlink => Kind::Symlink,
+            EntryKind::CharDev => Kind::CharDev,
+            EntryKind::BlockDev => Kind::BlockDev,
+            EntryKind::Fifo => Kind::Fifo,
+        };
+        let mtime = if n.mtime >= 0 {
+            std::time::UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nsec)
+        } else {
+            std::time::UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
+        };
+        Some(Stat {
+            ino: rf.base + i as u64,
+            kind,
+            size: n.size,
+            perm: (n.mode & 0o7777) as u16,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: ((n.major & 0xfff) << 8) | (n.minor & 0xff) | ((n.minor & !0xff) << 12),
+            mtime,
+        })
+    }
+
+    fn rootfs_entry(rf: &Rootfs, tree: &MergedTree, i: u32) -> Res<Entry> {
+        let stat = Self::rootfs_stat(rf, tree, i).ok_or(FsError::Stale(rf.base + i as u64))?;
+        Ok(Entry {
+            stat,
+            entry_ttl: IMMUTABLE_TTL,
+            attr_ttl: IMMUTABLE_TTL,
+        })
+    }
+
+    /// The `rootfs` entry of a tag directory: real attributes once built,
+    /// else a placeholder the kernel must not cache (listing a tag must not
+    /// start streaming layers).
+    fn rootfs_root_entry(&self, rf: &Rootfs, entry_ttl: Duration) -> Entry {
+        match rf.built() {
+            Some(t) => {
+                let mut e = Self::rootfs_entry(rf, &t, 0).expect("root exists");
+                e.entry_ttl = entry_ttl;
+                e
+            }
+            None => {
+                let mut stat = self.dir_stat(rf.base);
+                stat.perm = 0o755;
+                Entry {
+                    stat,
+                    entry_ttl,
+                    attr_ttl: Duration::ZERO,
+                }
+            }
+        }
+    }
+
+    /// `readlink`.
+    pub async fn readlink(&self, ino: u64) -> Res<Bytes> {
+        let (rf, i) = self.rootfs_of(ino).ok_or(FsError::NotFound)?;
+        let tree = rf.tree(&self.layers).await?;
+        tree.readlink(i)
+            .map(Bytes::copy_from_slice)
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Extended attributes of `ino` (name, value).
+    pub async fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
+        match self.rootfs_of(ino) {
+            None => Ok(Vec::new()),
+            Some((rf, i)) => {
+                let tree = rf.tree(&self.layers).await?;
+                Ok(tree
+                    .xattrs(i)
+                    .iter()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect())
+            }
+        }
+    }
+
+    async fn open_rootfs(&self, rf: &Rootfs, i: u32) -> Res<OpenFile> {
+        let tree = rf.tree(&self.layers).await?;
+        let n = tree.node(i).ok_or(FsError::Stale(rf.base + i as u64))?;
+        if n.kind == EntryKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let id = n.object;
+        let store = self.layers.store().clone();
+        for attempt in 0..2 {
+            let s = store.clone();
+            let file = tokio::task::spawn_blocking(move || s.get(&id))
+                .await
+                .map_err(|e| FsError::Io {
+                    reason: e.to_string(),
+                    no_space: false,
+                })?;
+            if let Some(f) = file {
+                return Ok(OpenFile {
+                    content: Content::File(Arc::new(f)),
+                    keep_cache: true,
+                    direct_io: false,
+                });
+            }
+            if attempt == 0 {
+                let desc = rf
+                    .image
+                    .layers
+                    .get(n.layer as usize)
+                    .ok_or(FsError::Stale(rf.base + i as u64))?;
+                self.layers.refetch(&rf.registry, &rf.repo, desc).await?;
+            }
+        }
+        Err(FsError::Io {
+            reason: format!(
+                "object {} missing after reading its layer again",
+                crate::cas::object_hex(&id)
+            ),
+            no_space: false,
+        })
     }
 
     /// The registry client (for the CLI commands that share the model).
@@ -212,6 +399,13 @@ impl Tree {
 
     /// `getattr`.
     pub async fn getattr(&self, ino: u64) -> Res<Entry> {
+        if let Some((rf, i)) = self.rootfs_of(ino) {
+            return match rf.built() {
+                Some(t) => Self::rootfs_entry(&rf, &t, i),
+                None if i == 0 => Ok(self.rootfs_root_entry(&rf, IMMUTABLE_TTL)),
+                None => Err(FsError::Stale(ino)),
+            };
+        }
         let node = self.node(ino)?;
         self.entry_of((*node).clone(), true).await
     }
@@ -220,8 +414,40 @@ impl Tree {
 
     /// `lookup(parent, name)`.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Res<Entry> {
+        if let Some((rf, i)) = self.rootfs_of(parent) {
+            let tree = rf.tree(&self.layers).await?;
+            let c = tree.lookup(i, name.as_bytes()).ok_or(FsError::NotFound)?;
+            return Self::rootfs_entry(&rf, &tree, c);
+        }
         let parent_node = self.node(parent)?;
         let name = name.to_str().ok_or(FsError::NotFound)?;
+        if name == "rootfs" {
+            let (registry, repo, image, ttl) = match &*parent_node {
+                Node::Tag {
+                    registry,
+                    repo,
+                    tag,
+                } => (
+                    registry,
+                    repo,
+                    self.tag_image(registry, repo, tag).await?,
+                    self.opts.tag_ttl,
+                ),
+                Node::Pinned {
+                    registry,
+                    repo,
+                    digest,
+                } => (
+                    registry,
+                    repo,
+                    self.pinned_image(registry, repo, digest).await?,
+                    IMMUTABLE_TTL,
+                ),
+                _ => return Err(FsError::NotFound),
+            };
+            let rf = self.rootfs_for(registry, repo, &image);
+            return Ok(self.rootfs_root_entry(&rf, ttl));
+        }
         let (child, pinned) = match &*parent_node {
             Node::Root => (self.lookup_root(name).await?, false),
             Node::Outbox => return Err(FsError::NotFound),
@@ -445,9 +671,22 @@ impl Tree {
 
     /// The whole listing of directory `ino` (without `.` and `..`).
     pub async fn list(&self, ino: u64) -> Res<Vec<DirEntry>> {
+        if let Some((rf, i)) = self.rootfs_of(ino) {
+            let tree = rf.tree(&self.layers).await?;
+            return tree
+                .children(i)
+                .map(|(name, c)| {
+                    Ok(DirEntry {
+                        name: OsString::from_vec(name.to_vec()),
+                        entry: Self::rootfs_entry(&rf, &tree, c)?,
+                    })
+                })
+                .collect();
+        }
         let node = self.node(ino)?;
         let mut children: Vec<(String, Node)> = Vec::new();
         let mut pinned = false;
+        let mut rootfs = None;
         match &*node {
             Node::Root => {
                 let regs: Vec<Arc<str>> = self.registries.lock().unwrap().iter().cloned().collect();
@@ -513,6 +752,7 @@ impl Tree {
                 for (n, c) in self.image_children(registry, repo, Some(tag), &image) {
                     children.push((n.into(), c));
                 }
+                rootfs = Some((self.rootfs_for(registry, repo, &image), self.opts.tag_ttl));
             }
             Node::Pinned {
                 registry,
@@ -524,6 +764,7 @@ impl Tree {
                 for (n, c) in self.image_children(registry, repo, None, &image) {
                     children.push((n.into(), c));
                 }
+                rootfs = Some((self.rootfs_for(registry, repo, &image), IMMUTABLE_TTL));
             }
             Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } => {
                 return Err(FsError::NotDir);
@@ -534,6 +775,12 @@ impl Tree {
             out.push(DirEntry {
                 name: OsString::from(name),
                 entry: self.entry_of(node, pinned).await?,
+            });
+        }
+        if let Some((rf, ttl)) = rootfs {
+            out.push(DirEntry {
+                name: "rootfs".into(),
+                entry: self.rootfs_root_entry(&rf, ttl),
             });
         }
         Ok(out)
@@ -592,6 +839,9 @@ impl Tree {
 
     /// `open`: the whole content of a metadata or generated file.
     pub async fn open(&self, ino: u64) -> Res<OpenFile> {
+        if let Some((rf, i)) = self.rootfs_of(ino) {
+            return self.open_rootfs(&rf, i).await;
+        }
         let node = self.node(ino)?;
         match &*node {
             Node::Meta {
@@ -609,7 +859,7 @@ impl Tree {
                     MetaKind::Digest => Bytes::from(format!("{digest}\n")),
                 };
                 Ok(OpenFile {
-                    data,
+                    content: Content::Bytes(data),
                     keep_cache: true,
                     direct_io: false,
                 })
@@ -617,7 +867,7 @@ impl Tree {
             Node::Inspect { .. } | Node::Status { .. } => {
                 let data = self.generate(ino, &node).await?;
                 Ok(OpenFile {
-                    data,
+                    content: Content::Bytes(data),
                     keep_cache: false,
                     direct_io: true,
                 })
@@ -628,7 +878,8 @@ impl Tree {
 
     /// Content of generated files, cached for `tag_ttl`.
     async fn generate(&self, ino: u64, node: &Node) -> Res<Bytes> {
-        if let Some(b) = self.generated.get(&ino, self.opts.tag_ttl) {
+        let cacheable = matches!(node, Node::Inspect { .. });
+        if cacheable && let Some(b) = self.generated.get(&ino, self.opts.tag_ttl) {
             return Ok(b);
         }
         let data = match node {
@@ -664,12 +915,14 @@ impl Tree {
                 top,
             } => {
                 let image = self.pinned_image(registry, repo, top).await?;
-                status_json(&image)
+                status_json(&image, &self.layers)
             }
             _ => return Err(FsError::IsDir),
         };
         let data = Bytes::from(data);
-        self.generated.put(ino, data.clone());
+        if cacheable {
+            self.generated.put(ino, data.clone());
+        }
         Ok(data)
     }
 
@@ -911,21 +1164,27 @@ fn log_error(e: &FsError) {
 }
 
 /// The `status` file: per layer, what it is and how much of it is here.
-fn status_json(image: &Image) -> Vec<u8> {
+fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
+    use std::sync::atomic::Ordering::Relaxed;
     let layers: Vec<serde_json::Value> = image
         .layers
         .iter()
         .map(|l| {
-            serde_json::json!({
+            let st = all.state(&l.digest);
+            let mut v = serde_json::json!({
                 "digest": l.digest,
                 "media_type": l.media_type,
                 "size": l.size,
                 "format": layer_format(&l.media_type),
-                "mode": "not fetched",
-                "state": "not fetched",
-                "bytes_fetched": 0,
-                "objects_cached": 0,
-            })
+                "mode": "streamed",
+                "state": st.phase().as_str(),
+                "bytes_fetched": st.progress.bytes_fetched.load(Relaxed),
+                "objects_cached": st.progress.objects.load(Relaxed),
+            });
+            if let Some(e) = st.error() {
+                v["error"] = serde_json::Value::String(e);
+            }
+            v
         })
         .collect();
     let v = serde_json::json!({

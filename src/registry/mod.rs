@@ -464,6 +464,41 @@ impl RegistryClient {
         Err(last_err.expect("at least the primary endpoint"))
     }
 
+    /// A streaming body of blob `digest` (a layer). The caller verifies the
+    /// digest as it consumes the stream (the blob is never held whole).
+    /// Mirrors are tried first; connection set-up is retried.
+    pub async fn blob_stream(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+        RegistryError,
+    > {
+        self.check(registry, repo)?;
+        let what = format!("blob {digest} of {repo}");
+        let mut last_err = None;
+        for ep in self.inner.conf.pull_endpoints(registry, repo) {
+            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
+            let auth = self.registry_auth(&ep.host);
+            let res = self
+                .retrying(&ep.host, &what, || async {
+                    self.inner
+                        .oci
+                        .store_auth_if_needed(r.resolve_registry(), &auth)
+                        .await;
+                    self.inner.oci.pull_blob_stream(&r, digest).await
+                })
+                .await;
+            match res {
+                Ok(s) => return Ok(s.stream),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least the primary endpoint"))
+    }
+
     /// Applies `blocked` and returns the primary endpoint.
     fn check(&self, registry: &str, repo: &str) -> Result<Endpoint, RegistryError> {
         if self.inner.conf.is_blocked(registry, repo) {

@@ -1,0 +1,477 @@
+//! The content store: file contents as objects named by their sha256, in the
+//! composefs repository layout, bounded by size.
+//!
+//! ```text
+//! <cache-dir>/objects/<2 hex>/<62 hex>   one file per distinct content
+//! <cache-dir>/tmp/                       objects being written
+//! ```
+//!
+//! Contracts:
+//! - **Crash safety**: an object is written under `tmp/` while it is hashed,
+//!   then renamed to its name; a name never holds partial content.
+//! - **Verification**: an object read back is verified against its name
+//!   the first time it is opened in this process and again whenever its
+//!   inode, size, mtime or ctime change (so a damaged or replaced file is
+//!   caught); a bad object is deleted and reported missing, never served.
+//! - **Bound**: the total size of objects stays under the limit by evicting
+//!   the least recently used ones (pinned objects excepted); eviction only
+//!   unlinks, so readers holding an object open keep reading it. The most
+//!   recently used object always stays, even if it alone exceeds the bound.
+//! - **Locking**: one `std::sync::Mutex` over the LRU, never held across
+//!   I/O of object contents or an `.await`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+
+/// sha256 of an object's content.
+pub type ObjectId = [u8; 32];
+
+/// Hex name of an object id.
+pub fn object_hex(id: &ObjectId) -> String {
+    hex::encode(id)
+}
+
+/// What identifies one version of an object file on disk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+struct Info {
+    size: u64,
+    verified: Option<Stamp>,
+}
+
+struct State {
+    lru: LruCache<ObjectId, Info>,
+    total: u64,
+    pinned: HashMap<ObjectId, u32>,
+}
+
+/// Counters for `cache stats` and `status`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Stats {
+    /// Objects present.
+    pub objects: u64,
+    /// Bytes of objects present.
+    pub bytes: u64,
+    /// The size bound.
+    pub limit: u64,
+    /// Objects evicted since start.
+    pub evicted: u64,
+}
+
+/// The object store.
+pub struct ObjectStore {
+    root: PathBuf,
+    limit: u64,
+    state: Mutex<State>,
+    evicted: AtomicU64,
+    tmp_seq: AtomicU64,
+}
+
+impl ObjectStore {
+    /// Opens the store under `cache_dir`, indexing the objects already
+    /// there (oldest mtime = least recently used) and removing leftovers of
+    /// interrupted writes.
+    pub fn open(cache_dir: &Path, limit: u64) -> io::Result<ObjectStore> {
+        let objects = cache_dir.join("objects");
+        std::fs::create_dir_all(&objects)?;
+        let tmp = cache_dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
+        for e in std::fs::read_dir(&tmp)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("obj.") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let mut found: Vec<(i64, ObjectId, u64)> = Vec::new();
+        for d in std::fs::read_dir(&objects)?.flatten() {
+            let dname = d.file_name().to_string_lossy().into_owned();
+            if dname.len() != 2 || !d.path().is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(d.path())?.flatten() {
+                let fname = f.file_name().to_string_lossy().into_owned();
+                let mut id = [0u8; 32];
+                if fname.len() != 62
+                    || hex::decode_to_slice(format!("{dname}{fname}"), &mut id).is_err()
+                {
+                    continue;
+                }
+                if let Ok(m) = f.metadata() {
+                    found.push((m.mtime(), id, m.len()));
+                }
+            }
+        }
+        found.sort();
+        let mut state = State {
+            lru: LruCache::unbounded(),
+            total: 0,
+            pinned: HashMap::new(),
+        };
+        for (_, id, size) in found {
+            state.total += size;
+            state.lru.put(
+                id,
+                Info {
+                    size,
+                    verified: None,
+                },
+            );
+        }
+        let store = ObjectStore {
+            root: cache_dir.to_path_buf(),
+            limit,
+            state: Mutex::new(state),
+            evicted: AtomicU64::new(0),
+            tmp_seq: AtomicU64::new(0),
+        };
+        store.evict_to(limit);
+        Ok(store)
+    }
+
+    /// Where object `id` lives.
+    pub fn path(&self, id: &ObjectId) -> PathBuf {
+        let h = object_hex(id);
+        self.root.join("objects").join(&h[..2]).join(&h[2..])
+    }
+
+    /// The `objects/` directory (the composefs data-only layer).
+    pub fn objects_dir(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+
+    /// Whether `id` is present (without verifying it).
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.state.lock().unwrap().lru.contains(id)
+    }
+
+    /// Starts writing a new object.
+    pub fn writer(&self) -> io::Result<ObjectWriter<'_>> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("obj.{}.{n}", std::process::id()));
+        let file = File::create(&tmp)?;
+        Ok(ObjectWriter {
+            store: self,
+            file: Some(file),
+            tmp,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Opens object `id` for reading, verified; `None` when it is absent
+    /// or was damaged (then it is removed).
+    pub fn get(&self, id: &ObjectId) -> Option<File> {
+        let known = {
+            let mut st = self.state.lock().unwrap();
+            st.lru.get(id).map(|i| i.verified)
+        };
+        let verified = known?;
+        let path = self.path(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(_) => {
+                self.forget(id);
+                return None;
+            }
+        };
+        let stamp = Stamp::of(&file.metadata().ok()?);
+        if verified == Some(stamp) {
+            return Some(file);
+        }
+        match hash_file(&file) {
+            Ok(actual) if &actual == id => {
+                if let Some(i) = self.state.lock().unwrap().lru.peek_mut(id) {
+                    i.verified = Some(stamp);
+                }
+                Some(file)
+            }
+            Ok(actual) => {
+                tracing::error!(
+                    path = %path.display(),
+                    expected = %object_hex(id),
+                    actual = %object_hex(&actual),
+                    "object damaged on disk; removing it and fetching again"
+                );
+                let _ = std::fs::remove_file(&path);
+                self.forget(id);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read object");
+                None
+            }
+        }
+    }
+
+    fn forget(&self, id: &ObjectId) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(i) = st.lru.pop(id) {
+            st.total -= i.size;
+        }
+    }
+
+    /// Keeps `ids` from eviction until unpinned (an image mounted by the
+    /// kernel reads them behind our back).
+    pub fn pin(&self, ids: &[ObjectId]) {
+        let mut st = self.state.lock().unwrap();
+        for id in ids {
+            *st.pinned.entry(*id).or_insert(0) += 1;
+        }
+    }
+
+    /// Undoes one [`ObjectStore::pin`].
+    pub fn unpin(&self, ids: &[ObjectId]) {
+        let mut st = self.state.lock().unwrap();
+        for id in ids {
+            if let Some(n) = st.pinned.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pinned.remove(id);
+                }
+            }
+        }
+        drop(st);
+        self.evict_to(self.limit);
+    }
+
+    /// Evicts least recently used objects until at most `target` bytes remain.
+    pub fn evict_to(&self, target: u64) {
+        let mut victims = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            let mut keep = Vec::new();
+            while st.total > target && st.lru.len() > 1 {
+                let Some((id, info)) = st.lru.pop_lru() else {
+                    break;
+                };
+                if st.pinned.contains_key(&id) {
+                    keep.push((id, info));
+                    continue;
+                }
+                st.total -= info.size;
+                victims.push(id);
+            }
+            for (id, info) in keep {
+                st.lru.put(id, info);
+                // pinned objects go back as most recent; order among them is moot
+            }
+        }
+        for id in &victims {
+            let _ = std::fs::remove_file(self.path(id));
+        }
+        if !victims.is_empty() {
+            self.evicted
+                .fetch_add(victims.len() as u64, Ordering::Relaxed);
+            tracing::debug!(count = victims.len(), "evicted objects");
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let st = self.state.lock().unwrap();
+        Stats {
+            objects: st.lru.len() as u64,
+            bytes: st.total,
+            limit: self.limit,
+            evicted: self.evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hashes every object; removes and returns the paths of bad ones.
+    pub fn verify_all(&self) -> Vec<PathBuf> {
+        let ids: Vec<ObjectId> = self
+            .state
+            .lock()
+            .unwrap()
+            .lru
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        let mut bad = Vec::new();
+        for id in ids {
+            let path = self.path(&id);
+            let ok = File::open(&path)
+                .and_then(|f| hash_file(&f))
+                .map(|h| h == id)
+                .unwrap_or(false);
+            if !ok {
+                let _ = std::fs::remove_file(&path);
+                self.forget(&id);
+                bad.push(path);
+            }
+        }
+        bad
+    }
+
+    /// Removes object `id` (one a failed layer created).
+    pub fn remove(&self, id: &ObjectId) {
+        if !self.state.lock().unwrap().pinned.contains_key(id) {
+            let _ = std::fs::remove_file(self.path(id));
+            self.forget(id);
+        }
+    }
+
+    /// Puts a finished temporary file in place; true if the object is new.
+    fn insert(&self, tmp: &Path, id: ObjectId, size: u64) -> io::Result<bool> {
+        let path = self.path(&id);
+        if self.contains(&id) && path.exists() {
+            let _ = std::fs::remove_file(tmp);
+            self.state.lock().unwrap().lru.promote(&id);
+            return Ok(false);
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::rename(tmp, &path)?;
+        let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok();
+        {
+            let mut st = self.state.lock().unwrap();
+            if st
+                .lru
+                .put(
+                    id,
+                    Info {
+                        size,
+                        verified: stamp,
+                    },
+                )
+                .is_none()
+            {
+                st.total += size;
+            }
+        }
+        if self.stats().bytes > self.limit {
+            self.evict_to(self.limit);
+        }
+        Ok(true)
+    }
+}
+
+/// An object being written: hashed as it goes, named when finished.
+pub struct ObjectWriter<'a> {
+    store: &'a ObjectStore,
+    file: Option<File>,
+    tmp: PathBuf,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Write for ObjectWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self
+            .file
+            .as_mut()
+            .expect("open until finished")
+            .write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter<'_> {
+    /// Names the object by its hash and puts it in place (or drops it if
+    /// the store already has it). Returns its id and size.
+    pub fn finish(self) -> io::Result<(ObjectId, u64)> {
+        self.finish_new().map(|(id, n, _)| (id, n))
+    }
+
+    /// Like [`ObjectWriter::finish`], also telling whether the object is new.
+    pub fn finish_new(mut self) -> io::Result<(ObjectId, u64, bool)> {
+        drop(self.file.take());
+        let id: ObjectId = std::mem::take(&mut self.hasher).finalize().into();
+        let new = self.store.insert(&self.tmp, id, self.size)?;
+        Ok((id, self.size, new))
+    }
+}
+
+impl Drop for ObjectWriter<'_> {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// sha256 of a whole file.
+pub fn hash_file(mut f: &File) -> io::Result<ObjectId> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(s: &ObjectStore, data: &[u8]) -> ObjectId {
+        let mut w = s.writer().unwrap();
+        w.write_all(data).unwrap();
+        w.finish().unwrap().0
+    }
+
+    #[test]
+    fn stores_dedups_verifies_and_evicts() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 25).unwrap();
+        let a = put(&s, b"aaaaaaaaaa");
+        let a2 = put(&s, b"aaaaaaaaaa");
+        assert_eq!(a, a2);
+        assert_eq!(s.stats().objects, 1);
+        let b = put(&s, b"bbbbbbbbbb");
+        assert!(s.get(&a).is_some()); // a is now most recent
+        let _c = put(&s, b"cccccccccc"); // 30 > 25: evict b (least recent)
+        assert!(s.get(&b).is_none());
+        assert!(s.get(&a).is_some());
+        assert!(s.stats().bytes <= 25);
+
+        // damage a: detected on the next open, removed
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(s.path(&a), b"aaaaaaaaab").unwrap();
+        assert!(s.get(&a).is_none());
+        assert!(!s.path(&a).exists());
+
+        // restart: objects are found again and verified on first open
+        drop(s);
+        let s = ObjectStore::open(d.path(), 25).unwrap();
+        assert_eq!(s.stats().objects, 1);
+        assert!(s.verify_all().is_empty());
+    }
+}

@@ -1,0 +1,176 @@
+//! Layers: what a layer contains (its [`LayerIndex`]), how one is read
+//! once from a stream into that index plus content objects ([`stream`]),
+//! and where indexes are kept so a restart never streams a layer again.
+//!
+//! ```text
+//! <cache-dir>/layers/<64 hex>.idx   postcard-encoded LayerIndex (metadata, never evicted)
+//! ```
+
+pub mod stream;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cas::ObjectId;
+
+/// Bump when the encoding changes; older indexes are re-made.
+pub const INDEX_VERSION: u32 = 1;
+
+/// A layer's compression, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    /// Uncompressed tar.
+    None,
+    /// gzip (also Docker's `diff.tar.gzip`).
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+impl Compression {
+    /// From an OCI or Docker layer media type; `None` if not a tar layer.
+    pub fn from_media_type(mt: &str) -> Option<Compression> {
+        match mt {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Entry types a layer can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// Directory.
+    Dir,
+    /// Regular file (content in an object).
+    File,
+    /// Symbolic link (`link` is the target).
+    Symlink,
+    /// Hard link to `link` (a path in the merged tree).
+    Hardlink,
+    /// Character device.
+    CharDev,
+    /// Block device.
+    BlockDev,
+    /// Named pipe.
+    Fifo,
+}
+
+/// One tar entry, as needed to merge layers and serve files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// Path relative to the root, normalised (no `.`/`..`, no leading `/`);
+    /// empty for the root itself. Raw bytes: names need not be UTF-8.
+    pub path: Vec<u8>,
+    /// Entry type.
+    pub kind: EntryKind,
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds.
+    pub mtime: i64,
+    /// Modification time, nanoseconds (from PAX `mtime`).
+    pub mtime_nsec: u32,
+    /// Content size for regular files.
+    pub size: u64,
+    /// Symlink target, or normalised hard-link target path.
+    pub link: Vec<u8>,
+    /// Device major number.
+    pub major: u32,
+    /// Device minor number.
+    pub minor: u32,
+    /// Extended attributes from PAX `SCHILY.xattr.*`.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// sha256 of the content, for regular files.
+    pub object: Option<ObjectId>,
+    /// Offset of the content in the uncompressed tar stream.
+    pub offset: u64,
+}
+
+/// Everything known about one layer after it was read once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerIndex {
+    /// [`INDEX_VERSION`].
+    pub version: u32,
+    /// The layer's (compressed) digest.
+    pub digest: String,
+    /// Its compression.
+    pub compression: Compression,
+    /// Compressed size.
+    pub compressed_size: u64,
+    /// Uncompressed (tar) size.
+    pub uncompressed_size: u64,
+    /// sha256 of the uncompressed tar (the config's diff_id).
+    pub diff_id: String,
+    /// Entries in tar order.
+    pub entries: Vec<IndexEntry>,
+}
+
+/// Where layer indexes live.
+#[derive(Debug, Clone)]
+pub struct IndexStore {
+    dir: PathBuf,
+}
+
+impl IndexStore {
+    /// Opens (creating) `<cache-dir>/layers`.
+    pub fn open(cache_dir: &Path) -> std::io::Result<IndexStore> {
+        let dir = cache_dir.join("layers");
+        std::fs::create_dir_all(&dir)?;
+        Ok(IndexStore { dir })
+    }
+
+    fn path(&self, digest: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.idx", digest.trim_start_matches("sha256:")))
+    }
+
+    /// The persisted index of `digest`, if present and readable.
+    pub fn load(&self, digest: &str) -> Option<LayerIndex> {
+        let data = std::fs::read(self.path(digest)).ok()?;
+        match postcard::from_bytes::<LayerIndex>(&data) {
+            Ok(i) if i.version == INDEX_VERSION && i.digest == digest => Some(i),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(digest, error = %e, "layer index unreadable; the layer will be read again");
+                None
+            }
+        }
+    }
+
+    /// Persists `index` (temporary file, then rename).
+    pub fn save(&self, index: &LayerIndex) -> std::io::Result<()> {
+        let data = postcard::to_stdvec(index).map_err(std::io::Error::other)?;
+        let path = self.path(&index.digest);
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&tmp, &data)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Number of indexed layers (for `cache stats`).
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".idx"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,405 @@
+//! Reading a layer once: decompress the stream, walk its tar entries, store
+//! every regular file's content as an object, and return the index.
+//!
+//! This runs on a blocking thread and reads from a channel fed by the
+//! network task (see `ChannelReader`), so a whole blob is never held in
+//! memory: at most the channel's few chunks plus one copy buffer. The
+//! compressed digest is checked by the feeder; this side computes the
+//! uncompressed digest (the diff_id) and sizes.
+
+use std::io::{self, Read, Write};
+
+use bytes::{Buf, Bytes};
+use sha2::{Digest, Sha256};
+
+use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex};
+use crate::cas::{ObjectId, ObjectStore};
+
+/// Why reading a layer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The layer is not a valid (compressed) tar, or an entry is hostile
+    /// (a path or hard link escaping the root).
+    #[error("malformed layer: {0}")]
+    Malformed(String),
+    /// The network stream broke (the feeder reports the reason).
+    #[error("layer stream interrupted: {0}")]
+    Interrupted(String),
+    /// Writing to the cache failed.
+    #[error("cache write failed: {0}")]
+    Local(io::Error),
+}
+
+/// An error that came from the network side of the channel.
+#[derive(Debug)]
+pub struct FetchError(pub String);
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+fn classify_read(e: io::Error) -> StreamError {
+    if let Some(f) = e.get_ref().and_then(|i| i.downcast_ref::<FetchError>()) {
+        return StreamError::Interrupted(f.0.clone());
+    }
+    StreamError::Malformed(e.to_string())
+}
+
+/// `Read` over chunks arriving on a tokio channel (blocking receive).
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    cur: Bytes,
+}
+
+impl ChannelReader {
+    /// Reads what `rx` delivers until it closes.
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(io::Error::other(FetchError(e))),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur.advance(n);
+        Ok(n)
+    }
+}
+
+/// Hashes and counts what passes through.
+struct HashReader<R> {
+    inner: R,
+    hasher: Sha256,
+    n: u64,
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+/// Normalises a tar path: drops `.`, empty components and a leading `/`,
+/// resolves `..`; an escape above the root is an error.
+pub fn normalize(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                if parts.pop().is_none() {
+                    return Err(format!(
+                        "path {:?} escapes the root",
+                        String::from_utf8_lossy(raw)
+                    ));
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join(&b'/'))
+}
+
+/// Per-layer counters the `status` file shows.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Compressed bytes received from the registry.
+    pub bytes_fetched: std::sync::atomic::AtomicU64,
+    /// Objects written (or found already present).
+    pub objects: std::sync::atomic::AtomicU64,
+}
+
+/// Reads a whole layer from `raw` (the compressed bytes) into an index,
+/// storing file contents in `store`. On error, objects this call created
+/// are removed again.
+pub fn index_layer<R: Read>(
+    raw: R,
+    digest: &str,
+    compression: Compression,
+    compressed_size: u64,
+    store: &ObjectStore,
+    progress: &Progress,
+) -> Result<LayerIndex, StreamError> {
+    let mut created = Vec::new();
+    let r = match compression {
+        Compression::None => read_all(raw, store, progress, &mut created),
+        Compression::Gzip => read_all(
+            flate2::read::MultiGzDecoder::new(raw),
+            store,
+            progress,
+            &mut created,
+        ),
+        Compression::Zstd => match zstd::stream::read::Decoder::new(raw) {
+            Ok(d) => read_all(d, store, progress, &mut created),
+            Err(e) => Err(StreamError::Malformed(format!("zstd: {e}"))),
+        },
+    };
+    match r {
+        Ok((entries, diff_id, uncompressed_size)) => Ok(LayerIndex {
+            version: INDEX_VERSION,
+            digest: digest.to_string(),
+            compression,
+            compressed_size,
+            uncompressed_size,
+            diff_id,
+            entries,
+        }),
+        Err(e) => {
+            for id in &created {
+                store.remove(id);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Walks the tar in `decoded`, then drains it so the feeder sees the end.
+fn read_all<D: Read>(
+    decoded: D,
+    store: &ObjectStore,
+    progress: &Progress,
+    created: &mut Vec<ObjectId>,
+) -> Result<(Vec<IndexEntry>, String, u64), StreamError> {
+    let hashed = HashReader {
+        inner: decoded,
+        hasher: Sha256::new(),
+        n: 0,
+    };
+    let mut archive = tar::Archive::new(hashed);
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    for entry in archive.entries().map_err(classify_read)? {
+        let mut entry = entry.map_err(classify_read)?;
+        if let Some(e) = read_entry(&mut entry, store, &mut buf, created)? {
+            if e.kind == EntryKind::File {
+                progress
+                    .objects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            entries.push(e);
+        }
+    }
+    let mut hashed = archive.into_inner();
+    io::copy(&mut hashed, &mut io::sink()).map_err(classify_read)?;
+    let diff_id = format!("sha256:{}", hex::encode(hashed.hasher.finalize()));
+    Ok((entries, diff_id, hashed.n))
+}
+
+fn read_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    store: &ObjectStore,
+    buf: &mut [u8],
+    created: &mut Vec<ObjectId>,
+) -> Result<Option<IndexEntry>, StreamError> {
+    use tar::EntryType as T;
+    let bad = |what: &str, e: io::Error| StreamError::Malformed(format!("{what}: {e}"));
+    let h = entry.header();
+    let kind = match h.entry_type() {
+        T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
+        T::Directory => EntryKind::Dir,
+        T::Symlink => EntryKind::Symlink,
+        T::Link => EntryKind::Hardlink,
+        T::Char => EntryKind::CharDev,
+        T::Block => EntryKind::BlockDev,
+        T::Fifo => EntryKind::Fifo,
+        other => {
+            tracing::debug!(?other, "skipping tar entry type");
+            return Ok(None);
+        }
+    };
+    let mode = h.mode().unwrap_or(0) & 0o7777;
+    let mut uid = h.uid().unwrap_or(0) as u32;
+    let mut gid = h.gid().unwrap_or(0) as u32;
+    // Empty numeric fields read as 0, as GNU tar does.
+    let mut mtime = h.mtime().unwrap_or(0) as i64;
+    let mut mtime_nsec = 0u32;
+    let major = h.device_major().ok().flatten().unwrap_or(0);
+    let minor = h.device_minor().ok().flatten().unwrap_or(0);
+    let path = normalize(&entry.path_bytes()).map_err(StreamError::Malformed)?;
+    let link = match kind {
+        EntryKind::Symlink => entry
+            .link_name_bytes()
+            .map(|l| l.into_owned())
+            .unwrap_or_default(),
+        EntryKind::Hardlink => {
+            let l = entry
+                .link_name_bytes()
+                .map(|l| l.into_owned())
+                .unwrap_or_default();
+            normalize(&l).map_err(|e| StreamError::Malformed(format!("hard link: {e}")))?
+        }
+        _ => Vec::new(),
+    };
+    let mut xattrs = Vec::new();
+    if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax", e))? {
+        for ext in exts {
+            let ext = ext.map_err(|e| bad("pax", e))?;
+            let key = ext.key_bytes();
+            let val = ext.value_bytes();
+            let num = || {
+                std::str::from_utf8(val)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            match key {
+                b"uid" => uid = num().unwrap_or(uid as u64) as u32,
+                b"gid" => gid = num().unwrap_or(gid as u64) as u32,
+                b"mtime" => {
+                    if let Some((s, ns)) = parse_pax_time(val) {
+                        mtime = s;
+                        mtime_nsec = ns;
+                    }
+                }
+                k if k.starts_with(b"SCHILY.xattr.") => {
+                    xattrs.push((k[13..].to_vec(), val.to_vec()))
+                }
+                _ => {}
+            }
+        }
+    }
+    let offset = entry.raw_file_position();
+    let mut size = 0;
+    let mut object = None;
+    if kind == EntryKind::File {
+        let mut w = store.writer().map_err(StreamError::Local)?;
+        loop {
+            let n = entry.read(buf).map_err(classify_read)?;
+            if n == 0 {
+                break;
+            }
+            w.write_all(&buf[..n]).map_err(StreamError::Local)?;
+        }
+        let (id, n, new) = w.finish_new().map_err(StreamError::Local)?;
+        if new {
+            created.push(id);
+        }
+        object = Some(id);
+        size = n;
+    }
+    Ok(Some(IndexEntry {
+        path,
+        kind,
+        mode,
+        uid,
+        gid,
+        mtime,
+        mtime_nsec,
+        size,
+        link,
+        major,
+        minor,
+        xattrs,
+        object,
+        offset,
+    }))
+}
+
+/// PAX times are decimal seconds with an optional fraction.
+fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut ns = 0u32;
+    for (i, c) in frac.bytes().take(9).enumerate() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        ns += (c - b'0') as u32 * 10u32.pow(8 - i as u32);
+    }
+    Some((secs, ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_paths() {
+        assert_eq!(normalize(b"./a//b/./c").unwrap(), b"a/b/c");
+        assert_eq!(normalize(b"/etc/x").unwrap(), b"etc/x");
+        assert_eq!(normalize(b"a/../b").unwrap(), b"b");
+        assert_eq!(normalize(b"./").unwrap(), b"");
+        assert!(normalize(b"../x").is_err());
+        assert!(normalize(b"a/../../x").is_err());
+    }
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some((1700000000, 500_000_000))
+        );
+        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
+    }
+
+    #[test]
+    fn indexes_a_gzip_tar() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path(), 1 << 30).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "etc/", io::empty()).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o4755);
+        h.set_size(5);
+        h.set_mtime(1234);
+        b.append_data(&mut h, "etc/hello", &b"hello"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let p = Progress::default();
+        let idx = index_layer(
+            &gz[..],
+            "sha256:x",
+            Compression::Gzip,
+            gz.len() as u64,
+            &store,
+            &p,
+        )
+        .unwrap();
+        assert_eq!(idx.entries.len(), 2);
+        let f = &idx.entries[1];
+        assert_eq!(
+            (f.path.as_slice(), f.mode, f.mtime, f.size),
+            (&b"etc/hello"[..], 0o4755, 1234, 5)
+        );
+        assert_eq!(store.stats().objects, 1);
+        assert_eq!(idx.uncompressed_size, tar.len() as u64);
+        // a truncated stream is malformed and leaves no new object behind
+        let store2 = ObjectStore::open(&d.path().join("b"), 1 << 30).unwrap();
+        assert!(
+            index_layer(
+                &gz[..gz.len() / 2],
+                "sha256:x",
+                Compression::Gzip,
+                0,
+                &store2,
+                &p
+            )
+            .is_err()
+        );
+        assert_eq!(store2.stats().objects, 0);
+    }
+}

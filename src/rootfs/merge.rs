@@ -1,0 +1,521 @@
+//! Merging layer indexes into one tree with OCI semantics, the way `umoci
+//! unpack` applies layers: bottom layer first; `.wh.<name>` removes a name
+//! of a lower layer; `.wh..wh..opq` empties a directory of everything lower
+//! layers put in it; a directory entry over an existing directory updates
+//! its metadata and keeps its children; anything else replaces what was
+//! there; a hard link names an existing node (also one of a lower layer).
+//!
+//! The result is frozen into a compact, immutable [`MergedTree`]: one
+//! fixed-size node per inode, names in one arena, children of each
+//! directory sorted for binary search. That keeps memory near 130 bytes an
+//! entry, and lets rootfs/ and image.cfs come from the same value.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::cas::ObjectId;
+use crate::layer::{EntryKind, LayerIndex};
+
+/// One inode of the merged tree.
+#[derive(Debug, Clone)]
+pub struct FNode {
+    /// Entry type (never `Hardlink`: links share their target's node).
+    pub kind: EntryKind,
+    /// Index of the layer that provided the content (for refetching).
+    pub layer: u16,
+    /// Permission bits incl. setuid/setgid/sticky.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// mtime seconds.
+    pub mtime: i64,
+    /// mtime nanoseconds.
+    pub mtime_nsec: u32,
+    /// Size (files: content; symlinks: target length).
+    pub size: u64,
+    /// Link count.
+    pub nlink: u32,
+    /// Device major.
+    pub major: u32,
+    /// Device minor.
+    pub minor: u32,
+    xattr: u32,
+    a: u32,
+    b: u32,
+    /// Content object (regular files).
+    pub object: ObjectId,
+}
+
+/// The merged, immutable tree. Node 0 is the root.
+#[derive(Debug, Default)]
+pub struct MergedTree {
+    nodes: Vec<FNode>,
+    arena: Vec<u8>,
+    children: Vec<(u32, u32, u32)>,
+    xattrs: Vec<Vec<(Box<[u8]>, Box<[u8]>)>>,
+}
+
+/// Why layers could not be merged.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MergeError(pub String);
+
+impl MergedTree {
+    /// Number of nodes (inodes).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the tree has only its root... or nothing.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: u32) -> Option<&FNode> {
+        self.nodes.get(i as usize)
+    }
+
+    fn name(&self, off: u32, len: u32) -> &[u8] {
+        &self.arena[off as usize..(off + len) as usize]
+    }
+
+    /// Children of directory `i`, sorted by name.
+    pub fn children(&self, i: u32) -> impl Iterator<Item = (&[u8], u32)> + '_ {
+        let (start, len) = match self.node(i) {
+            Some(n) if n.kind == EntryKind::Dir => (n.a as usize, n.b as usize),
+            _ => (0, 0),
+        };
+        self.children[start..start + len]
+            .iter()
+            .map(|&(o, l, c)| (self.name(o, l), c))
+    }
+
+    /// The child `name` of directory `i`.
+    pub fn lookup(&self, i: u32, name: &[u8]) -> Option<u32> {
+        let n = self.node(i)?;
+        if n.kind != EntryKind::Dir {
+            return None;
+        }
+        let slice = &self.children[n.a as usize..(n.a + n.b) as usize];
+        slice
+            .binary_search_by(|&(o, l, _)| self.name(o, l).cmp(name))
+            .ok()
+            .map(|k| slice[k].2)
+    }
+
+    /// Symlink target of node `i`.
+    pub fn readlink(&self, i: u32) -> Option<&[u8]> {
+        let n = self.node(i)?;
+        (n.kind == EntryKind::Symlink).then(|| self.name(n.a, n.b))
+    }
+
+    /// Extended attributes of node `i`.
+    pub fn xattrs(&self, i: u32) -> &[(Box<[u8]>, Box<[u8]>)] {
+        match self.node(i) {
+            Some(n) if n.xattr > 0 => &self.xattrs[n.xattr as usize - 1],
+            _ => &[],
+        }
+    }
+
+    /// Every regular file's object with the layer providing it (once per node).
+    pub fn objects(&self) -> impl Iterator<Item = (ObjectId, u16, u64)> + '_ {
+        self.nodes
+            .iter()
+            .filter(|n| n.kind == EntryKind::File)
+            .map(|n| (n.object, n.layer, n.size))
+    }
+
+    /// Merges `layers` (bottom first).
+    pub fn build(layers: &[&LayerIndex]) -> Result<MergedTree, MergeError> {
+        let mut b = Builder::new();
+        for (li, layer) in layers.iter().enumerate() {
+            b.apply(li as u16, layer)
+                .map_err(|e| MergeError(format!("layer {}: {e}", layer.digest)))?;
+        }
+        Ok(b.freeze())
+    }
+}
+
+struct BNode {
+    kind: EntryKind,
+    layer: u16,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    mtime_nsec: u32,
+    size: u64,
+    major: u32,
+    minor: u32,
+    link: Vec<u8>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    object: Option<ObjectId>,
+    /// name → (node, layer that put the name here)
+    children: BTreeMap<Vec<u8>, (u32, u16)>,
+}
+
+impl BNode {
+    fn implicit_dir(layer: u16) -> BNode {
+        BNode {
+            kind: EntryKind::Dir,
+            layer,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            major: 0,
+            minor: 0,
+            link: Vec::new(),
+            xattrs: Vec::new(),
+            object: None,
+            children: BTreeMap::new(),
+        }
+    }
+}
+
+struct Builder {
+    nodes: Vec<BNode>,
+}
+
+const WH: &[u8] = b".wh.";
+const OPQ: &[u8] = b".wh..wh..opq";
+
+impl Builder {
+    fn new() -> Builder {
+        Builder {
+            nodes: vec![BNode::implicit_dir(0)],
+        }
+    }
+
+    fn walk(&self, path: &[u8]) -> Option<u32> {
+        let mut cur = 0u32;
+        if path.is_empty() {
+            return Some(0);
+        }
+        for c in path.split(|&b| b == b'/') {
+            cur = self.nodes[cur as usize].children.get(c)?.0;
+        }
+        Some(cur)
+    }
+
+    /// The directory at `path`, creating missing (or replacing non-directory)
+    /// components as implicit directories.
+    fn ensure_dir(&mut self, path: &[u8], layer: u16) -> u32 {
+        let mut cur = 0u32;
+        if path.is_empty() {
+            return 0;
+        }
+        for c in path.split(|&b| b == b'/') {
+            let next = match self.nodes[cur as usize].children.get(c) {
+                Some(&(n, _)) if self.nodes[n as usize].kind == EntryKind::Dir => n,
+                _ => {
+                    let n = self.nodes.len() as u32;
+                    self.nodes.push(BNode::implicit_dir(layer));
+                    self.nodes[cur as usize]
+                        .children
+                        .insert(c.to_vec(), (n, layer));
+                    n
+                }
+            };
+            cur = next;
+        }
+        cur
+    }
+
+    fn apply(&mut self, li: u16, layer: &LayerIndex) -> Result<(), String> {
+        for e in &layer.entries {
+            let (parent, name) = match e.path.iter().rposition(|&b| b == b'/') {
+                Some(i) => (&e.path[..i], &e.path[i + 1..]),
+                None => (&[][..], &e.path[..]),
+            };
+            if e.path.is_empty() {
+                if e.kind == EntryKind::Dir {
+                    let root = &mut self.nodes[0];
+                    set_meta(root, e, li);
+                }
+                continue;
+            }
+            if name == OPQ {
+                let d = self.ensure_dir(parent, li);
+                self.nodes[d as usize]
+                    .children
+                    .retain(|_, &mut (_, l)| l >= li);
+                continue;
+            }
+            if let Some(target) = name.strip_prefix(WH) {
+                if let Some(d) = self.walk(parent)
+                    && self.nodes[d as usize].kind == EntryKind::Dir
+                {
+                    let lower = self.nodes[d as usize]
+                        .children
+                        .get(target)
+                        .is_some_and(|&(_, l)| l < li);
+                    if lower {
+                        self.nodes[d as usize].children.remove(target);
+                    }
+                }
+                continue;
+            }
+            let d = self.ensure_dir(parent, li);
+            let existing = self.nodes[d as usize].children.get(name).map(|&(n, _)| n);
+            let node = match e.kind {
+                EntryKind::Hardlink => {
+                    let t = self.walk(&e.link).ok_or_else(|| {
+                        format!(
+                            "hard link {:?} to missing {:?}",
+                            lossy(&e.path),
+                            lossy(&e.link)
+                        )
+                    })?;
+                    if self.nodes[t as usize].kind == EntryKind::Dir {
+                        return Err(format!("hard link {:?} to a directory", lossy(&e.path)));
+                    }
+                    t
+                }
+                EntryKind::Dir
+                    if existing.is_some_and(|n| self.nodes[n as usize].kind == EntryKind::Dir) =>
+                {
+                    let n = existing.unwrap();
+                    set_meta(&mut self.nodes[n as usize], e, li);
+                    n
+                }
+                _ => {
+                    let mut n = BNode::implicit_dir(li);
+                    n.kind = e.kind;
+                    set_meta(&mut n, e, li);
+                    n.size = match e.kind {
+                        EntryKind::File => e.size,
+                        EntryKind::Symlink => e.link.len() as u64,
+                        _ => 0,
+                    };
+                    n.link = if e.kind == EntryKind::Symlink {
+                        e.link.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    n.object = e.object;
+                    if e.kind == EntryKind::File && e.object.is_none() {
+                        return Err(format!("file {:?} has no content", lossy(&e.path)));
+                    }
+                    let id = self.nodes.len() as u32;
+                    self.nodes.push(n);
+                    id
+                }
+            };
+            self.nodes[d as usize]
+                .children
+                .insert(name.to_vec(), (node, li));
+        }
+        Ok(())
+    }
+
+    fn freeze(self) -> MergedTree {
+        let mut out = MergedTree::default();
+        // Breadth-first renumbering of reachable nodes; hard links map to
+        // the first number their node got.
+        let mut new_id: HashMap<u32, u32> = HashMap::new();
+        let mut names: Vec<u32> = vec![0; 1]; // link counts by new id
+        let mut order: Vec<u32> = vec![0];
+        new_id.insert(0, 0);
+        let mut i = 0;
+        while i < order.len() {
+            let old = order[i];
+            for &(c, _) in self.nodes[old as usize].children.values() {
+                match new_id.get(&c) {
+                    Some(&n) => names[n as usize] += 1,
+                    None => {
+                        let n = order.len() as u32;
+                        new_id.insert(c, n);
+                        order.push(c);
+                        names.push(1);
+                    }
+                }
+            }
+            i += 1;
+        }
+        out.nodes.reserve_exact(order.len());
+        for (newi, &old) in order.iter().enumerate() {
+            let b = &self.nodes[old as usize];
+            let (a, len) = match b.kind {
+                EntryKind::Dir => {
+                    let start = out.children.len() as u32;
+                    for (name, &(c, _)) in &b.children {
+                        let off = out.arena.len() as u32;
+                        out.arena.extend_from_slice(name);
+                        out.children.push((off, name.len() as u32, new_id[&c]));
+                    }
+                    (start, b.children.len() as u32)
+                }
+                EntryKind::Symlink => {
+                    let off = out.arena.len() as u32;
+                    out.arena.extend_from_slice(&b.link);
+                    (off, b.link.len() as u32)
+                }
+                _ => (0, 0),
+            };
+            let nlink = if b.kind == EntryKind::Dir {
+                2 + b
+                    .children
+                    .values()
+                    .filter(|&&(c, _)| self.nodes[c as usize].kind == EntryKind::Dir)
+                    .count() as u32
+            } else {
+                names[newi]
+            };
+            let xattr = if b.xattrs.is_empty() {
+                0
+            } else {
+                out.xattrs.push(
+                    b.xattrs
+                        .iter()
+                        .map(|(k, v)| (k.clone().into(), v.clone().into()))
+                        .collect(),
+                );
+                out.xattrs.len() as u32
+            };
+            out.nodes.push(FNode {
+                kind: b.kind,
+                layer: b.layer,
+                mode: b.mode,
+                uid: b.uid,
+                gid: b.gid,
+                mtime: b.mtime,
+                mtime_nsec: b.mtime_nsec,
+                size: b.size,
+                nlink,
+                major: b.major,
+                minor: b.minor,
+                xattr,
+                a,
+                b: len,
+                object: b.object.unwrap_or([0; 32]),
+            });
+        }
+        out.arena.shrink_to_fit();
+        out.children.shrink_to_fit();
+        out
+    }
+}
+
+fn set_meta(n: &mut BNode, e: &crate::layer::IndexEntry, layer: u16) {
+    n.mode = e.mode;
+    n.uid = e.uid;
+    n.gid = e.gid;
+    n.mtime = e.mtime;
+    n.mtime_nsec = e.mtime_nsec;
+    n.major = e.major;
+    n.minor = e.minor;
+    n.xattrs = e.xattrs.clone();
+    n.layer = layer;
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Compression, IndexEntry};
+
+    fn e(path: &str, kind: EntryKind) -> IndexEntry {
+        IndexEntry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            mtime_nsec: 0,
+            size: 0,
+            link: Vec::new(),
+            major: 0,
+            minor: 0,
+            xattrs: Vec::new(),
+            object: (kind == EntryKind::File).then_some([path.len() as u8; 32]),
+            offset: 0,
+        }
+    }
+
+    fn layer(entries: Vec<IndexEntry>) -> LayerIndex {
+        LayerIndex {
+            version: 1,
+            digest: "sha256:x".into(),
+            compression: Compression::None,
+            compressed_size: 0,
+            uncompressed_size: 0,
+            diff_id: String::new(),
+            entries,
+        }
+    }
+
+    fn ls(t: &MergedTree, path: &str) -> Vec<String> {
+        let mut cur = 0;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            cur = t.lookup(cur, c.as_bytes()).unwrap();
+        }
+        t.children(cur)
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn whiteouts_opaque_and_hardlinks() {
+        let mut hl = e("b/link", EntryKind::Hardlink);
+        hl.link = b"a/f".to_vec();
+        let l1 = layer(vec![
+            e("a", EntryKind::Dir),
+            e("a/f", EntryKind::File),
+            e("a/g", EntryKind::File),
+            e("d", EntryKind::Dir),
+            e("d/old", EntryKind::File),
+            e("gone", EntryKind::Dir),
+            e("gone/x", EntryKind::File),
+        ]);
+        let l2 = layer(vec![
+            e("a/.wh.g", EntryKind::File),
+            e("d/.wh..wh..opq", EntryKind::File),
+            e("d/new", EntryKind::File),
+            e("b", EntryKind::Dir),
+            hl,
+            e(".wh.gone", EntryKind::File),
+        ]);
+        let l3 = layer(vec![
+            e("gone", EntryKind::Dir),
+            e("gone/y", EntryKind::File),
+        ]);
+        let t = MergedTree::build(&[&l1, &l2, &l3]).unwrap();
+        assert_eq!(ls(&t, ""), ["a", "b", "d", "gone"]);
+        assert_eq!(ls(&t, "a"), ["f"]);
+        assert_eq!(ls(&t, "d"), ["new"]);
+        assert_eq!(ls(&t, "gone"), ["y"]);
+        let f = t.lookup(t.lookup(0, b"a").unwrap(), b"f").unwrap();
+        let l = t.lookup(t.lookup(0, b"b").unwrap(), b"link").unwrap();
+        assert_eq!(f, l);
+        assert_eq!(t.node(f).unwrap().nlink, 2);
+        assert_eq!(t.node(0).unwrap().nlink, 2 + 4);
+    }
+
+    #[test]
+    fn same_layer_whiteout_does_not_remove_same_layer_entry() {
+        let l1 = layer(vec![e("x", EntryKind::File)]);
+        let l2 = layer(vec![e("x", EntryKind::Dir), e(".wh.x", EntryKind::File)]);
+        let t = MergedTree::build(&[&l1, &l2]).unwrap();
+        assert_eq!(ls(&t, ""), ["x"]);
+        assert_eq!(
+            t.node(t.lookup(0, b"x").unwrap()).unwrap().kind,
+            EntryKind::Dir
+        );
+    }
+
+    #[test]
+    fn hardlink_to_missing_is_an_error() {
+        let mut hl = e("l", EntryKind::Hardlink);
+        hl.link = b"nope".to_vec();
+        assert!(MergedTree::build(&[&layer(vec![hl])]).is_err());
+    }
+}

@@ -1,0 +1,410 @@
+//! `rootfs/`: an image's layers read once into the content store and
+//! merged into one tree ([`merge`]).
+//!
+//! [`Layers`] owns every layer the daemon knows, shared by all images (two
+//! images with a common layer read it once). Contracts:
+//! - **Single flight**: one stream per layer however many readers wait;
+//!   readers of other layers or images never wait behind it.
+//! - **Durability**: a layer's index is persisted only after the whole
+//!   layer arrived and matched its digest; then a restart never streams it
+//!   again. A failed layer leaves no index and removes the objects it made.
+//! - **Refetch**: an object evicted (or found damaged) is fetched again by
+//!   re-reading its layer, once for all readers waiting on that layer.
+
+pub mod merge;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::cas::ObjectStore;
+use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
+use crate::layer::{Compression, IndexStore, LayerIndex};
+use crate::model::FsError;
+use crate::model::image::{Descriptor, Image};
+use crate::registry::{RegistryClient, RegistryError};
+use crate::singleflight::Flights;
+use merge::MergedTree;
+
+type Res<T> = Result<T, FsError>;
+
+/// Where a layer is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LayerPhase {
+    /// Nothing fetched yet.
+    NotFetched = 0,
+    /// Being streamed.
+    Streaming = 1,
+    /// Index complete (persisted).
+    Indexed = 2,
+    /// The last attempt failed.
+    Failed = 3,
+}
+
+impl LayerPhase {
+    /// The word `status` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerPhase::NotFetched => "not fetched",
+            LayerPhase::Streaming => "streaming",
+            LayerPhase::Indexed => "indexed",
+            LayerPhase::Failed => "failed",
+        }
+    }
+}
+
+/// What is known about one layer.
+#[derive(Debug, Default)]
+pub struct LayerState {
+    phase: AtomicU8,
+    /// Bytes and objects so far.
+    pub progress: Progress,
+    index: Mutex<Option<Arc<LayerIndex>>>,
+    error: Mutex<Option<String>>,
+}
+
+impl LayerState {
+    /// Current phase.
+    pub fn phase(&self) -> LayerPhase {
+        match self.phase.load(Ordering::Relaxed) {
+            1 => LayerPhase::Streaming,
+            2 => LayerPhase::Indexed,
+            3 => LayerPhase::Failed,
+            _ => LayerPhase::NotFetched,
+        }
+    }
+    fn set(&self, p: LayerPhase) {
+        self.phase.store(p as u8, Ordering::Relaxed);
+    }
+    /// The last error, if the last attempt failed.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap().clone()
+    }
+}
+
+/// Every layer, shared by all images.
+pub struct Layers {
+    client: RegistryClient,
+    store: Arc<ObjectStore>,
+    indexes: IndexStore,
+    states: Mutex<HashMap<String, Arc<LayerState>>>,
+    flights: Flights<String, Res<Arc<LayerIndex>>>,
+}
+
+impl Layers {
+    /// Layers fetched with `client`, stored in `store`, indexed in `indexes`.
+    pub fn new(client: RegistryClient, store: Arc<ObjectStore>, indexes: IndexStore) -> Layers {
+        Layers {
+            client,
+            store,
+            indexes,
+            states: Mutex::new(HashMap::new()),
+            flights: Flights::default(),
+        }
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Arc<ObjectStore> {
+        &self.store
+    }
+
+    /// The state of layer `digest` (created on first ask).
+    pub fn state(&self, digest: &str) -> Arc<LayerState> {
+        let mut m = self.states.lock().unwrap();
+        m.entry(digest.to_string())
+            .or_insert_with(|| {
+                let s = LayerState::default();
+                if let Some(i) = self.indexes.load(digest) {
+                    s.progress
+                        .bytes_fetched
+                        .store(i.compressed_size, Ordering::Relaxed);
+                    s.progress.objects.store(
+                        i.entries.iter().filter(|e| e.object.is_some()).count() as u64,
+                        Ordering::Relaxed,
+                    );
+                    *s.index.lock().unwrap() = Some(Arc::new(i));
+                    s.set(LayerPhase::Indexed);
+                }
+                Arc::new(s)
+            })
+            .clone()
+    }
+
+    /// The index of layer `desc`: from memory, from disk, or by streaming it.
+    pub async fn index(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+    ) -> Res<Arc<LayerIndex>> {
+        let st = self.state(&desc.digest);
+        if let Some(i) = st.index.lock().unwrap().clone() {
+            return Ok(i);
+        }
+        self.flights
+            .run(desc.digest.clone(), || async {
+                if let Some(i) = st.index.lock().unwrap().clone() {
+                    return Ok(i);
+                }
+                let idx = Arc::new(self.stream(registry, repo, desc, &st).await?);
+                if let Err(e) = self.indexes.save(&idx) {
+                    tracing::warn!(layer = %desc.digest, error = %e, "cannot persist layer index");
+                }
+                *st.index.lock().unwrap() = Some(idx.clone());
+                Ok(idx)
+            })
+            .await
+    }
+
+    /// Reads layer `desc` again to restore evicted or damaged objects.
+    pub async fn refetch(&self, registry: &str, repo: &str, desc: &Descriptor) -> Res<()> {
+        let st = self.state(&desc.digest);
+        let key = format!("refetch:{}", desc.digest);
+        self.flights
+            .run(key, || async {
+                tracing::info!(layer = %desc.digest, "reading layer again for evicted content");
+                self.stream(registry, repo, desc, &st).await.map(Arc::new)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Streams one layer through the indexer; see the module contracts.
+    async fn stream(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+        st: &Arc<LayerState>,
+    ) -> Res<LayerIndex> {
+        let compression =
+            Compression::from_media_type(&desc.media_type).ok_or_else(|| FsError::BadImage {
+                image: format!("{registry}/{repo}"),
+                reason: format!(
+                    "layer {} has unsupported media type {:?}",
+                    desc.digest, desc.media_type
+                ),
+            })?;
+        st.set(LayerPhase::Streaming);
+        st.progress.bytes_fetched.store(0, Ordering::Relaxed);
+        let r = self
+            .stream_inner(registry, repo, desc, st, compression)
+            .await;
+        match &r {
+            Ok(_) => {
+                st.set(LayerPhase::Indexed);
+                *st.error.lock().unwrap() = None;
+            }
+            Err(e) => {
+                st.set(if st.index.lock().unwrap().is_some() {
+                    LayerPhase::Indexed
+                } else {
+                    LayerPhase::Failed
+                });
+                *st.error.lock().unwrap() = Some(e.to_string());
+                tracing::error!(layer = %desc.digest, image = %format!("{registry}/{repo}"), error = %e, "layer failed; nothing of it was kept");
+            }
+        }
+        r
+    }
+
+    async fn stream_inner(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+        st: &Arc<LayerState>,
+        compression: Compression,
+    ) -> Res<LayerIndex> {
+        let canonical = crate::registry::name::canonical_repo(registry, repo);
+        let mut body = self
+            .client
+            .blob_stream(registry, &canonical, &desc.digest)
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
+        let size = desc.size;
+        let st2 = st.clone();
+        let feeder = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut n = 0u64;
+            let mut net_error = None;
+            while let Some(chunk) = body.next().await {
+                match chunk {
+                    Ok(b) => {
+                        hasher.update(&b);
+                        n += b.len() as u64;
+                        st2.progress.bytes_fetched.store(n, Ordering::Relaxed);
+                        if n > size {
+                            let _ = tx
+                                .send(Err("more bytes than the descriptor's size".into()))
+                                .await;
+                            break;
+                        }
+                        if tx.send(Ok(b)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string())).await;
+                        net_error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            (
+                format!("sha256:{}", hex::encode(hasher.finalize())),
+                n,
+                net_error,
+            )
+        });
+        let store = self.store.clone();
+        let digest = desc.digest.clone();
+        let st3 = st.clone();
+        let consumer = tokio::task::spawn_blocking(move || {
+            index_layer(
+                ChannelReader::new(rx),
+                &digest,
+                compression,
+                size,
+                &store,
+                &st3.progress,
+            )
+        });
+        let consumed = consumer.await.map_err(|e| FsError::Io {
+            reason: e.to_string(),
+            no_space: false,
+        })?;
+        let (actual, n, net_error) = feeder.await.map_err(|e| FsError::Io {
+            reason: e.to_string(),
+            no_space: false,
+        })?;
+        let image = format!("{registry}/{repo}");
+        if n == size && actual != desc.digest {
+            if let Ok(idx) = &consumed {
+                for e in &idx.entries {
+                    if let Some(id) = e.object {
+                        self.store.remove(&id);
+                    }
+                }
+            }
+            return Err(RegistryError::DigestMismatch {
+                registry: registry.into(),
+                what: format!("layer of {repo}"),
+                expected: desc.digest.clone(),
+                actual,
+            }
+            .into());
+        }
+        if let Some(reason) = net_error {
+            return Err(RegistryError::Unavailable {
+                registry: registry.into(),
+                what: format!("layer {}", desc.digest),
+                reason,
+            }
+            .into());
+        }
+        match consumed {
+            Ok(idx) if n == size => Ok(idx),
+            Ok(_) => Err(FsError::BadImage {
+                image,
+                reason: format!("layer {} ended after {n} of {size} bytes", desc.digest),
+            }),
+            Err(StreamError::Local(e)) => Err(FsError::Io {
+                no_space: e.raw_os_error() == Some(libc::ENOSPC),
+                reason: format!("cache write failed: {e}"),
+            }),
+            Err(StreamError::Interrupted(reason)) => Err(RegistryError::Unavailable {
+                registry: registry.into(),
+                what: format!("layer {}", desc.digest),
+                reason,
+            }
+            .into()),
+            Err(StreamError::Malformed(reason)) => Err(FsError::BadImage {
+                image,
+                reason: format!("layer {}: {reason}", desc.digest),
+            }),
+        }
+    }
+}
+
+/// One image's rootfs: its inode range and its merged tree, once built.
+pub struct Rootfs {
+    /// Inode number of the root; node `i` is `base + i`.
+    pub base: u64,
+    /// Registry to fetch from.
+    pub registry: Arc<str>,
+    /// Repository to fetch from.
+    pub repo: Arc<str>,
+    /// The image.
+    pub image: Arc<Image>,
+    tree: Mutex<Option<Arc<MergedTree>>>,
+    flight: Flights<(), Res<Arc<MergedTree>>>,
+}
+
+impl Rootfs {
+    /// A rootfs for `image` at inode `base`.
+    pub fn new(base: u64, registry: Arc<str>, repo: Arc<str>, image: Arc<Image>) -> Rootfs {
+        Rootfs {
+            base,
+            registry,
+            repo,
+            image,
+            tree: Mutex::new(None),
+            flight: Flights::default(),
+        }
+    }
+
+    /// The merged tree if already built.
+    pub fn built(&self) -> Option<Arc<MergedTree>> {
+        self.tree.lock().unwrap().clone()
+    }
+
+    /// The merged tree, streaming and merging layers first if needed.
+    pub async fn tree(&self, layers: &Layers) -> Res<Arc<MergedTree>> {
+        if let Some(t) = self.built() {
+            return Ok(t);
+        }
+        self.flight
+            .run((), || async {
+                if let Some(t) = self.built() {
+                    return Ok(t);
+                }
+                let futs = self
+                    .image
+                    .layers
+                    .iter()
+                    .map(|d| layers.index(&self.registry, &self.repo, d));
+                let indexes = futures_util::future::try_join_all(futs).await?;
+                let name = format!(
+                    "{}/{}@{}",
+                    self.registry, self.repo, self.image.manifest.digest
+                );
+                let tree = tokio::task::spawn_blocking(move || {
+                    let refs: Vec<&LayerIndex> = indexes.iter().map(|i| &**i).collect();
+                    MergedTree::build(&refs)
+                })
+                .await
+                .map_err(|e| FsError::Io {
+                    reason: e.to_string(),
+                    no_space: false,
+                })?
+                .map_err(|e| {
+                    tracing::error!(image = %name, error = %e, "cannot merge layers");
+                    FsError::BadImage {
+                        image: name.clone(),
+                        reason: e.0,
+                    }
+                })?;
+                let tree = Arc::new(tree);
+                tracing::info!(image = %name, entries = tree.len(), "rootfs ready");
+                *self.tree.lock().unwrap() = Some(tree.clone());
+                Ok(tree)
+            })
+            .await
+    }
+}
