@@ -2056,3 +2056,1012 @@ pub fn split_target(target: &str) -> (String, BTreeMap<String, String>) {
         .collect();
     (path.to_string(), params)
 }
+
+// ---------------------------------------------------------------------------
+// rootfs: tree comparison against `umoci unpack`, hand-written tar layers,
+// raw pushes, the content cache
+// ---------------------------------------------------------------------------
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStringExt as _;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+
+/// Bound for walking (and reading every file of) a tree inside a mount.
+pub const TREE_GUARD: Duration = Duration::from_secs(600);
+
+/// What [`snapshot_tree`] records of one path (lstat, never following
+/// symlinks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `file`, `dir`, `symlink`, `char`, `block`, `fifo` or `socket`.
+    pub kind: &'static str,
+    /// Permission bits incl. setuid/setgid/sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u64,
+    /// sha256 hex of a regular file's content.
+    pub sha256: Option<String>,
+    /// A symlink's target bytes.
+    pub link: Option<Vec<u8>>,
+    /// (major, minor) of a device.
+    pub rdev: Option<(u32, u32)>,
+    /// Extended attributes except `security.selinux`.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// mtime, whole seconds.
+    pub mtime: i64,
+    /// (st_dev, st_ino), for hard-link groups.
+    pub ino: (u64, u64),
+}
+
+/// A walked tree: every path (bytes, relative to the root; `""` is the root
+/// itself) and the errors met on the way.
+#[derive(Debug, Clone, Default)]
+pub struct TreeSnapshot {
+    pub nodes: BTreeMap<Vec<u8>, NodeInfo>,
+    pub errors: Vec<String>,
+}
+
+/// A path of a snapshot for messages: `"/"` for the root, otherwise escaped
+/// (non-UTF-8 bytes as `\xNN`, newlines as `\n`).
+pub fn show_path(p: &[u8]) -> String {
+    if p.is_empty() {
+        "\"/\"".to_string()
+    } else {
+        format!("{:?}", OsStr::from_bytes(p))
+    }
+}
+
+fn join_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    if rel.is_empty() {
+        name.to_vec()
+    } else {
+        let mut v = rel.to_vec();
+        v.push(b'/');
+        v.extend_from_slice(name);
+        v
+    }
+}
+
+/// The extended attributes of `p` (not following symlinks), without
+/// `security.selinux`. A file system without xattr support has none.
+pub fn lxattrs(p: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+    let c = cpath(p);
+    let mut out = BTreeMap::new();
+    let len = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+    if len < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOTSUP) | Some(libc::ENOSYS) => Ok(out),
+            _ => Err(e),
+        };
+    }
+    if len == 0 {
+        return Ok(out);
+    }
+    let mut buf = vec![0u8; len as usize + 1024];
+    let len = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    for name in buf.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        if name == b"security.selinux" {
+            continue;
+        }
+        let cname = std::ffi::CString::new(name).unwrap();
+        let vlen = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
+        if vlen < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut value = vec![0u8; vlen as usize + 1024];
+        let vlen = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if vlen < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        value.truncate(vlen as usize);
+        out.insert(name.to_vec(), value);
+    }
+    Ok(out)
+}
+
+fn sha256_of_file(p: &Path) -> io::Result<String> {
+    let mut f = fs::File::open(p)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Walks `root` with lstat, reading and hashing every regular file and
+/// reading every symlink and xattr. Unbounded: wrap in [`within`] for a
+/// mount. Errors are recorded (with their path), never fatal.
+pub fn snapshot_tree(root: &Path) -> TreeSnapshot {
+    let mut snap = TreeSnapshot::default();
+    let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+    while let Some(rel) = stack.pop() {
+        let p = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(OsStr::from_bytes(&rel))
+        };
+        let md = match fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) => {
+                snap.errors.push(format!("lstat {}: {e}", show_path(&rel)));
+                continue;
+            }
+        };
+        let ft = md.file_type();
+        let kind = if ft.is_file() {
+            "file"
+        } else if ft.is_dir() {
+            "dir"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_char_device() {
+            "char"
+        } else if ft.is_block_device() {
+            "block"
+        } else if ft.is_fifo() {
+            "fifo"
+        } else {
+            "socket"
+        };
+        let sha256 = if ft.is_file() {
+            match sha256_of_file(&p) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    snap.errors.push(format!("read {}: {e}", show_path(&rel)));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let link = if ft.is_symlink() {
+            match fs::read_link(&p) {
+                Ok(t) => Some(t.into_os_string().into_vec()),
+                Err(e) => {
+                    snap.errors
+                        .push(format!("readlink {}: {e}", show_path(&rel)));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let rdev = (ft.is_char_device() || ft.is_block_device())
+            .then(|| (libc::major(md.rdev()), libc::minor(md.rdev())));
+        let xattrs = match lxattrs(&p) {
+            Ok(x) => x,
+            Err(e) => {
+                snap.errors.push(format!("xattrs {}: {e}", show_path(&rel)));
+                BTreeMap::new()
+            }
+        };
+        snap.nodes.insert(
+            rel.clone(),
+            NodeInfo {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                size: md.size(),
+                nlink: md.nlink(),
+                sha256,
+                link,
+                rdev,
+                xattrs,
+                mtime: md.mtime(),
+                ino: (md.dev(), md.ino()),
+            },
+        );
+        if ft.is_dir() {
+            let rd = match fs::read_dir(&p) {
+                Ok(rd) => rd,
+                Err(e) => {
+                    snap.errors
+                        .push(format!("opendir {}: {e}", show_path(&rel)));
+                    continue;
+                }
+            };
+            for entry in rd {
+                match entry {
+                    Ok(entry) => stack.push(join_rel(&rel, entry.file_name().as_bytes())),
+                    Err(e) => {
+                        snap.errors
+                            .push(format!("readdir {}: {e}", show_path(&rel)));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    snap
+}
+
+fn show_xattrs(x: &BTreeMap<Vec<u8>, Vec<u8>>) -> String {
+    let v: Vec<String> = x
+        .iter()
+        .map(|(k, v)| format!("{}={:?}", String::from_utf8_lossy(k), OsStr::from_bytes(v)))
+        .collect();
+    format!("{{{}}}", v.join(", "))
+}
+
+/// Differences between two snapshots (see [`compare_trees`]).
+pub fn compare_snapshots(ours: &TreeSnapshot, oracle: &TreeSnapshot) -> Vec<String> {
+    let mut diffs: Vec<String> = ours.errors.iter().map(|e| format!("ours: {e}")).collect();
+    diffs.extend(oracle.errors.iter().map(|e| format!("oracle: {e}")));
+    for (path, o) in &oracle.nodes {
+        let Some(u) = ours.nodes.get(path) else {
+            diffs.push(format!(
+                "{}: missing in ours (oracle has a {})",
+                show_path(path),
+                o.kind
+            ));
+            continue;
+        };
+        let sp = show_path(path);
+        if u.kind != o.kind {
+            diffs.push(format!("{sp}: type {} vs oracle {}", u.kind, o.kind));
+            continue;
+        }
+        if u.mode != o.mode {
+            diffs.push(format!(
+                "{sp}: mode {:04o} vs oracle {:04o}",
+                u.mode, o.mode
+            ));
+        }
+        if (u.uid, u.gid) != (o.uid, o.gid) {
+            diffs.push(format!(
+                "{sp}: owner {}:{} vs oracle {}:{}",
+                u.uid, u.gid, o.uid, o.gid
+            ));
+        }
+        if o.kind != "dir" {
+            if u.size != o.size {
+                diffs.push(format!("{sp}: size {} vs oracle {}", u.size, o.size));
+            }
+            if u.nlink != o.nlink {
+                diffs.push(format!("{sp}: nlink {} vs oracle {}", u.nlink, o.nlink));
+            }
+        }
+        if u.sha256 != o.sha256 {
+            diffs.push(format!(
+                "{sp}: content sha256 {:?} vs oracle {:?}",
+                u.sha256, o.sha256
+            ));
+        }
+        if u.link != o.link {
+            diffs.push(format!(
+                "{sp}: symlink target {:?} vs oracle {:?}",
+                u.link.as_deref().map(OsStr::from_bytes),
+                o.link.as_deref().map(OsStr::from_bytes)
+            ));
+        }
+        if u.rdev != o.rdev {
+            diffs.push(format!("{sp}: rdev {:?} vs oracle {:?}", u.rdev, o.rdev));
+        }
+        if u.xattrs != o.xattrs {
+            diffs.push(format!(
+                "{sp}: xattrs {} vs oracle {}",
+                show_xattrs(&u.xattrs),
+                show_xattrs(&o.xattrs)
+            ));
+        }
+        // The root is the mount's rootfs directory on one side and umoci's
+        // bundle directory on the other: its mtime is not the image's.
+        if !path.is_empty() && u.mtime != o.mtime {
+            diffs.push(format!("{sp}: mtime {} vs oracle {}", u.mtime, o.mtime));
+        }
+    }
+    for (path, u) in &ours.nodes {
+        if !oracle.nodes.contains_key(path) {
+            diffs.push(format!("{}: extra in ours (a {})", show_path(path), u.kind));
+        }
+    }
+    // Hard-link groups: non-directories sharing an inode, over the paths
+    // both trees have.
+    let groups = |snap: &TreeSnapshot| {
+        let mut by_ino: BTreeMap<(u64, u64), Vec<Vec<u8>>> = BTreeMap::new();
+        for (p, n) in &snap.nodes {
+            if n.kind != "dir" && ours.nodes.contains_key(p) && oracle.nodes.contains_key(p) {
+                by_ino.entry(n.ino).or_default().push(p.clone());
+            }
+        }
+        let mut of_path: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
+        for g in by_ino.into_values() {
+            for p in &g {
+                of_path.insert(p.clone(), g.clone());
+            }
+        }
+        of_path
+    };
+    let (gu, go) = (groups(ours), groups(oracle));
+    let mut reported = std::collections::BTreeSet::new();
+    for (p, og) in &go {
+        let Some(ug) = gu.get(p) else { continue };
+        if ug != og && reported.insert(og.clone()) && reported.insert(ug.clone()) {
+            let show = |g: &Vec<Vec<u8>>| g.iter().map(|p| show_path(p)).collect::<Vec<_>>();
+            diffs.push(format!(
+                "{}: hard-link group {:?} vs oracle {:?}",
+                show_path(p),
+                show(ug),
+                show(og)
+            ));
+        }
+    }
+    diffs
+}
+
+/// Compares the tree `ours` (typically `MNT/…/<tag>/rootfs`) with `oracle`
+/// (typically [`umoci_unpack`]'s rootfs), walking both with lstat. Per path:
+/// file type, mode incl. setuid/setgid/sticky, uid, gid, size and link
+/// count (non-directories), sha256 of regular files, symlink target bytes,
+/// rdev, xattrs (without `security.selinux`, which umoci refuses to set),
+/// mtime in seconds (except the root directory's), and hard-link groups
+/// (paths sharing an inode in one tree must share one in the other).
+///
+/// Directory mtimes are compared: umoci restores every directory's mtime
+/// from its tar entry, even after upper layers changed the directory. Only
+/// directories without any tar entry (created implicitly as parents) get
+/// the time of the unpack, so test images must give every directory an
+/// entry. The walk of `ours` is bounded by [`TREE_GUARD`]. Returns the
+/// differences; empty means equal.
+pub fn compare_trees(ours: &Path, oracle: &Path) -> Vec<String> {
+    let oracle_snap = snapshot_tree(oracle);
+    assert!(
+        oracle_snap.errors.is_empty(),
+        "walking the oracle {}: {:?}",
+        oracle.display(),
+        oracle_snap.errors
+    );
+    let o = ours.to_path_buf();
+    let ours_snap = within(TREE_GUARD, &format!("walk {}", ours.display()), move || {
+        snapshot_tree(&o)
+    });
+    compare_snapshots(&ours_snap, &oracle_snap)
+}
+
+/// Panics with the differences (the first 60) when `ours` differs from
+/// `oracle`.
+pub fn assert_trees_equal(ours: &Path, oracle: &Path, what: &str) {
+    let diffs = compare_trees(ours, oracle);
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differs from umoci unpack {} in {} ways:\n  {}",
+        ours.display(),
+        oracle.display(),
+        diffs.len(),
+        diffs
+            .iter()
+            .take(60)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+}
+
+/// `umoci unpack --image LAYOUT:TAG DEST`; returns `DEST/rootfs`. `dest`
+/// must not exist yet.
+pub fn umoci_unpack(layout_ref: &str, dest: &Path) -> PathBuf {
+    require_env();
+    run(Command::new("umoci")
+        .args(["unpack", "--image", layout_ref])
+        .arg(dest));
+    dest.join("rootfs")
+}
+
+/// How a [`TarEntry`] longer than the 100-byte ustar fields is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongName {
+    /// GNU `L` / `K` entries (what the tar crate and GNU tar write).
+    Gnu,
+    /// PAX `path` / `linkpath` records (what Go, hence umoci, writes).
+    Pax,
+}
+
+/// What a [`TarEntry`] is.
+#[derive(Debug, Clone)]
+pub enum TarKind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(Vec<u8>),
+    /// Hard link; the target is written as given (archive path).
+    Hardlink(Vec<u8>),
+    CharDev(u32, u32),
+    BlockDev(u32, u32),
+    Fifo,
+}
+
+/// One entry of a hand-written tar layer: name bytes exactly as they go
+/// into the archive (`..`, absolute, non-UTF-8 and long names included).
+#[derive(Debug, Clone)]
+pub struct TarEntry {
+    pub path: Vec<u8>,
+    pub kind: TarKind,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+    /// `SCHILY.xattr.<name>` PAX records.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Further PAX records (`mtime`, `uid`, `gid`, …), written as given.
+    pub pax: Vec<(String, Vec<u8>)>,
+    pub long_name: LongName,
+}
+
+/// Default mtime of [`TarEntry`]s: 2017-07-14.
+pub const TAR_MTIME: u64 = 1_500_000_000;
+
+impl TarEntry {
+    fn new(path: impl AsRef<[u8]>, kind: TarKind, mode: u32) -> TarEntry {
+        TarEntry {
+            path: path.as_ref().to_vec(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: TAR_MTIME,
+            xattrs: Vec::new(),
+            pax: Vec::new(),
+            long_name: LongName::Gnu,
+        }
+    }
+    /// A regular file, 0644.
+    pub fn file(path: impl AsRef<[u8]>, data: impl Into<Vec<u8>>) -> TarEntry {
+        Self::new(path, TarKind::File(data.into()), 0o644)
+    }
+    /// A directory, 0755 (write the name with a trailing `/`).
+    pub fn dir(path: impl AsRef<[u8]>) -> TarEntry {
+        Self::new(path, TarKind::Dir, 0o755)
+    }
+    pub fn symlink(path: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> TarEntry {
+        Self::new(path, TarKind::Symlink(target.as_ref().to_vec()), 0o777)
+    }
+    pub fn hardlink(path: impl AsRef<[u8]>, target: impl AsRef<[u8]>) -> TarEntry {
+        Self::new(path, TarKind::Hardlink(target.as_ref().to_vec()), 0o644)
+    }
+    pub fn chardev(path: impl AsRef<[u8]>, major: u32, minor: u32) -> TarEntry {
+        Self::new(path, TarKind::CharDev(major, minor), 0o666)
+    }
+    pub fn blockdev(path: impl AsRef<[u8]>, major: u32, minor: u32) -> TarEntry {
+        Self::new(path, TarKind::BlockDev(major, minor), 0o660)
+    }
+    pub fn fifo(path: impl AsRef<[u8]>) -> TarEntry {
+        Self::new(path, TarKind::Fifo, 0o644)
+    }
+    /// `<dir>/.wh.<name>` (dir `""` for the root): deletes `name` of the
+    /// lower layers.
+    pub fn whiteout(dir: &str, name: &str) -> TarEntry {
+        let p = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{}/.wh.{name}", dir.trim_end_matches('/'))
+        };
+        Self::new(p, TarKind::File(Vec::new()), 0o644)
+    }
+    /// `<dir>/.wh..wh..opq`: hides everything of the lower layers in `dir`.
+    pub fn opaque(dir: &str) -> TarEntry {
+        Self::new(
+            format!("{}/.wh..wh..opq", dir.trim_end_matches('/')),
+            TarKind::File(Vec::new()),
+            0o644,
+        )
+    }
+    pub fn mode(mut self, mode: u32) -> TarEntry {
+        self.mode = mode;
+        self
+    }
+    pub fn owner(mut self, uid: u64, gid: u64) -> TarEntry {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+    pub fn mtime(mut self, secs: u64) -> TarEntry {
+        self.mtime = secs;
+        self
+    }
+    pub fn xattr(mut self, name: &str, value: impl Into<Vec<u8>>) -> TarEntry {
+        self.xattrs.push((name.to_string(), value.into()));
+        self
+    }
+    /// An extra PAX record.
+    pub fn pax(mut self, key: &str, value: impl Into<Vec<u8>>) -> TarEntry {
+        self.pax.push((key.to_string(), value.into()));
+        self
+    }
+    /// Long names and link targets as PAX records instead of GNU entries.
+    pub fn pax_long_names(mut self) -> TarEntry {
+        self.long_name = LongName::Pax;
+        self
+    }
+}
+
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let base = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = base + 1;
+    while len != base + len.to_string().len() {
+        len = base + len.to_string().len();
+    }
+    let mut r = format!("{len} {key}=").into_bytes();
+    r.extend_from_slice(value);
+    r.push(b'\n');
+    assert_eq!(r.len(), len);
+    r
+}
+
+fn put_field(field: &mut [u8], value: &[u8]) {
+    assert!(value.len() <= field.len(), "tar field overflow");
+    field.fill(0);
+    field[..value.len()].copy_from_slice(value);
+}
+
+/// A tar archive (ustar headers, PAX `x` and GNU `L`/`K` extensions where
+/// needed, two zero blocks at the end) of exactly `entries`, in order.
+pub fn tar_bytes(entries: &[TarEntry]) -> Vec<u8> {
+    use tar::{EntryType, Header};
+    let mut b = tar::Builder::new(Vec::new());
+    let gnu_long = |b: &mut tar::Builder<Vec<u8>>, ty: u8, data: &[u8]| {
+        let mut h = Header::new_gnu();
+        put_field(&mut h.as_old_mut().name, b"././@LongLink");
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64 + 1);
+        h.set_entry_type(EntryType::new(ty));
+        h.set_cksum();
+        let mut d = data.to_vec();
+        d.push(0);
+        b.append(&h, &d[..]).unwrap();
+    };
+    for (i, e) in entries.iter().enumerate() {
+        let mut records: Vec<(String, Vec<u8>)> = e.pax.clone();
+        for (k, v) in &e.xattrs {
+            records.push((format!("SCHILY.xattr.{k}"), v.clone()));
+        }
+        let mut name: &[u8] = &e.path;
+        if name.len() > 100 {
+            match e.long_name {
+                LongName::Gnu => gnu_long(&mut b, b'L', &e.path),
+                LongName::Pax => records.push(("path".into(), e.path.clone())),
+            }
+            name = &e.path[..100];
+        }
+        let target: Option<&Vec<u8>> = match &e.kind {
+            TarKind::Symlink(t) | TarKind::Hardlink(t) => Some(t),
+            _ => None,
+        };
+        let mut link: &[u8] = target.map(|t| &t[..]).unwrap_or(b"");
+        if link.len() > 100 {
+            match e.long_name {
+                LongName::Gnu => gnu_long(&mut b, b'K', link),
+                LongName::Pax => records.push(("linkpath".into(), link.to_vec())),
+            }
+            link = &link[..100];
+        }
+        if !records.is_empty() {
+            let data: Vec<u8> = records.iter().flat_map(|(k, v)| pax_record(k, v)).collect();
+            let mut h = Header::new_ustar();
+            put_field(
+                &mut h.as_old_mut().name,
+                format!("PaxHeaders.0/entry{i}").as_bytes(),
+            );
+            h.set_mode(0o644);
+            h.set_mtime(e.mtime);
+            h.set_size(data.len() as u64);
+            h.set_entry_type(EntryType::XHeader);
+            h.set_cksum();
+            b.append(&h, &data[..]).unwrap();
+        }
+        let mut h = Header::new_ustar();
+        put_field(&mut h.as_old_mut().name, name);
+        put_field(&mut h.as_old_mut().linkname, link);
+        h.set_mode(e.mode);
+        h.set_uid(e.uid);
+        h.set_gid(e.gid);
+        h.set_mtime(e.mtime);
+        let (ty, data): (EntryType, &[u8]) = match &e.kind {
+            TarKind::File(d) => (EntryType::Regular, d),
+            TarKind::Dir => (EntryType::Directory, b""),
+            TarKind::Symlink(_) => (EntryType::Symlink, b""),
+            TarKind::Hardlink(_) => (EntryType::Link, b""),
+            TarKind::CharDev(..) => (EntryType::Char, b""),
+            TarKind::BlockDev(..) => (EntryType::Block, b""),
+            TarKind::Fifo => (EntryType::Fifo, b""),
+        };
+        h.set_entry_type(ty);
+        h.set_size(data.len() as u64);
+        if let TarKind::CharDev(ma, mi) | TarKind::BlockDev(ma, mi) = e.kind {
+            h.set_device_major(ma).unwrap();
+            h.set_device_minor(mi).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// gzip of `bytes` (flate2, default level).
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// gzip of `bytes` in stored (uncompressed) deflate blocks: the size depends
+/// only on the input size.
+pub fn gzip_stored(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Decompresses (all members of) a gzip stream.
+pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .expect("gunzip");
+    out
+}
+
+/// Builds the image `tag` in the OCI layout `dir/oci` from hand-written
+/// layers: `umoci new`, then `umoci raw add-layer` of each tar (umoci
+/// gzips it, entries verbatim). Returns the layout path.
+pub fn make_tar_image(dir: &Path, tag: &str, layers: &[Vec<TarEntry>]) -> PathBuf {
+    require_env();
+    let layout = dir.join("oci");
+    if !layout.join("index.json").exists() {
+        run(Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(&layout));
+    }
+    let image = layout_ref(&layout, tag);
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    for layer in layers {
+        add_tar_layer(&image, &tar_bytes(layer));
+    }
+    layout
+}
+
+/// `umoci raw add-layer --image LAYOUT:TAG` of the tar `bytes`.
+pub fn add_tar_layer(image: &str, tar: &[u8]) {
+    let f = tempfile::Builder::new()
+        .prefix("layer-")
+        .suffix(".tar")
+        .tempfile()
+        .unwrap();
+    fs::write(f.path(), tar).unwrap();
+    run(Command::new("umoci")
+        .args(["raw", "add-layer", "--image", image])
+        .arg(f.path()));
+}
+
+/// The manifest (parsed) of `tag` in an OCI layout and a blob reader.
+pub fn layout_manifest(layout: &Path, tag: &str) -> Value {
+    serde_json::from_slice(&layout_blob(layout, &layout_digest(layout, tag))).unwrap()
+}
+
+/// The bytes of blob `digest` of an OCI layout.
+pub fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
+}
+
+/// Digests of the layers of a manifest.
+pub fn manifest_layer_digests(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Uploads `bytes` as a blob of `HOST/REPO` (monolithic POST + PUT) and
+/// returns its digest.
+pub fn upload_blob(host: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = sha256_digest(bytes);
+    let r = http(
+        "POST",
+        host,
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        &[],
+    )
+    .expect("POST blob upload");
+    assert_eq!(
+        r.status,
+        202,
+        "start upload: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let loc = r.header("location").expect("upload Location").to_string();
+    let path = match loc.find("/v2/") {
+        Some(i) => loc[i..].to_string(),
+        None => loc,
+    };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let r = http(
+        "PUT",
+        host,
+        &format!("{path}{sep}digest={digest}"),
+        &[("Content-Type", "application/octet-stream")],
+        bytes,
+    )
+    .expect("PUT blob");
+    assert_eq!(
+        r.status,
+        201,
+        "PUT blob: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    digest
+}
+
+/// One layer of [`push_raw_image`].
+#[derive(Debug, Clone)]
+pub struct RawLayer {
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+    /// `sha256:` of the uncompressed tar, for the config's `diff_ids`.
+    pub diff_id: String,
+}
+
+impl RawLayer {
+    /// A `tar+gzip` layer of `tar` (OCI media type).
+    pub fn gzip(tar: &[u8]) -> RawLayer {
+        RawLayer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            bytes: gzip(tar),
+            diff_id: sha256_digest(tar),
+        }
+    }
+    /// An uncompressed `tar` layer (OCI media type).
+    pub fn plain(tar: &[u8]) -> RawLayer {
+        RawLayer {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            bytes: tar.to_vec(),
+            diff_id: sha256_digest(tar),
+        }
+    }
+}
+
+/// The config JSON of a hand-made linux image with `diff_ids`.
+pub fn raw_config(diff_ids: &[String]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "created": "2020-01-01T00:00:00Z",
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap()
+}
+
+/// The OCI manifest of a hand-made image: `(config, layers)` descriptors.
+pub fn raw_manifest(config: &[u8], layers: &[(String, String, usize)]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(config),
+            "size": config.len(),
+        },
+        "layers": layers.iter().map(|(mt, d, s)| json!({"mediaType": mt, "digest": d, "size": s})).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+/// Uploads `layers` and a config naming them, then PUTs an OCI manifest as
+/// `HOST/REPO:TAG`: images no tool would make (plain tar layers, broken
+/// layers). Returns (manifest bytes, manifest digest).
+pub fn push_raw_image(host: &str, repo: &str, tag: &str, layers: &[RawLayer]) -> (Vec<u8>, String) {
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    push_raw_image_with_config(host, repo, tag, &raw_config(&diff_ids), layers)
+}
+
+/// [`push_raw_image`] with a given config blob.
+pub fn push_raw_image_with_config(
+    host: &str,
+    repo: &str,
+    tag: &str,
+    config: &[u8],
+    layers: &[RawLayer],
+) -> (Vec<u8>, String) {
+    upload_blob(host, repo, config);
+    let mut descs = Vec::new();
+    for l in layers {
+        let d = upload_blob(host, repo, &l.bytes);
+        descs.push((l.media_type.clone(), d, l.bytes.len()));
+    }
+    let manifest = raw_manifest(config, &descs);
+    let digest = put_manifest(
+        host,
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+        None,
+    );
+    assert_eq!(digest, sha256_digest(&manifest));
+    (manifest, digest)
+}
+
+/// Pushes `LAYOUT:TAG` to `HOST/REPO:DEST_TAG` with every gzip layer
+/// decompressed (media type `…layer.v1.tar`), same config (its diff_ids
+/// are the uncompressed digests already). Returns the manifest digest.
+pub fn push_layout_uncompressed(
+    layout: &Path,
+    tag: &str,
+    host: &str,
+    repo: &str,
+    dest_tag: &str,
+) -> String {
+    let m = layout_manifest(layout, tag);
+    let config = layout_blob(layout, m["config"]["digest"].as_str().unwrap());
+    let layers: Vec<RawLayer> = manifest_layer_digests(&m)
+        .iter()
+        .map(|d| RawLayer::plain(&gunzip(&layout_blob(layout, d))))
+        .collect();
+    push_raw_image_with_config(host, repo, dest_tag, &config, &layers).1
+}
+
+/// Pushes with `skopeo copy --dest-compress-format zstd` (layers recompressed
+/// as `tar+zstd`); returns the manifest digest.
+pub fn push_zstd(layout_ref: &str, dest: &str) -> String {
+    let digestfile = tempfile::NamedTempFile::new().unwrap();
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .args(["--dest-compress-format", "zstd", "--digestfile"])
+        .arg(digestfile.path())
+        .arg(format!("oci:{layout_ref}"))
+        .arg(docker_ref(dest)));
+    fs::read_to_string(digestfile.path())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The busybox-static test image `tag` in `dir/oci`: `/bin/busybox` from
+/// the host's busybox-static package, `/bin/{sh,echo,cat,ls,true}` symlinks
+/// to it, `/etc/motd`, `/tmp` (1777). Every directory has a tar entry.
+pub fn busybox_image(dir: &Path, tag: &str) -> PathBuf {
+    let busybox = fs::read("/bin/busybox")
+        .expect("/bin/busybox (Debian package busybox-static) is needed for the chroot test");
+    let mut layer = vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("bin/"),
+        TarEntry::file("bin/busybox", busybox).mode(0o755),
+    ];
+    for applet in ["sh", "echo", "cat", "ls", "true"] {
+        layer.push(TarEntry::symlink(format!("bin/{applet}"), "busybox"));
+    }
+    layer.push(TarEntry::dir("etc/"));
+    layer.push(TarEntry::file("etc/motd", "hello from a busybox image\n"));
+    layer.push(TarEntry::dir("tmp/").mode(0o1777));
+    make_tar_image(dir, tag, &[layer])
+}
+
+/// Deterministic, incompressible test bytes.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Every object file under `CACHE/objects` (recursively), sorted.
+pub fn object_files(cache: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![cache.join("objects")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => out.push(p),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `CACHE/objects/<2 hex>/<62 hex>` of content with sha256 `hex`.
+pub fn object_path(cache: &Path, hex: &str) -> PathBuf {
+    cache.join("objects").join(&hex[..2]).join(&hex[2..])
+}
+
+/// The sha256 hex an object file is named by (`<2 hex>` dir + `<62 hex>`).
+pub fn object_name(p: &Path) -> String {
+    format!(
+        "{}{}",
+        p.parent().unwrap().file_name().unwrap().to_string_lossy(),
+        p.file_name().unwrap().to_string_lossy()
+    )
+}
+
+/// `apt-layer cache ARGS --cache-dir CACHE` (stats, verify, gc).
+pub fn cache_cmd(cache: &Path, args: &[&str]) -> CliOutput {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    v.insert(0, "cache".into());
+    v.push("--cache-dir".into());
+    v.push(cache.display().to_string());
+    let refs: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+    apt_layer(&refs, Duration::from_secs(120))
+}
+
+/// `apt-layer cache stats --cache-dir CACHE` parsed.
+pub fn cache_stats(cache: &Path) -> Value {
+    cache_cmd(cache, &["stats"]).json()
+}
+
+/// Flips one byte (bitwise not) of `p` at `offset`.
+pub fn flip_byte(p: &Path, offset: u64) {
+    use std::io::{Seek, SeekFrom};
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b).unwrap();
+    b[0] = !b[0];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&b).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Drops the kernel's clean page cache (and dentries/inodes), so that the
+/// next read of a FUSE file goes to the daemon.
+pub fn drop_caches() {
+    unsafe { libc::sync() };
+    fs::write("/proc/sys/vm/drop_caches", "3\n").expect("write /proc/sys/vm/drop_caches");
+}
+
+/// Makes sure the registry's access log has caught up: sends a request with
+/// a unique marker and waits until its access-log line appears. Requests
+/// the registry finished before the marker are in the log afterwards.
+pub fn registry_log_barrier(reg: &Registry) {
+    let marker = format!("/v2/?apt-layer-barrier={}", free_port());
+    let _ = http("GET", &reg.host(), &marker, &[], &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || reg.log().contains(&marker)),
+        "registry access log never showed {marker}"
+    );
+}
+
+/// `GET` request lines (`GET /v2/… HTTP/1.1`) of the registry log from
+/// `offset` on that fetch blob `digest`.
+pub fn blob_gets_since(reg: &Registry, offset: usize, digest: &str) -> usize {
+    reg.requests_since(offset)
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.contains(&format!("/blobs/{digest}")))
+        .count()
+}

@@ -1,0 +1,1398 @@
+//! `<tag>/rootfs` and the content cache through a real FUSE mount
+//! (DESIGN.md §2, §5): the merged tree against `umoci unpack` (the oracle)
+//! for every layer format, laziness and streaming seen in the registry's
+//! access log, chroot into a busybox image, the content-addressed cache
+//! (restart, eviction, sharing, corruption, `cache stats|verify|gc`), the
+//! `status` file, and bad layers (escaping paths, corrupt gzip, bytes that
+//! fail their digest).
+//!
+//! Test images are hand-written tar layers ([`TarEntry`], added with
+//! `umoci raw add-layer`) so that every edge case is exactly what the test
+//! says; one test uses umoci's own `insert` layers, which Debian's umoci
+//! 0.4.7 writes without the tar padding and end-of-archive blocks.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const EIO: i32 = libc::EIO;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("apt-layer-rootfs-")
+        .tempdir()
+        .unwrap()
+}
+
+fn rootfs(m: &Mount, host: &str, repo: &str, tag: &str) -> PathBuf {
+    m.join(format!("{host}/{repo}/{tag}/rootfs"))
+}
+
+/// A mount of `reg` with its own fresh cache.
+fn mount_of(reg: &Registry) -> Mount {
+    Mount::builder().insecure(&reg.host()).start()
+}
+
+/// A mount of `reg` on the cache directory `cache`, with more arguments.
+fn mount_on_cache(reg: &Registry, cache: &Path, args: &[&str]) -> Mount {
+    let mut b = Mount::builder().insecure(&reg.host()).cache_dir(cache);
+    for a in args {
+        b = b.arg(a);
+    }
+    b.start()
+}
+
+/// sha256 hex of every regular file of a (local) tree.
+fn content_hashes(root: &Path) -> BTreeSet<String> {
+    let snap = snapshot_tree(root);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    snap.nodes
+        .values()
+        .filter_map(|n| n.sha256.clone())
+        .collect()
+}
+
+/// Waits (≤ 10 s) until a new line of the daemon log (after byte `since`)
+/// is a WARN or ERROR line containing one of `needles`; panics otherwise.
+fn assert_log_line(m: &Mount, since: usize, needles: &[&str], what: &str) {
+    let found = wait_until(Duration::from_secs(10), || {
+        let log = m.log();
+        log.get(since..).unwrap_or_default().lines().any(|l| {
+            (l.contains("ERROR") || l.contains("WARN")) && needles.iter().any(|n| l.contains(n))
+        })
+    });
+    assert!(
+        found,
+        "{what}: no WARN/ERROR line in the daemon log naming any of {needles:?}; log since then:\n{}",
+        tail(m.log().get(since..).unwrap_or_default(), 40)
+    );
+}
+
+/// Runs `cmd` and returns (status, stdout, stderr), killing it after
+/// `limit` (then panics: a hang).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> (std::process::ExitStatus, String, String) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.reopen().unwrap())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?} (hang)");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    (
+        status,
+        fs::read_to_string(out.path()).unwrap(),
+        fs::read_to_string(err.path()).unwrap(),
+    )
+}
+
+/// Drops the page cache of one file of the mount (and, best effort, all
+/// clean caches) so that its next read reaches the daemon.
+fn evict_page_cache(p: &Path) {
+    let p2 = p.to_path_buf();
+    within(FS_GUARD, "fadvise", move || {
+        if let Ok(f) = fs::File::open(&p2) {
+            use std::os::fd::AsRawFd;
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    });
+    unsafe { libc::sync() };
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// `git`-style short digest for messages.
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+// ---------------------------------------------------------------------------
+// The edge-case image
+// ---------------------------------------------------------------------------
+
+/// `security.capability` v2: cap_net_bind_service (bit 10) permitted.
+const CAP_NET_BIND_SERVICE: &[u8] = &[
+    0x00, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00,
+];
+
+fn long_file_name() -> String {
+    format!("long/{}", "n".repeat(150))
+}
+
+/// Three layers covering the OCI layer semantics and tar features umoci
+/// unpacks. Every directory has a tar entry (umoci gives implicit parents
+/// the time of the unpack). Layer 1 uses plain names, layer 2 `./` names,
+/// layer 3 absolute names.
+fn edge_layers() -> Vec<Vec<TarEntry>> {
+    let long_dir = format!("long/{}/", "d".repeat(120));
+    let long_in_dir = format!("long/{}/{}", "d".repeat(120), "f".repeat(60));
+    let long_target = format!("/{}/target", "t".repeat(130));
+    let l1 = vec![
+        TarEntry::dir("./").mtime(1_000_000_000),
+        TarEntry::dir("etc/").mtime(1_000_000_001),
+        TarEntry::file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n").mtime(1_000_000_002),
+        TarEntry::file("etc/shadow", "root:*:18000:0:99999:7:::\n").mode(0o600),
+        TarEntry::file("etc/nomode", "no permission bits at all\n").mode(0o000),
+        TarEntry::symlink("etc/abs", "/usr/bin/tool").mtime(1_000_000_003),
+        TarEntry::symlink("etc/dangling", "/nonexistent/target"),
+        TarEntry::symlink("etc/up", "../../../etc/passwd"),
+        TarEntry::symlink("etc/longlink", &long_target),
+        TarEntry::symlink("bin", "usr/bin"),
+        TarEntry::dir("usr/"),
+        TarEntry::dir("usr/bin/").mtime(1_000_000_004),
+        TarEntry::file("usr/bin/tool", "#!/bin/sh\necho tool\n")
+            .mode(0o755)
+            .xattr("security.capability", CAP_NET_BIND_SERVICE)
+            .xattr("user.comment", "hello")
+            .xattr("trusted.overlay.test", b"\x00\x01binary\xff".to_vec()),
+        TarEntry::file("usr/bin/tool2", "tool2 v1\n").xattr("user.a", "1"),
+        TarEntry::file("usr/bin/su", "setuid binary\n").mode(0o4755),
+        TarEntry::file("usr/bin/wall", "setgid binary\n")
+            .mode(0o2755)
+            .owner(0, 5),
+        TarEntry::dir("usr/lib/").mtime(1_000_000_010),
+        // Larger than the ~4 MiB gzip checkpoint spacing, twice over.
+        TarEntry::file("usr/lib/big.bin", pseudo_random(1, 9 << 20)),
+        TarEntry::dir("tmp/").mode(0o1777),
+        TarEntry::dir("shared/").mode(0o2775).owner(1000, 1000),
+        TarEntry::dir("home/"),
+        TarEntry::dir("home/user/")
+            .mode(0o700)
+            .owner(1000, 1000)
+            .mtime(1_100_000_000),
+        TarEntry::file("home/user/.profile", "export PS1='$ '\n")
+            .mode(0o640)
+            .owner(1000, 1000),
+        TarEntry::dir("var/"),
+        TarEntry::file("var/lowerfile", "lower layer file\n")
+            .mode(0o640)
+            .owner(7, 8)
+            .xattr("user.lower", "1"),
+        TarEntry::file("var/hl_a", "hard-link group\n"),
+        TarEntry::hardlink("var/hl_b", "var/hl_a"),
+        TarEntry::hardlink("var/hl_c", "var/hl_a"),
+        TarEntry::file("var/hl_keep", "another group\n"),
+        TarEntry::hardlink("var/hl_keep2", "var/hl_keep"),
+        TarEntry::dir("gone/"),
+        TarEntry::file("gone/a", "a\n"),
+        TarEntry::dir("gone/sub/"),
+        TarEntry::file("gone/sub/b", "b\n"),
+        TarEntry::dir("gone2/"),
+        TarEntry::file("gone2/x", "x\n"),
+        TarEntry::dir("gone3/"),
+        TarEntry::file("gone3/old", "old\n"),
+        TarEntry::dir("opq/").mtime(1_200_000_000),
+        TarEntry::file("opq/a", "a\n"),
+        TarEntry::dir("opq/sub/"),
+        TarEntry::file("opq/sub/b", "b\n"),
+        TarEntry::dir("wh/").mtime(1_300_000_000),
+        TarEntry::file("wh/keep", "keep\n"),
+        TarEntry::file("wh/del", "del\n"),
+        TarEntry::symlink("wh/del_link", "keep"),
+        TarEntry::file("swap_f2d", "a file that becomes a directory\n"),
+        TarEntry::dir("swap_d2f/"),
+        TarEntry::file("swap_d2f/child", "child\n"),
+        TarEntry::dir("dev/"),
+        TarEntry::chardev("dev/null", 1, 3),
+        TarEntry::chardev("dev/tty0", 4, 0).mode(0o620).owner(0, 5),
+        TarEntry::blockdev("dev/sda", 8, 0).owner(0, 6),
+        TarEntry::blockdev("dev/loop300", 7, 300),
+        TarEntry::fifo("dev/initctl").mode(0o600),
+        TarEntry::dir("long/"),
+        TarEntry::file(long_file_name(), "GNU long name\n"),
+        TarEntry::dir(&long_dir).pax_long_names(),
+        TarEntry::file(&long_in_dir, "PAX long name\n").pax_long_names(),
+        TarEntry::hardlink(format!("long/hl-to-{}", "h".repeat(110)), long_file_name()),
+        TarEntry::symlink("long/pax-link", &long_target).pax_long_names(),
+        TarEntry::dir("names/"),
+        TarEntry::file("names/ünïcødé-日本語.txt", "unicode\n"),
+        TarEntry::file("names/emoji-🦀", "crab\n"),
+        TarEntry::file(b"names/latin1-\xe9t\xe9-\xff\xfe".to_vec(), "not utf-8\n"),
+        TarEntry::file("names/with space", "space\n"),
+        TarEntry::file("names/new\nline", "newline\n"),
+        TarEntry::dir("pax/"),
+        TarEntry::file("pax/frac-mtime", "fractional\n")
+            .mtime(5)
+            .pax("mtime", "1600000000.75"),
+        TarEntry::file("pax/big-owner", "big ids\n")
+            .pax("uid", "3000000")
+            .pax("gid", "3000001"),
+        TarEntry::file("empty", ""),
+        TarEntry::dir("xdir/").xattr("user.dir", "on a directory"),
+    ];
+    let l2 = vec![
+        TarEntry::whiteout(".", "gone"),
+        TarEntry::whiteout("./wh", "del"),
+        TarEntry::whiteout("./wh", "del_link"),
+        TarEntry::dir("./opq/").mtime(1_250_000_000),
+        TarEntry::opaque("./opq"),
+        TarEntry::file("./opq/new", "new\n"),
+        // Hard link to a file of the layer below.
+        TarEntry::hardlink("./var/link2lower", "./var/lowerfile"),
+        TarEntry::whiteout(".", "gone2"),
+        // Whiteout and re-creation in the same layer.
+        TarEntry::whiteout(".", "gone3"),
+        TarEntry::dir("./gone3/").mtime(1_400_000_000),
+        TarEntry::file("./gone3/fresh", "fresh\n"),
+        TarEntry::dir("./swap_f2d/"),
+        TarEntry::file("./swap_f2d/child", "child of a former file\n"),
+        TarEntry::file("./swap_d2f", "a directory became this file\n"),
+        TarEntry::file("./etc/passwd", "root:x:0:0:root:/root:/bin/ash\n").mtime(1_000_000_500),
+        // Replaced: xattrs and mode of the lower file do not survive.
+        TarEntry::file("./usr/bin/tool2", "tool2 v2\n")
+            .mode(0o700)
+            .xattr("user.b", "2"),
+        // The group's first name goes; the other two stay linked.
+        TarEntry::whiteout("./var", "hl_a"),
+    ];
+    let l3 = vec![
+        // A directory recreated one layer after its whiteout.
+        TarEntry::dir("/gone2/").mtime(1_450_000_000),
+        TarEntry::file("/gone2/y", "y\n"),
+        // New file in a lower directory: its mtime stays the lower one.
+        TarEntry::file("/usr/lib/added", "added later\n"),
+        // Hard link across two layers to a setuid file.
+        TarEntry::hardlink("/usr/bin/su-link", "/usr/bin/su"),
+        // Replacing one name of a hard-link group splits the group.
+        TarEntry::file("/var/hl_keep", "replaced\n"),
+        // A directory entry over an existing directory: new metadata, old
+        // children.
+        TarEntry::dir("/etc/").mode(0o751).mtime(1_000_000_600),
+    ];
+    vec![l1, l2, l3]
+}
+
+/// Checks that umoci made of the edge-case image what the test means (so a
+/// passing comparison is not vacuous).
+fn check_edge_oracle(o: &Path) {
+    let exists = |p: &str| fs::symlink_metadata(o.join(p)).is_ok();
+    for gone in [
+        "gone",
+        "gone2/x",
+        "gone3/old",
+        "opq/a",
+        "opq/sub",
+        "wh/del",
+        "wh/del_link",
+        "var/hl_a",
+        "swap_d2f/child",
+    ] {
+        assert!(!exists(gone), "oracle still has {gone}");
+    }
+    for here in [
+        "gone2/y",
+        "gone3/fresh",
+        "opq/new",
+        "wh/keep",
+        "swap_f2d/child",
+        "usr/lib/added",
+        "dev/initctl",
+    ] {
+        assert!(exists(here), "oracle lacks {here}");
+    }
+    let ino = |p: &str| fs::symlink_metadata(o.join(p)).unwrap().ino();
+    assert_eq!(ino("var/link2lower"), ino("var/lowerfile"));
+    assert_eq!(ino("var/hl_b"), ino("var/hl_c"));
+    assert_eq!(ino("usr/bin/su-link"), ino("usr/bin/su"));
+    assert_ne!(ino("var/hl_keep"), ino("var/hl_keep2"));
+    let x = lxattrs(&o.join("usr/bin/tool")).unwrap();
+    assert_eq!(
+        x.get(&b"security.capability"[..]).map(|v| &v[..]),
+        Some(CAP_NET_BIND_SERVICE)
+    );
+    assert!(x.contains_key(&b"trusted.overlay.test"[..]));
+    let md = fs::symlink_metadata(o.join("usr/bin/su")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o4755);
+    assert_eq!(
+        fs::symlink_metadata(o.join("pax/frac-mtime"))
+            .unwrap()
+            .mtime(),
+        1_600_000_000
+    );
+    assert!(
+        fs::symlink_metadata(o.join(OsStr::from_bytes(b"names/latin1-\xe9t\xe9-\xff\xfe"))).is_ok()
+    );
+    assert!(fs::symlink_metadata(o.join(long_file_name())).is_ok());
+}
+
+/// The edge-case image in `work/oci:edge` and its umoci unpack.
+fn edge_image(work: &Path) -> (PathBuf, PathBuf) {
+    let layout = make_tar_image(work, "edge", &edge_layers());
+    let oracle = umoci_unpack(&layout_ref(&layout, "edge"), &work.join("bundle-edge"));
+    check_edge_oracle(&oracle);
+    (layout, oracle)
+}
+
+fn layer_media_types(host: &str, repo: &str, tag: &str) -> Vec<String> {
+    let (bytes, _) = get_manifest(host, repo, tag, None);
+    let m: Value = serde_json::from_slice(&bytes).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The oracle itself
+// ---------------------------------------------------------------------------
+
+/// compare_trees finds nothing between two unpacks of one image (nothing
+/// nondeterministic is compared) and finds each kind of change.
+#[test]
+fn compare_trees_is_deterministic_and_catches_differences() {
+    require_env();
+    let work = tempdir();
+    let (layout, a) = edge_image(work.path());
+    let b = umoci_unpack(&layout_ref(&layout, "edge"), &work.path().join("bundle-b"));
+    let diffs = compare_trees(&b, &a);
+    assert!(diffs.is_empty(), "two umoci unpacks differ: {diffs:#?}");
+
+    // Break one property per path and expect a difference naming it.
+    fs::set_permissions(
+        b.join("usr/bin/su"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    fs::write(b.join("wh/keep"), "changed\n").unwrap();
+    fs::remove_file(b.join("var/hl_c")).unwrap();
+    fs::copy(b.join("var/hl_b"), b.join("var/hl_c")).unwrap();
+    let c = std::ffi::CString::new(b.join("xdir").as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new("user.dir").unwrap();
+    assert_eq!(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) }, 0);
+    fs::remove_file(b.join("etc/abs")).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/other", b.join("etc/abs")).unwrap();
+    fs::write(b.join("extra"), "x").unwrap();
+    let diffs = compare_trees(&b, &a).join("\n");
+    for want in [
+        "\"usr/bin/su\": mode",
+        "\"wh/keep\": content",
+        "hard-link group",
+        "\"xdir\": xattrs",
+        "\"etc/abs\": symlink target",
+        "\"extra\": extra in ours",
+        "\"var/hl_c\": mtime",
+    ] {
+        assert!(diffs.contains(want), "no {want:?} in:\n{diffs}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// rootfs equals umoci unpack
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rootfs_equals_umoci_unpack_edge_cases() {
+    require_env();
+    let work = tempdir();
+    let (layout, oracle) = edge_image(work.path());
+    let reg = Registry::start();
+    let h = reg.host();
+    let image = layout_ref(&layout, "edge");
+    push(&image, &format!("{h}/edge/oci:1"), Format::Oci);
+    push(&image, &format!("{h}/edge/v2s2:1"), Format::V2s2);
+    assert!(
+        layer_media_types(&h, "edge/oci", "1")
+            .iter()
+            .all(|t| t == "application/vnd.oci.image.layer.v1.tar+gzip")
+    );
+    assert!(
+        layer_media_types(&h, "edge/v2s2", "1")
+            .iter()
+            .all(|t| t == "application/vnd.docker.image.rootfs.diff.tar.gzip")
+    );
+    let m = mount_of(&reg);
+    assert_trees_equal(&rootfs(&m, &h, "edge/oci", "1"), &oracle, "OCI tar+gzip");
+    assert_trees_equal(
+        &rootfs(&m, &h, "edge/v2s2", "1"),
+        &oracle,
+        "Docker v2s2 tar.gzip",
+    );
+}
+
+/// The same image with `tar+zstd` layers (skopeo --dest-compress-format
+/// zstd) and with uncompressed `tar` layers (pushed by hand: skopeo
+/// compresses them). umoci 0.4.7 cannot unpack zstd layers, so the oracle
+/// is the unpack of the gzip original: same tar streams, same diff_ids.
+#[test]
+fn rootfs_of_zstd_and_uncompressed_layers_equals_umoci_unpack() {
+    require_env();
+    let work = tempdir();
+    let (layout, oracle) = edge_image(work.path());
+    let reg = Registry::start();
+    let h = reg.host();
+    push_zstd(&layout_ref(&layout, "edge"), &format!("{h}/edge/zstd:1"));
+    assert!(
+        layer_media_types(&h, "edge/zstd", "1")
+            .iter()
+            .all(|t| t == "application/vnd.oci.image.layer.v1.tar+zstd"),
+        "skopeo did not write zstd layers: {:?}",
+        layer_media_types(&h, "edge/zstd", "1")
+    );
+    push_layout_uncompressed(&layout, "edge", &h, "edge/tar", "1");
+    assert!(
+        layer_media_types(&h, "edge/tar", "1")
+            .iter()
+            .all(|t| t == "application/vnd.oci.image.layer.v1.tar")
+    );
+    let m = mount_of(&reg);
+    assert_trees_equal(&rootfs(&m, &h, "edge/zstd", "1"), &oracle, "OCI tar+zstd");
+    assert_trees_equal(&rootfs(&m, &h, "edge/tar", "1"), &oracle, "OCI tar");
+}
+
+/// Images built by the harness's `make_image` (`umoci insert`, `--opaque`,
+/// `--whiteout`, unpack/repack): Debian's umoci 0.4.7 ends `insert` layers
+/// right after the last file's data, without padding or the two zero
+/// blocks, and umoci unpack accepts that.
+#[test]
+fn rootfs_of_umoci_insert_layers_without_tar_trailer() {
+    require_env();
+    let work = tempdir();
+    let spec = ImageSpec::new("ins")
+        .tree(vec![
+            Entry::dir("etc").mtime(1_500_000_000),
+            Entry::file("etc/hostname", "inserted\n").mtime(1_500_000_001),
+            Entry::file("etc/secret", "0600\n").mode(0o600).owner(1, 2),
+            Entry::dir("srv").mtime(1_500_000_002),
+            Entry::file("srv/a", "a\n"),
+            Entry::file("srv/b", "b\n"),
+            Entry::hardlink("srv/b-link", "srv/b"),
+            Entry::symlink("srv/abs", "/etc/hostname"),
+            Entry::fifo("srv/fifo"),
+            Entry::chardev("srv/null", 1, 3),
+            Entry::file("srv/x", "xattr\n").xattr("user.k", "v"),
+        ])
+        .layer(Layer::Opaque {
+            target: "srv".into(),
+            entries: vec![Entry::file("only", "only this is left\n")],
+        })
+        .layer(Layer::Whiteout("etc/secret".into()))
+        .tree(vec![Entry::file("etc/last", "odd length")]);
+    let layout = make_image(work.path(), &spec);
+    let image = layout_ref(&layout, "ins");
+    let manifest = layout_manifest(&layout, "ins");
+    let untrailed = manifest_layer_digests(&manifest)
+        .iter()
+        .filter(|d| gunzip(&layout_blob(&layout, d)).len() % 512 != 0)
+        .count();
+    eprintln!("{untrailed} umoci layers end without tar padding/trailer");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/ins:1"), Format::Oci);
+    let m = mount_of(&reg);
+    assert_trees_equal(&rootfs(&m, &h, "ins", "1"), &oracle, "umoci insert layers");
+}
+
+// ---------------------------------------------------------------------------
+// Laziness
+// ---------------------------------------------------------------------------
+
+fn two_layer_files() -> Vec<Vec<TarEntry>> {
+    vec![
+        vec![
+            TarEntry::dir("./"),
+            TarEntry::dir("data/"),
+            TarEntry::file("data/one", pseudo_random(11, 200_000)),
+            TarEntry::file("data/two", "two\n".repeat(3000)),
+            TarEntry::dir("etc/"),
+            TarEntry::file("etc/os-release", "ID=test\n"),
+        ],
+        vec![
+            TarEntry::file("data/three", pseudo_random(12, 70_000)),
+            TarEntry::file("etc/os-release", "ID=test\nVERSION=2\n"),
+        ],
+    ]
+}
+
+#[test]
+fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "lazy", &two_layer_files());
+    let image = layout_ref(&layout, "lazy");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/lazy:1"), Format::Oci);
+    let manifest = layout_manifest(&layout, "lazy");
+    let layers = manifest_layer_digests(&manifest);
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+
+    let m = mount_of(&reg);
+    registry_log_barrier(&reg);
+    let off = reg.log_len();
+    let tag = m.join(format!("{h}/lazy/1"));
+    // `ls -l <tag>` and reading the metadata files.
+    let names = list(&tag).expect("ls tag dir");
+    assert!(
+        names.iter().any(|n| n == "rootfs"),
+        "no rootfs in {names:?}"
+    );
+    for n in &names {
+        if n == "image.cfs" {
+            continue; // made on first open: not part of opening the tag
+        }
+        stat(tag.join(n)).unwrap_or_else(|e| panic!("stat {n}: {e}"));
+    }
+    for f in ["manifest.json", "config.json", "digest", "inspect.json"] {
+        read(tag.join(f)).unwrap_or_else(|e| panic!("read {f}: {e}"));
+    }
+    assert!(stat(tag.join("rootfs")).unwrap().is_dir());
+    registry_log_barrier(&reg);
+    let reqs = reg.requests_since(off);
+    for l in &layers {
+        assert!(
+            !reqs.iter().any(|r| r.contains(l.as_str())),
+            "opening the tag fetched layer {l}: {reqs:#?}"
+        );
+    }
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains("/manifests/") || r.contains(&config)),
+        "the tag was opened without the registry? {reqs:#?}"
+    );
+
+    // Using rootfs streams each layer, once.
+    assert_trees_equal(&rootfs(&m, &h, "lazy", "1"), &oracle, "lazy rootfs");
+    registry_log_barrier(&reg);
+    for l in &layers {
+        let n = blob_gets_since(&reg, off, l);
+        assert_eq!(
+            n,
+            1,
+            "layer {l} fetched {n} times for one full read of rootfs: {:#?}",
+            reg.requests_since(off)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// chroot
+// ---------------------------------------------------------------------------
+
+#[test]
+fn chroot_into_busybox_image() {
+    require_env();
+    let work = tempdir();
+    let layout = busybox_image(work.path(), "bb");
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "bb"),
+        &format!("{h}/busybox:1"),
+        Format::Oci,
+    );
+    let m = mount_of(&reg);
+    let root = rootfs(&m, &h, "busybox", "1");
+    let (status, out, err) = run_bounded(
+        Command::new("chroot")
+            .arg(&root)
+            .args(["/bin/sh", "-c", "echo hi"]),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "chroot sh -c 'echo hi': {status}\n{err}");
+    assert_eq!(out, "hi\n");
+    let (status, out, err) = run_bounded(
+        Command::new("chroot")
+            .arg(&root)
+            .args(["/bin/sh", "-c", "cat /etc/motd && ls /bin"]),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "chroot cat/ls: {status}\n{err}");
+    assert_eq!(
+        out,
+        "hello from a busybox image\nbusybox\ncat\necho\nls\nsh\ntrue\n"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The cache
+// ---------------------------------------------------------------------------
+
+#[test]
+fn restart_fetches_no_blob_again() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "r", &two_layer_files());
+    let image = layout_ref(&layout, "r");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/restart:1"), Format::Oci);
+    let cache = tempdir();
+
+    let mut m1 = mount_on_cache(&reg, cache.path(), &[]);
+    assert_trees_equal(&rootfs(&m1, &h, "restart", "1"), &oracle, "first mount");
+    m1.stop();
+    drop(m1);
+
+    registry_log_barrier(&reg);
+    let off = reg.log_len();
+    let m2 = mount_on_cache(&reg, cache.path(), &[]);
+    assert_trees_equal(&rootfs(&m2, &h, "restart", "1"), &oracle, "after restart");
+    registry_log_barrier(&reg);
+    let blobs: Vec<String> = reg
+        .requests_since(off)
+        .into_iter()
+        .filter(|r| r.contains("/blobs/"))
+        .collect();
+    assert!(
+        blobs.is_empty(),
+        "blobs fetched again after a restart on the same cache: {blobs:#?}"
+    );
+}
+
+/// Files of `n` × `size` bytes, distinct content, over two layers.
+fn many_files(n: usize, size: usize, seed: u64) -> Vec<Vec<TarEntry>> {
+    let mut l1 = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
+    let mut l2 = Vec::new();
+    for i in 0..n {
+        let e = TarEntry::file(format!("f/{i:02}"), pseudo_random(seed + i as u64, size));
+        if i % 2 == 0 { l1.push(e) } else { l2.push(e) }
+    }
+    vec![l1, l2]
+}
+
+fn assert_objects_well_formed(cache: &Path) {
+    for p in object_files(cache) {
+        let name = object_name(&p);
+        assert!(
+            name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()),
+            "object {} is not objects/<2 hex>/<62 hex>",
+            p.display()
+        );
+        assert_eq!(
+            sha256_hex(&fs::read(&p).unwrap()),
+            name,
+            "object {} is not named by its sha256",
+            p.display()
+        );
+    }
+}
+
+fn objects_bytes(cache: &Path) -> u64 {
+    object_files(cache)
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn eviction_under_small_cache_size_then_reread_correct() {
+    require_env();
+    const LIMIT: u64 = 64 * 1024;
+    let work = tempdir();
+    // 16 × 12 KiB = 192 KiB of content for a 64 KiB cache.
+    let layout = make_tar_image(work.path(), "ev", &many_files(16, 12 * 1024, 100));
+    let image = layout_ref(&layout, "ev");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/evict:1"), Format::Oci);
+    let cache = tempdir();
+    let mut m = mount_on_cache(&reg, cache.path(), &["--cache-size", "64k"]);
+    let root = rootfs(&m, &h, "evict", "1");
+    assert_trees_equal(&root, &oracle, "first read under a 64k cache");
+    assert!(
+        objects_bytes(cache.path()) <= LIMIT,
+        "objects hold {} bytes with --cache-size 64k",
+        objects_bytes(cache.path())
+    );
+    // Evicted objects come back transparently, with the right bytes.
+    assert_trees_equal(&root, &oracle, "second read (evicted objects refetched)");
+    assert_trees_equal(&root, &oracle, "third read");
+    assert!(
+        objects_bytes(cache.path()) <= LIMIT,
+        "objects hold {} bytes with --cache-size 64k after rereads",
+        objects_bytes(cache.path())
+    );
+    m.stop();
+    assert_objects_well_formed(cache.path());
+    let stats = cache_stats(cache.path());
+    let files = object_files(cache.path());
+    assert_eq!(stats["objects"], files.len(), "stats objects: {stats}");
+    assert_eq!(
+        stats["bytes"],
+        objects_bytes(cache.path()),
+        "stats bytes: {stats}"
+    );
+    assert!(
+        stats["bytes"].as_u64().expect("bytes") <= LIMIT,
+        "stats bytes over the limit: {stats}"
+    );
+    assert!(
+        stats["limit"].is_null() || stats["limit"] == LIMIT,
+        "stats limit: {stats}"
+    );
+    assert!(stats["layers"].as_u64().expect("layers") >= 2, "{stats}");
+    assert!(
+        stats["metadata"].as_u64().expect("metadata") >= 1,
+        "{stats}"
+    );
+}
+
+#[test]
+fn shared_layer_is_stored_once() {
+    require_env();
+    let work = tempdir();
+    let f = |name: &str, seed: u64| TarEntry::file(name, pseudo_random(seed, 4096 + seed as usize));
+    let base = vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("usr/"),
+        f("usr/s1", 1),
+        f("usr/s2", 2),
+        f("usr/s3", 3),
+        f("usr/s4", 4),
+        f("usr/s5", 5),
+    ];
+    let layout = make_tar_image(work.path(), "base", &[base]);
+    for (tag, layer) in [
+        ("a", vec![TarEntry::dir("a/"), f("a/a1", 21), f("a/a2", 22)]),
+        (
+            "b",
+            vec![
+                TarEntry::dir("b/"),
+                f("b/b1", 31),
+                f("b/b2", 32),
+                f("b/b3", 33),
+                // Same content as a file of the shared layer: no new object.
+                f("b/copy-of-s1", 1),
+            ],
+        ),
+    ] {
+        run(Command::new("umoci").args(["tag", "--image", &layout_ref(&layout, "base"), tag]));
+        add_tar_layer(&layout_ref(&layout, tag), &tar_bytes(&layer));
+    }
+    let shared = manifest_layer_digests(&layout_manifest(&layout, "a"))[0].clone();
+    assert_eq!(
+        manifest_layer_digests(&layout_manifest(&layout, "b"))[0],
+        shared
+    );
+    let oa = umoci_unpack(&layout_ref(&layout, "a"), &work.path().join("ba"));
+    let ob = umoci_unpack(&layout_ref(&layout, "b"), &work.path().join("bb"));
+    let ha = content_hashes(&oa);
+    let hb = content_hashes(&ob);
+    let union: BTreeSet<String> = ha.union(&hb).cloned().collect();
+    assert_eq!(ha.len(), 7);
+    assert_eq!(union.len(), 10);
+
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "a"),
+        &format!("{h}/one:1"),
+        Format::Oci,
+    );
+    push(
+        &layout_ref(&layout, "b"),
+        &format!("{h}/two:1"),
+        Format::Oci,
+    );
+    registry_log_barrier(&reg);
+    let off = reg.log_len();
+    let m = mount_of(&reg);
+    let cache = m.cache_dir().to_path_buf();
+    let names =
+        |c: &Path| -> BTreeSet<String> { object_files(c).iter().map(|p| object_name(p)).collect() };
+
+    assert_trees_equal(&rootfs(&m, &h, "one", "1"), &oa, "image one");
+    wait_until(Duration::from_secs(10), || names(&cache) == ha);
+    assert_eq!(
+        names(&cache),
+        ha,
+        "objects after reading image one are not its distinct file contents"
+    );
+    assert_trees_equal(&rootfs(&m, &h, "two", "1"), &ob, "image two");
+    wait_until(Duration::from_secs(10), || names(&cache) == union);
+    assert_eq!(
+        names(&cache),
+        union,
+        "objects after reading both images: the shared layer's files must be stored once"
+    );
+    registry_log_barrier(&reg);
+    assert_eq!(
+        blob_gets_since(&reg, off, &shared),
+        1,
+        "the shared layer {shared} was fetched again for the second image: {:#?}",
+        reg.requests_since(off)
+    );
+}
+
+#[test]
+fn corrupted_object_is_detected_and_refetched() {
+    require_env();
+    let work = tempdir();
+    let v1 = pseudo_random(201, 40_000);
+    let v2 = pseudo_random(202, 50_000);
+    let layers = vec![vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("data/"),
+        TarEntry::file("data/victim1", v1.clone()),
+        TarEntry::file("data/victim2", v2.clone()),
+        TarEntry::file("data/other", pseudo_random(203, 10_000)),
+    ]];
+    let layout = make_tar_image(work.path(), "c", &layers);
+    let image = layout_ref(&layout, "c");
+    let layer = manifest_layer_digests(&layout_manifest(&layout, "c"))[0].clone();
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/corrupt:1"), Format::Oci);
+    let cache = tempdir();
+
+    let mut m1 = mount_on_cache(&reg, cache.path(), &[]);
+    let root = rootfs(&m1, &h, "corrupt", "1");
+    assert_trees_equal(&root, &oracle, "first read");
+    let o1 = object_path(cache.path(), &sha256_hex(&v1));
+    let o2 = object_path(cache.path(), &sha256_hex(&v2));
+    for o in [&o1, &o2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || o.exists()),
+            "no object {} after reading the file; objects: {:?}",
+            o.display(),
+            object_files(cache.path())
+        );
+    }
+
+    // While mounted: a flipped byte is never served.
+    flip_byte(&o1, 20_000);
+    evict_page_cache(&root.join("data/victim1"));
+    let got = read(root.join("data/victim1")).expect("read victim1 after corrupting its object");
+    assert!(
+        got == v1,
+        "victim1 read back wrong bytes after its object was corrupted"
+    );
+    m1.stop();
+    drop(m1);
+
+    // After a restart: detected, refetched from the registry.
+    flip_byte(&o2, 1_000);
+    registry_log_barrier(&reg);
+    let off = reg.log_len();
+    let m2 = mount_on_cache(&reg, cache.path(), &[]);
+    let root = rootfs(&m2, &h, "corrupt", "1");
+    let got = read(root.join("data/victim2")).expect("read victim2 after restart");
+    assert!(
+        got == v2,
+        "victim2 read back wrong bytes from a corrupted object"
+    );
+    let got = read(root.join("data/victim1")).expect("read victim1 after restart");
+    assert!(got == v1, "victim1 read back wrong bytes after restart");
+    registry_log_barrier(&reg);
+    assert!(
+        blob_gets_since(&reg, off, &layer) >= 1,
+        "the corrupted object was not refetched from the registry: {:#?}",
+        reg.requests_since(off)
+    );
+    let sound = |o: &Path, want: &[u8]| match fs::read(o) {
+        Ok(b) => b == want,
+        Err(_) => true,
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || sound(&o2, &v2)),
+        "corrupted object {} still on disk after the refetch",
+        o2.display()
+    );
+    assert_trees_equal(&root, &oracle, "after refetch");
+}
+
+#[test]
+fn status_reports_layers() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "s", &two_layer_files());
+    let image = layout_ref(&layout, "s");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    let digest = push(&image, &format!("{h}/status:1"), Format::Oci);
+    let (mbytes, _) = get_manifest(&h, "status", "1", None);
+    let manifest: Value = serde_json::from_slice(&mbytes).unwrap();
+    let mlayers = manifest["layers"].as_array().unwrap().clone();
+    let m = mount_of(&reg);
+    let status_path = m.join(format!("{h}/status/1/status"));
+    let status = || -> Value {
+        let b = read(&status_path).expect("read status");
+        serde_json::from_slice(&b)
+            .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", String::from_utf8_lossy(&b)))
+    };
+
+    let s = status();
+    assert_eq!(s["manifest"], digest.as_str(), "status manifest: {s}");
+    assert_eq!(
+        s["top"],
+        digest.as_str(),
+        "status top (single-platform tag): {s}"
+    );
+    let layers = s["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no layers: {s}"));
+    assert_eq!(layers.len(), mlayers.len(), "{s}");
+    for (l, ml) in layers.iter().zip(&mlayers) {
+        assert_eq!(l["digest"], ml["digest"], "{s}");
+        assert_eq!(l["media_type"], ml["mediaType"], "{s}");
+        assert_eq!(l["size"], ml["size"], "{s}");
+        assert!(
+            l["format"].as_str().is_some_and(|f| !f.is_empty()),
+            "format: {s}"
+        );
+        assert!(
+            l["mode"].as_str().is_some_and(|f| !f.is_empty()),
+            "mode: {s}"
+        );
+        assert_eq!(l["state"], "not fetched", "before rootfs is used: {s}");
+        assert_eq!(l["bytes_fetched"], 0, "before rootfs is used: {s}");
+        assert!(l["objects_cached"].is_u64(), "objects_cached: {s}");
+    }
+
+    assert_trees_equal(&rootfs(&m, &h, "status", "1"), &oracle, "status image");
+    let indexed = wait_until(Duration::from_secs(30), || {
+        status()["layers"]
+            .as_array()
+            .is_some_and(|ls| ls.iter().all(|l| l["state"] == "indexed"))
+    });
+    let s = status();
+    assert!(
+        indexed,
+        "layers not all \"indexed\" 30 s after rootfs was read: {s}"
+    );
+    for (l, ml) in s["layers"].as_array().unwrap().iter().zip(&mlayers) {
+        assert_eq!(
+            l["bytes_fetched"], ml["size"],
+            "bytes_fetched of a fully read layer: {s}"
+        );
+        assert!(
+            l["objects_cached"].as_u64().is_some_and(|n| n > 0),
+            "objects_cached of a layer whose files were read (unbounded cache): {s}"
+        );
+    }
+}
+
+/// Reads `HOST/REPO:1` whole through a fresh mount on `cache`, then stops
+/// the daemon.
+fn fill_cache(reg: &Registry, repo: &str, cache: &Path, oracle: &Path) {
+    let mut m = mount_on_cache(reg, cache, &[]);
+    assert_trees_equal(
+        &rootfs(&m, &reg.host(), repo, "1"),
+        oracle,
+        "filling the cache",
+    );
+    m.stop();
+}
+
+#[test]
+fn cache_verify_names_bad_objects() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "v", &many_files(6, 3000, 300));
+    let image = layout_ref(&layout, "v");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    push(&image, &format!("{}/verify:1", reg.host()), Format::Oci);
+    let cache = tempdir();
+    fill_cache(&reg, "verify", cache.path(), &oracle);
+    let objects = object_files(cache.path());
+    assert_eq!(
+        objects.len(),
+        6,
+        "one object per distinct file: {objects:?}"
+    );
+    assert_objects_well_formed(cache.path());
+    let out = cache_cmd(cache.path(), &["verify"]);
+    assert!(out.status.success(), "verify of a sound cache: {out:?}");
+
+    let (bad, good) = objects.split_at(2);
+    flip_byte(&bad[0], 100);
+    let len = fs::metadata(&bad[1]).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&bad[1])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = cache_cmd(cache.path(), &["verify"]);
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), out.stderr);
+    assert!(
+        !out.status.success(),
+        "verify with bad objects exited 0:\n{text}"
+    );
+    let rel = |p: &Path| {
+        let n = object_name(p);
+        format!("{}/{}", &n[..2], &n[2..])
+    };
+    for b in bad {
+        assert!(
+            text.contains(&rel(b)),
+            "verify did not name {}:\n{text}",
+            rel(b)
+        );
+        assert!(!b.exists(), "bad object {} was not removed", b.display());
+    }
+    for g in good {
+        assert!(
+            !text.contains(&rel(g)),
+            "verify named a good object {}:\n{text}",
+            rel(g)
+        );
+        assert!(g.exists(), "good object {} was removed", g.display());
+    }
+    let out = cache_cmd(cache.path(), &["verify"]);
+    assert!(out.status.success(), "second verify: {out:?}");
+    assert_eq!(cache_stats(cache.path())["objects"], 4);
+}
+
+#[test]
+fn cache_gc_evicts_down_to_size() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "g", &many_files(8, 4096, 400));
+    let image = layout_ref(&layout, "g");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    push(&image, &format!("{}/gc:1", reg.host()), Format::Oci);
+    let cache = tempdir();
+    fill_cache(&reg, "gc", cache.path(), &oracle);
+    let before = cache_stats(cache.path());
+    assert_eq!(before["objects"], 8, "{before}");
+    assert_eq!(before["bytes"], 8 * 4096, "{before}");
+    let out = cache_cmd(cache.path(), &["gc", "--cache-size", "10k"]);
+    assert!(out.status.success(), "cache gc: {out:?}");
+    let after = cache_stats(cache.path());
+    assert!(after["bytes"].as_u64().unwrap() <= 10 * 1024, "{after}");
+    assert_eq!(after["bytes"], objects_bytes(cache.path()), "{after}");
+    assert_eq!(
+        after["metadata"], before["metadata"],
+        "gc touched metadata: {after}"
+    );
+    assert_eq!(
+        after["layers"], before["layers"],
+        "gc dropped layer indexes: {after}"
+    );
+    assert_objects_well_formed(cache.path());
+    // What gc removed comes back.
+    let m = mount_on_cache(&reg, cache.path(), &[]);
+    assert_trees_equal(&rootfs(&m, &reg.host(), "gc", "1"), &oracle, "after gc");
+}
+
+// ---------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------
+
+/// A good image on `reg` (`good/img:1`) and its oracle.
+fn good_image(reg: &Registry, work: &Path) -> PathBuf {
+    let layout = make_tar_image(work, "good", &two_layer_files());
+    let image = layout_ref(&layout, "good");
+    push(&image, &format!("{}/good/img:1", reg.host()), Format::Oci);
+    umoci_unpack(&image, &work.join("bundle-good"))
+}
+
+fn assert_image_is_eio(m: &Mount, root: &Path, what: &str) {
+    assert_errno(list(root), EIO, &format!("{what}: ls rootfs"));
+    assert_errno(
+        stat(root.join("etc/ok")),
+        EIO,
+        &format!("{what}: stat rootfs/etc/ok"),
+    );
+    // Still EIO the second time: nothing half-made was kept.
+    assert_errno(list(root), EIO, &format!("{what}: ls rootfs again"));
+    let _ = m;
+}
+
+fn base_layer() -> Vec<u8> {
+    tar_bytes(&[
+        TarEntry::dir("./"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/ok", "fine\n"),
+    ])
+}
+
+/// Find a file named `name` anywhere under `dir`.
+fn find_named(dir: &Path, name: &str) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().contains(name) {
+                return Some(e.path());
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn escaping_entries_are_eio_and_other_images_still_served() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let h = reg.host();
+    let good = good_image(&reg, work.path());
+    let token = format!("escape-{}", free_port());
+    let cases: Vec<(&str, Vec<TarEntry>, String)> = vec![
+        (
+            "dotdot",
+            vec![TarEntry::file(format!("../{token}"), "escaped\n")],
+            format!("../{token}"),
+        ),
+        (
+            "dotdot-mid",
+            vec![
+                TarEntry::dir("a/"),
+                TarEntry::file(format!("a/../../{token}"), "escaped\n"),
+            ],
+            token.clone(),
+        ),
+        (
+            "dotdot-deep",
+            vec![TarEntry::file(
+                format!("etc/../../../../tmp/{token}"),
+                "escaped\n",
+            )],
+            token.clone(),
+        ),
+        (
+            "hardlink-outside",
+            vec![TarEntry::hardlink("etc/hl", "../../../../etc/passwd")],
+            "../../../../etc/passwd".to_string(),
+        ),
+        (
+            "hardlink-missing",
+            vec![TarEntry::hardlink("etc/hl", "etc/no-such-file")],
+            "no-such-file".to_string(),
+        ),
+    ];
+    let mut pushed = Vec::new();
+    for (name, bad, needle) in &cases {
+        let layers = [
+            RawLayer::gzip(&base_layer()),
+            RawLayer::gzip(&tar_bytes(bad)),
+        ];
+        push_raw_image(&h, &format!("bad/{name}"), "1", &layers);
+        pushed.push((name, layers[1].bytes.clone(), needle.clone()));
+    }
+    let mut m = mount_of(&reg);
+    for (name, bad_layer, needle) in &pushed {
+        let since = m.log().len();
+        let root = rootfs(&m, &h, &format!("bad/{name}"), "1");
+        assert_image_is_eio(&m, &root, name);
+        let digest = sha256_hex(bad_layer);
+        assert_log_line(
+            &m,
+            since,
+            &[&digest[..16], needle.as_str(), &format!("bad/{name}")],
+            name,
+        );
+        assert!(m.is_running(), "daemon died on {name}; log:\n{}", m.log());
+        assert_errno(
+            stat(m.join(format!("{h}/bad/{name}/1/{token}"))),
+            libc::ENOENT,
+            "escaped file next to rootfs",
+        );
+    }
+    for p in [
+        PathBuf::from("/").join(&token),
+        PathBuf::from("/tmp").join(&token),
+    ] {
+        assert!(
+            !p.exists(),
+            "an escaping entry was written to {}",
+            p.display()
+        );
+    }
+    assert_eq!(
+        find_named(m.cache_dir(), &token),
+        None,
+        "escaped name in the cache"
+    );
+    assert_trees_equal(
+        &rootfs(&m, &h, "good/img", "1"),
+        &good,
+        "good image next to bad ones",
+    );
+}
+
+#[test]
+fn corrupt_gzip_layer_is_eio() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let h = reg.host();
+    let good = good_image(&reg, work.path());
+    let text: Vec<u8> = (0..20_000)
+        .flat_map(|i| format!("line {i} of a compressible file\n").into_bytes())
+        .collect();
+    let tar = tar_bytes(&[
+        TarEntry::dir("data/"),
+        TarEntry::file("data/text", text),
+        TarEntry::file("data/end", "end\n"),
+    ]);
+    let gz = gzip(&tar);
+    let truncated = gz[..gz.len() * 6 / 10].to_vec();
+    let mut flipped = gz.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] = !flipped[mid];
+    let mut cases = Vec::new();
+    for (name, bytes) in [("truncated", truncated), ("flipped", flipped)] {
+        let bad = RawLayer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            bytes,
+            diff_id: sha256_digest(&tar),
+        };
+        let layers = [RawLayer::gzip(&base_layer()), bad.clone()];
+        push_raw_image(&h, &format!("gz/{name}"), "1", &layers);
+        cases.push((name, sha256_hex(&bad.bytes)));
+    }
+    let mut m = mount_of(&reg);
+    for (name, digest) in &cases {
+        let since = m.log().len();
+        let root = rootfs(&m, &h, &format!("gz/{name}"), "1");
+        assert_image_is_eio(&m, &root, name);
+        assert_errno(
+            read(root.join("data/text")),
+            EIO,
+            &format!("{name}: read a file of the corrupt layer"),
+        );
+        assert_log_line(&m, since, &[&digest[..16], &format!("gz/{name}")], name);
+        assert!(m.is_running(), "daemon died on {name}; log:\n{}", m.log());
+    }
+    assert_trees_equal(
+        &rootfs(&m, &h, "good/img", "1"),
+        &good,
+        "good image next to bad ones",
+    );
+}
+
+#[test]
+fn layer_bytes_failing_digest_are_eio_and_not_cached() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let good = good_image(&reg, work.path());
+    let good_payload = "GOOD payload line\n".repeat(4000).into_bytes();
+    let evil_payload = "EVIL payload line\n".repeat(4000).into_bytes();
+    let mk = |payload: &[u8]| {
+        tar_bytes(&[
+            TarEntry::dir("./"),
+            TarEntry::dir("etc/"),
+            TarEntry::file("etc/ok", "fine\n"),
+            TarEntry::dir("data/"),
+            TarEntry::file("data/payload", payload.to_vec()),
+        ])
+    };
+    let (t1, t2) = (mk(&good_payload), mk(&evil_payload));
+    // Stored deflate blocks: both blobs have the same size, so only the
+    // digest tells them apart.
+    let (gz1, gz2) = (gzip_stored(&t1), gzip_stored(&t2));
+    assert_eq!(gz1.len(), gz2.len());
+    let layer_digest = sha256_digest(&gz1);
+    let config = raw_config(&[sha256_digest(&t1)]);
+    let config_digest = sha256_digest(&config);
+    let manifest = raw_manifest(
+        &config,
+        &[(
+            "application/vnd.oci.image.layer.v1.tar+gzip".to_string(),
+            layer_digest.clone(),
+            gz1.len(),
+        )],
+    );
+    let manifest_digest = sha256_digest(&manifest);
+    let (m2, c2, g2, ld, cd, md) = (
+        manifest.clone(),
+        config.clone(),
+        gz2.clone(),
+        layer_digest.clone(),
+        config_digest.clone(),
+        manifest_digest.clone(),
+    );
+    let fault = FaultServer::start(move |_method, target| {
+        let (path, _) = split_target(target);
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+        if path == "/v2/wrong/img/manifests/1" || path == format!("/v2/wrong/img/manifests/{md}") {
+            FaultReply::bytes(200, mt, m2.clone()).with_header("Docker-Content-Digest", &md)
+        } else if path == format!("/v2/wrong/img/blobs/{cd}") {
+            FaultReply::bytes(200, "application/octet-stream", c2.clone())
+        } else if path == format!("/v2/wrong/img/blobs/{ld}") {
+            FaultReply::bytes(200, "application/octet-stream", g2.clone())
+        } else if path == "/v2/wrong/img/tags/list" {
+            FaultReply::json(200, r#"{"name":"wrong/img","tags":["1"]}"#)
+        } else {
+            FaultReply::Default
+        }
+    });
+    let mut m = Mount::builder()
+        .insecure(&reg.host())
+        .insecure(&fault.host())
+        .start();
+    let fh = fault.host();
+    let root = rootfs(&m, &fh, "wrong/img", "1");
+    let since = m.log().len();
+    assert_errno(list(&root), EIO, "ls rootfs of a layer failing its digest");
+    assert_errno(
+        read(root.join("data/payload")),
+        EIO,
+        "read a file of a layer failing its digest",
+    );
+    assert_errno(list(&root), EIO, "ls rootfs again");
+    assert!(
+        fault.count(&format!("/v2/wrong/img/blobs/{layer_digest}")) >= 1,
+        "the layer was never requested: {:?}",
+        fault.requests()
+    );
+    let cache = m.cache_dir().to_path_buf();
+    for (what, payload) in [("wrong", &evil_payload), ("expected", &good_payload)] {
+        let o = object_path(&cache, &sha256_hex(payload));
+        assert!(!o.exists(), "{what} payload cached as {}", o.display());
+    }
+    assert!(
+        object_files(&cache).is_empty(),
+        "objects from a layer that failed its digest: {:?}",
+        object_files(&cache)
+    );
+    let expected_hex = hex_of(&layer_digest).to_string();
+    let actual_hex = sha256_hex(&gz2);
+    let both = wait_until(Duration::from_secs(10), || {
+        m.log()
+            .get(since..)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&expected_hex) && l.contains(&actual_hex))
+    });
+    assert!(
+        both,
+        "no log line with both digests (expected {expected_hex}, got {actual_hex}):\n{}",
+        tail(m.log().get(since..).unwrap_or_default(), 40)
+    );
+    assert!(m.is_running(), "daemon died; log:\n{}", m.log());
+    assert_trees_equal(
+        &rootfs(&m, &reg.host(), "good/img", "1"),
+        &good,
+        "good image after a digest failure",
+    );
+}
