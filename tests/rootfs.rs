@@ -123,7 +123,27 @@ fn evict_page_cache(p: &Path) {
     let _ = fs::write("/proc/sys/vm/drop_caches", "3\n");
 }
 
-/// `git`-style short digest for messages.
+/// (status, bytes sent) of every `GET` of blob `digest` in the registry's
+/// access log from `offset` on (`"GET /v2/…/blobs/<digest> HTTP/1.1" 206 …`).
+fn blob_get_responses_since(reg: &Registry, offset: usize, digest: &str) -> Vec<(u16, u64)> {
+    let blob = format!("/blobs/{digest} ");
+    reg.log_since(offset)
+        .lines()
+        .filter_map(|l| {
+            let start = l.find('"')? + 1;
+            let rest = &l[start..];
+            let end = rest.find('"')?;
+            let req = &rest[..end];
+            if !(req.starts_with("GET ") && req.contains(&blob) && req.contains(" HTTP/")) {
+                return None;
+            }
+            let mut it = rest[end + 1..].split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The hex part of a `sha256:` digest.
 fn hex_of(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
@@ -723,9 +743,26 @@ fn eviction_under_small_cache_size_then_reread_correct() {
         "objects hold {} bytes with --cache-size 64k",
         objects_bytes(cache.path())
     );
-    // Evicted objects come back transparently, with the right bytes.
+    // Evicted objects come back transparently, with the right bytes, and
+    // by Range requests (DESIGN.md §2: "any later read of evicted content
+    // is a Range request for one span, never the whole layer"; these
+    // layers are smaller than one span).
+    registry_log_barrier(&reg);
+    let reread = reg.log_len();
     assert_trees_equal(&root, &oracle, "second read (evicted objects refetched)");
     assert_trees_equal(&root, &oracle, "third read");
+    registry_log_barrier(&reg);
+    for layer in manifest_layer_digests(&layout_manifest(&layout, "ev")) {
+        let full: Vec<(u16, u64)> = blob_get_responses_since(&reg, reread, &layer)
+            .into_iter()
+            .filter(|(status, _)| *status != 206)
+            .collect();
+        assert!(
+            full.is_empty(),
+            "evicted content of layer {layer} was refetched without a Range request \
+             (status, bytes): {full:?}"
+        );
+    }
     assert!(
         objects_bytes(cache.path()) <= LIMIT,
         "objects hold {} bytes with --cache-size 64k after rereads",
