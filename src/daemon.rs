@@ -121,7 +121,10 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     cfg.clone_fd = true;
 
     std::fs::create_dir_all(&opts.mountpoint).ok();
-    let fs = Fs::new(tree, rt.handle().clone());
+    let mut fs = Fs::new(tree, rt.handle().clone());
+    if !opts.passthrough {
+        fs = fs.without_passthrough();
+    }
     let mut session = fuser::Session::new(fs, &opts.mountpoint, &cfg)
         .map_err(|e| format!("cannot mount {}: {e}", opts.mountpoint.display()))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), cache = %opts.cache_dir.display(), "serving");

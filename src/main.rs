@@ -78,6 +78,17 @@ enum Cmd {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Inspect or maintain the cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+        /// Cache directory.
+        #[arg(long, value_name = "DIR", global = true)]
+        cache_dir: Option<PathBuf>,
+        /// Size bound (for `gc`; shown by `stats`).
+        #[arg(long, value_name = "SIZE", global = true)]
+        cache_size: Option<String>,
+    },
     /// Print the JSON `skopeo list-tags docker://REPO` prints.
     ListTags {
         /// Repository (`registry/repo`).
@@ -85,6 +96,16 @@ enum Cmd {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Counts and sizes, as JSON.
+    Stats,
+    /// Evict least recently used objects down to --cache-size; remove leftovers.
+    Gc,
+    /// Hash every object and metadata blob; remove and name the bad ones.
+    Verify,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +146,11 @@ fn main() -> ExitCode {
             o.insecure_registries.extend(insecure_registry);
             daemon::mount(o, foreground, ready_fd)
         })(),
+        Cmd::Cache {
+            cmd,
+            cache_dir,
+            cache_size,
+        } => cache(cmd, cache_dir, cache_size),
         Cmd::Inspect { reference, reg } => {
             runtime().and_then(|rt| rt.block_on(inspect(&reference, &reg)))
         }
@@ -210,4 +236,60 @@ async fn list_tags(repository: &str, reg: &RegistryArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     std::io::Write::write_all(&mut std::io::stdout(), &list_tags_json(&r.name(), &tags))
         .map_err(|e| e.to_string())
+}
+
+fn cache(cmd: CacheCmd, dir: Option<PathBuf>, size: Option<String>) -> Result<(), String> {
+    use apt_layer::cas::ObjectStore;
+    let dir = dir.unwrap_or_else(|| MountOptions::new(PathBuf::new()).cache_dir);
+    if !dir.is_dir() {
+        return Err(format!("{} is not a cache directory", dir.display()));
+    }
+    let limit = size.as_deref().map(parse_size).transpose()?;
+    let e = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let bound = match cmd {
+        CacheCmd::Gc => limit.ok_or("cache gc needs --cache-size")?,
+        _ => u64::MAX,
+    };
+    let objects = ObjectStore::open(&dir, bound).map_err(e)?;
+    let meta = apt_layer::store::MetaStore::open(&dir).map_err(e)?;
+    let layers = apt_layer::layer::IndexStore::open(&dir).map_err(e)?;
+    let stats = |o: &ObjectStore| {
+        let s = o.stats();
+        serde_json::json!({
+            "objects": s.objects,
+            "bytes": s.bytes,
+            "limit": limit,
+            "layers": layers.count(),
+            "metadata": meta.count(),
+        })
+    };
+    match cmd {
+        CacheCmd::Stats | CacheCmd::Gc => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&stats(&objects)).expect("json")
+            );
+            Ok(())
+        }
+        CacheCmd::Verify => {
+            let mut bad = objects.verify_all();
+            bad.extend(meta.verify_all());
+            for p in &bad {
+                println!("bad: {}", p.display());
+            }
+            if bad.is_empty() {
+                println!(
+                    "ok: {} objects, {} metadata blobs verified",
+                    objects.stats().objects,
+                    meta.count()
+                );
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} damaged entries removed; they will be fetched again",
+                    bad.len()
+                ))
+            }
+        }
+    }
 }

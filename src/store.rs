@@ -78,6 +78,34 @@ impl MetaStore {
     }
 }
 
+impl MetaStore {
+    /// Number of metadata blobs.
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(self.root.join("blobs/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Hashes every blob; removes and returns the paths of damaged ones.
+    pub fn verify_all(&self) -> Vec<PathBuf> {
+        let mut bad = Vec::new();
+        let Ok(dir) = std::fs::read_dir(self.root.join("blobs/sha256")) else {
+            return bad;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ok = std::fs::read(e.path())
+                .map(|d| sha256_digest(&d) == format!("sha256:{name}"))
+                .unwrap_or(false);
+            if !ok {
+                let _ = std::fs::remove_file(e.path());
+                bad.push(e.path());
+            }
+        }
+        bad
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,8 @@ pub struct MountOptions {
     pub outbox_settle: Duration,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Let the kernel read cached objects directly (FUSE passthrough).
+    pub passthrough: bool,
     /// Log file when daemonised (default `<cache_dir>/apt-layer.log`).
     pub log_file: Option<PathBuf>,
 }
@@ -57,6 +59,7 @@ impl MountOptions {
             outbox_settle: Duration::from_secs(2),
             threads: 4,
             log_file: None,
+            passthrough: true,
         }
     }
 
@@ -86,6 +89,8 @@ impl MountOptions {
                 "threads" => {
                     self.threads = need(v)?.parse().map_err(|_| format!("bad threads={v:?}"))?
                 }
+                "passthrough" => self.passthrough = true,
+                "nopassthrough" => self.passthrough = false,
                 "log" | "log_file" => self.log_file = Some(PathBuf::from(need(v)?)),
                 // Generic options mount(8) and fstab hand to every helper.
                 "rw"

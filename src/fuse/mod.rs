@@ -33,7 +33,11 @@ use std::os::unix::fs::FileExt;
 
 enum Handle {
     Dir(Arc<Vec<DirEntry>>),
-    File(Arc<OpenFile>),
+    /// An open file; the backing id (passthrough) must live until release.
+    File(
+        Arc<OpenFile>,
+        #[allow(dead_code)] Option<Arc<fuser::BackingId>>,
+    ),
 }
 
 /// The FUSE filesystem: a model plus the runtime that runs its waits.
@@ -42,9 +46,22 @@ pub struct Fs {
     rt: tokio::runtime::Handle,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     next_fh: AtomicU64,
+    /// The kernel reads local objects directly (FUSE passthrough, ≥ 6.9).
+    passthrough: bool,
+    /// The kernel allows one backing file per inode at a time: opens of an
+    /// inode share its backing id while any of them is open.
+    backings: Arc<Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>>,
+    /// Whether passthrough may be used at all (mount option).
+    allow_passthrough: bool,
 }
 
 impl Fs {
+    /// Turns FUSE passthrough off (on by default where the kernel has it).
+    pub fn without_passthrough(mut self) -> Fs {
+        self.allow_passthrough = false;
+        self
+    }
+
     /// Serves `tree`, running slow work on `rt`.
     pub fn new(tree: Arc<Tree>, rt: tokio::runtime::Handle) -> Fs {
         Fs {
@@ -52,6 +69,9 @@ impl Fs {
             rt,
             handles: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
+            passthrough: false,
+            backings: Arc::new(Mutex::new(HashMap::new())),
+            allow_passthrough: true,
         }
     }
 
@@ -124,6 +144,14 @@ impl Filesystem for Fs {
         }
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        if self.allow_passthrough
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough = true;
+        }
+        tracing::info!(passthrough = self.passthrough, "FUSE session initialised");
         Ok(())
     }
 
@@ -261,6 +289,8 @@ impl Filesystem for Fs {
         }
         let (tree, handles) = (self.tree.clone(), self.handles.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let passthrough = self.passthrough;
+        let backings = self.backings.clone();
         self.run(async move {
             match tree.open(ino.0).await {
                 Ok(f) => {
@@ -271,11 +301,41 @@ impl Filesystem for Fs {
                     if f.direct_io {
                         flags |= FopenFlags::FOPEN_DIRECT_IO;
                     }
-                    handles
-                        .lock()
-                        .unwrap()
-                        .insert(fh, Handle::File(Arc::new(f)));
-                    reply.opened(FileHandle(fh), flags);
+                    // Complete local objects: let the kernel read the file itself.
+                    let backing = match (&f.content, passthrough) {
+                        (Content::File(file), true) => {
+                            let mut map = backings.lock().unwrap();
+                            match map.get(&ino.0).and_then(std::sync::Weak::upgrade) {
+                                Some(id) => Some(id),
+                                None => match reply.open_backing(&**file) {
+                                    Ok(id) => {
+                                        let id = Arc::new(id);
+                                        map.insert(ino.0, Arc::downgrade(&id));
+                                        Some(id)
+                                    }
+                                    Err(e) => {
+                                        tracing::debug!(error = %e, "passthrough unavailable for this open");
+                                        None
+                                    }
+                                },
+                            }
+                        }
+                        _ => None,
+                    };
+                    let f = Arc::new(f);
+                    match backing {
+                        Some(id) => {
+                            // The kernel refuses KEEP_CACHE with passthrough
+                            // (the backing file's page cache is used instead).
+                            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
+                            handles.lock().unwrap().insert(fh, Handle::File(f, Some(id.clone())));
+                            reply.opened_passthrough(FileHandle(fh), flags, &id);
+                        }
+                        None => {
+                            handles.lock().unwrap().insert(fh, Handle::File(f, None));
+                            reply.opened(FileHandle(fh), flags);
+                        }
+                    }
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -294,7 +354,7 @@ impl Filesystem for Fs {
         reply: ReplyData,
     ) {
         let file = match self.handles.lock().unwrap().get(&fh.0) {
-            Some(Handle::File(f)) => f.clone(),
+            Some(Handle::File(f, _)) => f.clone(),
             _ => return reply.error(Errno::EBADF),
         };
         match &file.content {
