@@ -611,6 +611,46 @@ fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
     }
 }
 
+/// Several readers at once over a cold image: every one sees the right
+/// tree, and each layer is still streamed once (one fetch per layer, not
+/// one per reader).
+#[test]
+fn concurrent_readers_stream_each_layer_once() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "cc", &two_layer_files());
+    let image = layout_ref(&layout, "cc");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/concurrent:1"), Format::Oci);
+    let layers = manifest_layer_digests(&layout_manifest(&layout, "cc"));
+    let m = mount_of(&reg);
+    registry_log_barrier(&reg);
+    let off = reg.log_len();
+    let root = rootfs(&m, &h, "concurrent", "1");
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (root, oracle) = (root.clone(), oracle.clone());
+            thread::spawn(move || compare_trees(&root, &oracle))
+        })
+        .collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        let diffs = r.join().expect("reader thread");
+        assert!(diffs.is_empty(), "reader {i}: {diffs:#?}");
+    }
+    registry_log_barrier(&reg);
+    for l in &layers {
+        let n = blob_gets_since(&reg, off, l);
+        assert_eq!(
+            n,
+            1,
+            "layer {l} fetched {n} times for 4 concurrent readers: {:#?}",
+            reg.requests_since(off)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // chroot
 // ---------------------------------------------------------------------------
