@@ -400,6 +400,16 @@ impl Write for ObjectWriter<'_> {
 }
 
 impl ObjectWriter<'_> {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
     /// Names the object by its hash and puts it in place (or drops it if
     /// the store already has it). Returns its id and size.
     pub fn finish(self) -> io::Result<(ObjectId, u64)> {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::cas::ObjectId;
 
 /// Bump when the encoding changes; older indexes are re-made.
-pub const INDEX_VERSION: u32 = 1;
+pub const INDEX_VERSION: u32 = 2;
 
 /// A layer's compression, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +101,9 @@ pub struct IndexEntry {
     pub object: Option<ObjectId>,
     /// Offset of the content in the uncompressed tar stream.
     pub offset: u64,
+    /// Compressed bytes the decoder had consumed when this entry's content
+    /// was complete: a Range of `0..compressed_end` reaches it.
+    pub compressed_end: u64,
 }
 
 /// Everything known about one layer after it was read once.
@@ -152,6 +155,11 @@ impl IndexStore {
                 None
             }
         }
+    }
+
+    /// Whether an index for `digest` is on disk.
+    pub fn exists(&self, digest: &str) -> bool {
+        self.path(digest).exists()
     }
 
     /// Persists `index` (temporary file, then rename).

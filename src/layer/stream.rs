@@ -9,6 +9,9 @@
 
 use std::io::{self, Read, Write};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 
@@ -125,6 +128,85 @@ pub struct Progress {
     pub bytes_fetched: std::sync::atomic::AtomicU64,
     /// Objects written (or found already present).
     pub objects: std::sync::atomic::AtomicU64,
+    /// Compressed bytes fetched again (by Range) for evicted content.
+    pub bytes_refetched: std::sync::atomic::AtomicU64,
+}
+
+/// Counts compressed bytes the decoder has consumed, so each entry can
+/// record how much of the blob a Range request must cover to reach it.
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Runs `f` over the decompressed stream of `raw`.
+fn decoded<R: Read, T>(
+    raw: R,
+    compression: Compression,
+    f: impl FnOnce(&mut dyn Read) -> Result<T, StreamError>,
+) -> Result<T, StreamError> {
+    match compression {
+        Compression::None => f(&mut { raw }),
+        Compression::Gzip => f(&mut flate2::read::MultiGzDecoder::new(raw)),
+        Compression::Zstd => match zstd::stream::read::Decoder::new(raw) {
+            Ok(mut d) => f(&mut d),
+            Err(e) => Err(StreamError::Malformed(format!("zstd: {e}"))),
+        },
+    }
+}
+
+/// What to do after an entry.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Walks the tar entries of `decoded`, calling `on_entry` for each. With
+/// `drain`, reads the stream to its end afterwards (so the feeder sees the
+/// whole blob and the uncompressed digest is complete) and returns it.
+fn walk(
+    decoded: &mut dyn Read,
+    drain: bool,
+    mut on_entry: impl FnMut(
+        &mut tar::Entry<'_, HashReader<&mut dyn Read>>,
+    ) -> Result<Flow, StreamError>,
+) -> Result<(String, u64), StreamError> {
+    let hashed = HashReader {
+        inner: decoded,
+        hasher: Sha256::new(),
+        n: 0,
+    };
+    let mut archive = tar::Archive::new(hashed);
+    for entry in archive.entries().map_err(classify_read)? {
+        let mut entry = match entry {
+            Ok(e) => e,
+            // umoci's own layers end right after the last file's data, with
+            // neither padding nor end-of-archive blocks; umoci accepts them
+            // and so do we (the blob digest still covers every byte).
+            Err(e) if e.to_string() == "unexpected EOF during skip" => break,
+            Err(e) => return Err(classify_read(e)),
+        };
+        if let Flow::Stop = on_entry(&mut entry)? {
+            break;
+        }
+    }
+    let mut hashed = archive.into_inner();
+    if drain {
+        io::copy(&mut hashed, &mut io::sink()).map_err(classify_read)?;
+    }
+    let n = hashed.n;
+    Ok((
+        format!("sha256:{}", hex::encode(hashed.hasher.finalize())),
+        n,
+    ))
 }
 
 /// Reads a whole layer from `raw` (the compressed bytes) into an index,
@@ -138,22 +220,27 @@ pub fn index_layer<R: Read>(
     store: &ObjectStore,
     progress: &Progress,
 ) -> Result<LayerIndex, StreamError> {
-    let mut created = Vec::new();
-    let r = match compression {
-        Compression::None => read_all(raw, store, progress, &mut created),
-        Compression::Gzip => read_all(
-            flate2::read::MultiGzDecoder::new(raw),
-            store,
-            progress,
-            &mut created,
-        ),
-        Compression::Zstd => match zstd::stream::read::Decoder::new(raw) {
-            Ok(d) => read_all(d, store, progress, &mut created),
-            Err(e) => Err(StreamError::Malformed(format!("zstd: {e}"))),
-        },
+    let counter = Arc::new(AtomicU64::new(0));
+    let raw = Counting {
+        inner: raw,
+        n: counter.clone(),
     };
+    let mut created = Vec::new();
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let r = decoded(raw, compression, |d| {
+        walk(d, true, |entry| {
+            if let Some(e) = read_entry(entry, store, &mut buf, &mut created, &counter)? {
+                if e.kind == EntryKind::File {
+                    progress.objects.fetch_add(1, Ordering::Relaxed);
+                }
+                entries.push(e);
+            }
+            Ok(Flow::Continue)
+        })
+    });
     match r {
-        Ok((entries, diff_id, uncompressed_size)) => Ok(LayerIndex {
+        Ok((diff_id, uncompressed_size)) => Ok(LayerIndex {
             version: INDEX_VERSION,
             digest: digest.to_string(),
             compression,
@@ -171,36 +258,51 @@ pub fn index_layer<R: Read>(
     }
 }
 
-/// Walks the tar in `decoded`, then drains it so the feeder sees the end.
-fn read_all<D: Read>(
-    decoded: D,
+/// Re-reads part of a layer (a prefix fetched by Range) and stores only the
+/// `wanted` objects (entry data offset → object id from the verified
+/// index). Each is checked against its id: the index, pinned by the layer
+/// digest, is what verifies a range. Stops as soon as all are stored.
+/// Returns how many were stored.
+pub fn extract_objects<R: Read>(
+    raw: R,
+    compression: Compression,
+    wanted: &std::collections::HashMap<u64, ObjectId>,
     store: &ObjectStore,
-    progress: &Progress,
-    created: &mut Vec<ObjectId>,
-) -> Result<(Vec<IndexEntry>, String, u64), StreamError> {
-    let hashed = HashReader {
-        inner: decoded,
-        hasher: Sha256::new(),
-        n: 0,
+) -> Result<usize, StreamError> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let raw = Counting {
+        inner: raw,
+        n: counter.clone(),
     };
-    let mut archive = tar::Archive::new(hashed);
-    let mut entries = Vec::new();
+    let mut found = 0;
     let mut buf = vec![0u8; 256 << 10];
-    for entry in archive.entries().map_err(classify_read)? {
-        let mut entry = entry.map_err(classify_read)?;
-        if let Some(e) = read_entry(&mut entry, store, &mut buf, created)? {
-            if e.kind == EntryKind::File {
-                progress
-                    .objects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut created = Vec::new();
+    decoded(raw, compression, |d| {
+        walk(d, false, |entry| {
+            let Some(id) = wanted.get(&entry.raw_file_position()) else {
+                return Ok(Flow::Continue);
+            };
+            let e = read_entry(entry, store, &mut buf, &mut created, &counter)?;
+            match e.and_then(|e| e.object) {
+                Some(got) if got == *id => found += 1,
+                got => {
+                    if let Some(g) = got {
+                        store.remove(&g);
+                    }
+                    return Err(StreamError::Malformed(format!(
+                        "refetched content at offset {} does not match the layer index",
+                        entry.raw_file_position()
+                    )));
+                }
             }
-            entries.push(e);
-        }
-    }
-    let mut hashed = archive.into_inner();
-    io::copy(&mut hashed, &mut io::sink()).map_err(classify_read)?;
-    let diff_id = format!("sha256:{}", hex::encode(hashed.hasher.finalize()));
-    Ok((entries, diff_id, hashed.n))
+            Ok(if found == wanted.len() {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            })
+        })
+    })?;
+    Ok(found)
 }
 
 fn read_entry<R: Read>(
@@ -208,6 +310,7 @@ fn read_entry<R: Read>(
     store: &ObjectStore,
     buf: &mut [u8],
     created: &mut Vec<ObjectId>,
+    compressed: &AtomicU64,
 ) -> Result<Option<IndexEntry>, StreamError> {
     use tar::EntryType as T;
     let bad = |what: &str, e: io::Error| StreamError::Malformed(format!("{what}: {e}"));
@@ -287,6 +390,14 @@ fn read_entry<R: Read>(
             }
             w.write_all(&buf[..n]).map_err(StreamError::Local)?;
         }
+        if w.len() != entry.size() {
+            return Err(StreamError::Malformed(format!(
+                "{:?}: {} of {} bytes before the stream ended",
+                String::from_utf8_lossy(&path),
+                w.len(),
+                entry.size()
+            )));
+        }
         let (id, n, new) = w.finish_new().map_err(StreamError::Local)?;
         if new {
             created.push(id);
@@ -294,6 +405,7 @@ fn read_entry<R: Read>(
         object = Some(id);
         size = n;
     }
+    let compressed_end = compressed.load(Ordering::Relaxed);
     Ok(Some(IndexEntry {
         path,
         kind,
@@ -309,6 +421,7 @@ fn read_entry<R: Read>(
         xattrs,
         object,
         offset,
+        compressed_end,
     }))
 }
 

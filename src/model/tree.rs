@@ -304,7 +304,9 @@ impl Tree {
                     .layers
                     .get(n.layer as usize)
                     .ok_or(FsError::Stale(rf.base + i as u64))?;
-                self.layers.refetch(&rf.registry, &rf.repo, desc).await?;
+                self.layers
+                    .refetch(&rf.registry, &rf.repo, desc, id)
+                    .await?;
             }
         }
         Err(FsError::Io {
@@ -1180,6 +1182,7 @@ fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
                 "state": st.phase().as_str(),
                 "bytes_fetched": st.progress.bytes_fetched.load(Relaxed),
                 "objects_cached": st.progress.objects.load(Relaxed),
+                "bytes_refetched": st.progress.bytes_refetched.load(Relaxed),
             });
             if let Some(e) = st.error() {
                 v["error"] = serde_json::Value::String(e);

@@ -499,6 +499,58 @@ impl RegistryClient {
         Err(last_err.expect("at least the primary endpoint"))
     }
 
+    /// Bytes `offset..offset+len` of blob `digest`, by a Range request. The
+    /// caller verifies them against an index pinned by the blob's digest.
+    /// A registry that ignores Range sends the whole blob from offset 0;
+    /// with `offset == 0` that is still a correct stream (logged).
+    pub async fn blob_range(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+        RegistryError,
+    > {
+        self.check(registry, repo)?;
+        let what = format!("range {offset}+{len} of blob {digest} of {repo}");
+        let mut last_err = None;
+        for ep in self.inner.conf.pull_endpoints(registry, repo) {
+            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
+            let auth = self.registry_auth(&ep.host);
+            let res = self
+                .retrying(&ep.host, &what, || async {
+                    self.inner
+                        .oci
+                        .store_auth_if_needed(r.resolve_registry(), &auth)
+                        .await;
+                    self.inner
+                        .oci
+                        .pull_blob_stream_partial(&r, digest, offset, Some(len))
+                        .await
+                })
+                .await;
+            match res {
+                Ok(oci_client::client::BlobResponse::Partial(s)) => return Ok(s.stream),
+                Ok(oci_client::client::BlobResponse::Full(s)) if offset == 0 => {
+                    tracing::warn!(registry = %ep.host, digest, "registry ignored a Range request; reading from the start");
+                    return Ok(s.stream);
+                }
+                Ok(oci_client::client::BlobResponse::Full(_)) => {
+                    last_err = Some(RegistryError::Malformed {
+                        registry: ep.host.clone(),
+                        what: what.clone(),
+                        reason: "registry ignored the Range request".into(),
+                    })
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least the primary endpoint"))
+    }
+
     /// Applies `blocked` and returns the primary endpoint.
     fn check(&self, registry: &str, repo: &str) -> Result<Endpoint, RegistryError> {
         if self.inner.conf.is_blocked(registry, repo) {

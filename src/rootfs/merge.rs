@@ -438,6 +438,7 @@ mod tests {
             xattrs: Vec::new(),
             object: (kind == EntryKind::File).then_some([path.len() as u8; 32]),
             offset: 0,
+            compressed_end: 0,
         }
     }
 

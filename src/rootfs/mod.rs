@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::cas::ObjectStore;
+use crate::cas::{ObjectId, ObjectStore};
 use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
 use crate::layer::{Compression, IndexStore, LayerIndex};
 use crate::model::FsError;
@@ -64,7 +64,9 @@ pub struct LayerState {
     phase: AtomicU8,
     /// Bytes and objects so far.
     pub progress: Progress,
-    index: Mutex<Option<Arc<LayerIndex>>>,
+    /// The index while someone uses it; it lives on disk, not in memory,
+    /// once every rootfs that needed it is built.
+    index: Mutex<std::sync::Weak<LayerIndex>>,
     error: Mutex<Option<String>>,
 }
 
@@ -94,6 +96,7 @@ pub struct Layers {
     indexes: IndexStore,
     states: Mutex<HashMap<String, Arc<LayerState>>>,
     flights: Flights<String, Res<Arc<LayerIndex>>>,
+    refetch_flights: Flights<String, Res<()>>,
 }
 
 impl Layers {
@@ -105,6 +108,7 @@ impl Layers {
             indexes,
             states: Mutex::new(HashMap::new()),
             flights: Flights::default(),
+            refetch_flights: Flights::default(),
         }
     }
 
@@ -127,7 +131,6 @@ impl Layers {
                         i.entries.iter().filter(|e| e.object.is_some()).count() as u64,
                         Ordering::Relaxed,
                     );
-                    *s.index.lock().unwrap() = Some(Arc::new(i));
                     s.set(LayerPhase::Indexed);
                 }
                 Arc::new(s)
@@ -143,35 +146,156 @@ impl Layers {
         desc: &Descriptor,
     ) -> Res<Arc<LayerIndex>> {
         let st = self.state(&desc.digest);
-        if let Some(i) = st.index.lock().unwrap().clone() {
+        if let Some(i) = st.index.lock().unwrap().upgrade() {
             return Ok(i);
         }
         self.flights
             .run(desc.digest.clone(), || async {
-                if let Some(i) = st.index.lock().unwrap().clone() {
+                if let Some(i) = st.index.lock().unwrap().upgrade() {
                     return Ok(i);
                 }
+                if st.phase() == LayerPhase::Indexed {
+                    let (indexes, digest) = (self.indexes.clone(), desc.digest.clone());
+                    let loaded = tokio::task::spawn_blocking(move || indexes.load(&digest))
+                        .await
+                        .ok()
+                        .flatten();
+                    if let Some(i) = loaded {
+                        let i = Arc::new(i);
+                        *st.index.lock().unwrap() = Arc::downgrade(&i);
+                        return Ok(i);
+                    }
+                }
                 let idx = Arc::new(self.stream(registry, repo, desc, &st).await?);
-                if let Err(e) = self.indexes.save(&idx) {
+                let (indexes, to_save) = (self.indexes.clone(), idx.clone());
+                let saved = tokio::task::spawn_blocking(move || indexes.save(&to_save)).await;
+                if let Ok(Err(e)) = saved {
                     tracing::warn!(layer = %desc.digest, error = %e, "cannot persist layer index");
                 }
-                *st.index.lock().unwrap() = Some(idx.clone());
+                *st.index.lock().unwrap() = Arc::downgrade(&idx);
                 Ok(idx)
             })
             .await
     }
 
-    /// Reads layer `desc` again to restore evicted or damaged objects.
-    pub async fn refetch(&self, registry: &str, repo: &str, desc: &Descriptor) -> Res<()> {
-        let st = self.state(&desc.digest);
-        let key = format!("refetch:{}", desc.digest);
-        self.flights
+    /// Fetches object `id` of layer `desc` again (evicted or damaged): one
+    /// Range request for the prefix of the blob that holds it, located by
+    /// the layer's persisted index, and the content checked against `id`.
+    /// One flight per object, however many readers wait for it.
+    pub async fn refetch(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+        id: ObjectId,
+    ) -> Res<()> {
+        let key = format!("{}:{}", desc.digest, crate::cas::object_hex(&id));
+        self.refetch_flights
             .run(key, || async {
-                tracing::info!(layer = %desc.digest, "reading layer again for evicted content");
-                self.stream(registry, repo, desc, &st).await.map(Arc::new)
+                self.refetch_inner(registry, repo, desc, id).await
             })
             .await
-            .map(|_| ())
+    }
+
+    async fn refetch_inner(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+        id: ObjectId,
+    ) -> Res<()> {
+        let compression = layer_compression(registry, repo, desc)?;
+        let (indexes, digest) = (self.indexes.clone(), desc.digest.clone());
+        let index = tokio::task::spawn_blocking(move || indexes.load(&digest))
+            .await
+            .ok()
+            .flatten();
+        let Some(index) = index else {
+            tracing::info!(layer = %desc.digest, "no index on disk; reading the layer again");
+            let st = self.state(&desc.digest);
+            let idx = self.stream(registry, repo, desc, &st).await?;
+            let _ = self.indexes.save(&idx);
+            return Ok(());
+        };
+        let entry = index
+            .entries
+            .iter()
+            .find(|e| e.object == Some(id))
+            .ok_or_else(|| FsError::Io {
+                reason: format!(
+                    "layer {} has no object {}",
+                    desc.digest,
+                    crate::cas::object_hex(&id)
+                ),
+                no_space: false,
+            })?;
+        // The decoder may have read up to one buffer past the entry.
+        let end = (entry.compressed_end + (64 << 10)).min(desc.size).max(1);
+        let wanted: HashMap<u64, ObjectId> = HashMap::from([(entry.offset, id)]);
+        tracing::info!(layer = %desc.digest, object = %crate::cas::object_hex(&id), bytes = end, "fetching evicted content again");
+        let canonical = crate::registry::name::canonical_repo(registry, repo);
+        let body = self
+            .client
+            .blob_range(registry, &canonical, &desc.digest, 0, end)
+            .await?;
+        let (rx, feeder) = pump(body, None, end);
+        let store = self.store.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            crate::layer::stream::extract_objects(
+                ChannelReader::new(rx),
+                compression,
+                &wanted,
+                &store,
+            )
+        })
+        .await
+        .map_err(|e| FsError::Io {
+            reason: e.to_string(),
+            no_space: false,
+        })?;
+        let (_, n, net_error) = feeder.await.map_err(|e| FsError::Io {
+            reason: e.to_string(),
+            no_space: false,
+        })?;
+        self.state(&desc.digest)
+            .progress
+            .bytes_refetched
+            .fetch_add(n, Ordering::Relaxed);
+        match found {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(match net_error {
+                Some(reason) => RegistryError::Unavailable {
+                    registry: registry.into(),
+                    what: format!("layer {}", desc.digest),
+                    reason,
+                }
+                .into(),
+                None => FsError::BadImage {
+                    image: format!("{registry}/{repo}"),
+                    reason: format!(
+                        "layer {}: content not found where its index says",
+                        desc.digest
+                    ),
+                },
+            }),
+            Err(StreamError::Local(e)) => Err(FsError::Io {
+                no_space: e.raw_os_error() == Some(libc::ENOSPC),
+                reason: format!("cache write failed: {e}"),
+            }),
+            Err(StreamError::Interrupted(reason)) => Err(RegistryError::Unavailable {
+                registry: registry.into(),
+                what: format!("layer {}", desc.digest),
+                reason,
+            }
+            .into()),
+            Err(StreamError::Malformed(reason)) => {
+                tracing::error!(layer = %desc.digest, %reason, "refetched bytes do not match the layer index; nothing kept");
+                Err(FsError::BadImage {
+                    image: format!("{registry}/{repo}"),
+                    reason,
+                })
+            }
+        }
     }
 
     /// Streams one layer through the indexer; see the module contracts.
@@ -201,7 +325,7 @@ impl Layers {
                 *st.error.lock().unwrap() = None;
             }
             Err(e) => {
-                st.set(if st.index.lock().unwrap().is_some() {
+                st.set(if self.indexes.exists(&desc.digest) {
                     LayerPhase::Indexed
                 } else {
                     LayerPhase::Failed
@@ -222,46 +346,12 @@ impl Layers {
         compression: Compression,
     ) -> Res<LayerIndex> {
         let canonical = crate::registry::name::canonical_repo(registry, repo);
-        let mut body = self
+        let body = self
             .client
             .blob_stream(registry, &canonical, &desc.digest)
             .await?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
         let size = desc.size;
-        let st2 = st.clone();
-        let feeder = tokio::spawn(async move {
-            let mut hasher = Sha256::new();
-            let mut n = 0u64;
-            let mut net_error = None;
-            while let Some(chunk) = body.next().await {
-                match chunk {
-                    Ok(b) => {
-                        hasher.update(&b);
-                        n += b.len() as u64;
-                        st2.progress.bytes_fetched.store(n, Ordering::Relaxed);
-                        if n > size {
-                            let _ = tx
-                                .send(Err("more bytes than the descriptor's size".into()))
-                                .await;
-                            break;
-                        }
-                        if tx.send(Ok(b)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string())).await;
-                        net_error = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            (
-                format!("sha256:{}", hex::encode(hasher.finalize())),
-                n,
-                net_error,
-            )
-        });
+        let (rx, feeder) = pump(body, Some(st.clone()), size);
         let store = self.store.clone();
         let digest = desc.digest.clone();
         let st3 = st.clone();
@@ -330,6 +420,67 @@ impl Layers {
             }),
         }
     }
+}
+
+/// The compression of a layer, or a clear error for unsupported types.
+fn layer_compression(registry: &str, repo: &str, desc: &Descriptor) -> Res<Compression> {
+    Compression::from_media_type(&desc.media_type).ok_or_else(|| FsError::BadImage {
+        image: format!("{registry}/{repo}"),
+        reason: format!(
+            "layer {} has unsupported media type {:?}",
+            desc.digest, desc.media_type
+        ),
+    })
+}
+
+/// Moves a network body into a bounded channel for a blocking reader,
+/// hashing and counting as it goes (at most `limit` bytes are accepted).
+/// The task's result is (sha256 digest, bytes, network error).
+fn pump(
+    mut body: futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+    progress: Option<Arc<LayerState>>,
+    limit: u64,
+) -> (
+    tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    tokio::task::JoinHandle<(String, u64, Option<String>)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
+    let task = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut n = 0u64;
+        let mut net_error = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(b) => {
+                    hasher.update(&b);
+                    n += b.len() as u64;
+                    if let Some(st) = &progress {
+                        st.progress.bytes_fetched.store(n, Ordering::Relaxed);
+                    }
+                    if n > limit {
+                        let _ = tx
+                            .send(Err("more bytes than the descriptor's size".into()))
+                            .await;
+                        break;
+                    }
+                    if tx.send(Ok(b)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    net_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        (
+            format!("sha256:{}", hex::encode(hasher.finalize())),
+            n,
+            net_error,
+        )
+    });
+    (rx, task)
 }
 
 /// One image's rootfs: its inode range and its merged tree, once built.

@@ -1,0 +1,98 @@
+"""Turns the measurements benches/e2e.sh exported into BENCHMARKS.md and an SVG chart."""
+import os
+import statistics as st
+
+
+def nums(name):
+    return [float(x) for x in os.environ.get("M_" + name, "").split()]
+
+
+def med(xs):
+    return statistics_or_nan(st.median, xs)
+
+
+def statistics_or_nan(f, xs):
+    return f(xs) if xs else float("nan")
+
+
+def ratios(a, b):
+    """Per-round ratios a/b (rounds alternate, so pair them)."""
+    return [x / y for x, y in zip(nums(a), nums(b)) if y > 0]
+
+
+def cell(rs):
+    if not rs:
+        return "n/a"
+    if len(rs) == 1:
+        return f"{rs[0]:.3f}x"
+    return f"{st.median(rs):.3f}x ({min(rs):.3f}–{max(rs):.3f})"
+
+
+def verdict(rs, limit):
+    if not rs:
+        return "not measured"
+    return "met" if st.median(rs) <= limit else "**missed**"
+
+
+rows = []
+cold = ratios("C_AL", "C_BASE")
+rows.append(("cold first read + `chroot /bin/true`, vs skopeo copy + umoci unpack", cell(cold), "≤ 0.12x", verdict(cold, 0.12)))
+layer = float(os.environ["LAYER_SIZE"])
+fetched = [b / layer for b in nums("BYTES")]
+rows.append(("bytes fetched for that cold start / layer size (gzip, streamed)", cell(fetched), "(gzip: whole layer)", "—"))
+tar = ratios("W_TAR_AL", "W_TAR_NAT")
+rows.append(("warm `tar cf - rootfs`, vs local disk", cell(tar), "≤ 1.5x", verdict(tar, 1.5)))
+find = ratios("W_FIND_AL", "W_FIND_NAT")
+rows.append(("warm `find rootfs -printf`, vs local disk", cell(find), "≤ 3x", verdict(find, 3.0)))
+tar_sq = ratios("W_TAR_AL", "W_TAR_SQ")
+rows.append(("warm `tar cf -`, vs squashfuse", cell(tar_sq), "—", "—"))
+find_sq = ratios("W_FIND_AL", "W_FIND_SQ")
+rows.append(("warm `find`, vs squashfuse", cell(find_sq), "—", "—"))
+rss = nums("RSS_PER")
+rows.append(("daemon peak RSS per entry beyond base (bytes)", f"{med(rss):.0f}" if rss else "n/a", "< 200", "met" if rss and med(rss) < 200 else "**missed**"))
+
+secs = [
+    ("skopeo copy + umoci unpack + read + chroot", nums("C_BASE")),
+    ("apt-layer cold read + chroot", nums("C_AL")),
+    ("tar cf - (apt-layer / local / squashfuse)", nums("W_TAR_AL") + [float("nan")] + nums("W_TAR_NAT") + [float("nan")] + nums("W_TAR_SQ")),
+    ("find -printf (apt-layer / local / squashfuse)", nums("W_FIND_AL") + [float("nan")] + nums("W_FIND_NAT") + [float("nan")] + nums("W_FIND_SQ")),
+]
+
+out = []
+out.append("# Benchmarks\n")
+out.append("Regenerate with `sudo benches/e2e.sh` (this file and `benches/ratios.svg`); "
+           "`benches/e2e.sh --smoke` runs in the test suite. Rounds alternate the contenders; "
+           "the page cache is dropped before every timed step. Ratios are apt-layer / other: "
+           "median (min–max) over rounds.\n")
+out.append(f"- image: {os.environ['IMAGE_DESC']}, {int(os.environ['ENTRIES'])} entries, "
+           f"{int(os.environ['UNCOMP'])/1e6:.0f} MB uncompressed, one tar+gzip layer of {layer/1e6:.1f} MB")
+out.append(f"- machine: {os.environ['CPU']}, {os.environ['MEM']}, kernel {os.environ['KERNEL']}, registry on loopback")
+out.append(f"- rounds: {os.environ['ROUNDS']}\n")
+out.append("| measurement | apt-layer ratio | target | |")
+out.append("|---|---|---|---|")
+for r in rows:
+    out.append("| " + " | ".join(r) + " |")
+out.append("\nRaw seconds per round:\n")
+for name, xs in secs:
+    out.append(f"- {name}: " + ", ".join("|" if x != x else f"{x:.3f}" for x in xs))
+out.append("\nNot yet measured here (their features are still open issues): eStargz and zstd:chunked "
+           "cold starts, the throttled-link (100 Mbit tbf) cold start, ratarmount, and outbox export.\n")
+open(os.environ["OUT"], "w").write("\n".join(out) + "\n")
+
+# A small bar chart of the ratios (log-free, capped at 3x).
+bars = [("cold start", cold, 0.12), ("warm tar", tar, 1.5), ("warm find", find, 3.0)]
+w, bh, gap, left = 640, 28, 14, 130
+h = 40 + len(bars) * (bh + gap)
+scale = (w - left - 20) / 3.0
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="13">',
+       f'<text x="10" y="20">apt-layer / alternative (median; dashed = target)</text>']
+for i, (name, rs, target) in enumerate(bars):
+    y = 34 + i * (bh + gap)
+    v = min(st.median(rs), 3.0) if rs else 0
+    color = "#2a7" if rs and st.median(rs) <= target else "#c33"
+    svg.append(f'<text x="10" y="{y + bh * 0.7}">{name}</text>')
+    svg.append(f'<rect x="{left}" y="{y}" width="{v * scale:.1f}" height="{bh}" fill="{color}"/>')
+    svg.append(f'<line x1="{left + target * scale:.1f}" y1="{y - 3}" x2="{left + target * scale:.1f}" y2="{y + bh + 3}" stroke="#000" stroke-dasharray="4 3"/>')
+    svg.append(f'<text x="{left + v * scale + 6:.1f}" y="{y + bh * 0.7}">{(st.median(rs) if rs else float("nan")):.3f}x</text>')
+svg.append("</svg>")
+open(os.environ["SVG"], "w").write("\n".join(svg) + "\n")
