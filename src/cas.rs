@@ -29,7 +29,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lru::LruCache;
-use sha2::{Digest, Sha256};
 
 /// sha256 of an object's content.
 pub type ObjectId = [u8; 32];
@@ -180,7 +179,7 @@ impl ObjectStore {
             store: self,
             file: Some(file),
             tmp,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             size: 0,
         })
     }
@@ -379,7 +378,7 @@ pub struct ObjectWriter<'a> {
     store: &'a ObjectStore,
     file: Option<File>,
     tmp: PathBuf,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     size: u64,
 }
 
@@ -390,7 +389,10 @@ impl Write for ObjectWriter<'_> {
             .as_mut()
             .expect("open until finished")
             .write(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.hasher
+            .as_mut()
+            .expect("open until finished")
+            .update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
     }
@@ -419,7 +421,7 @@ impl ObjectWriter<'_> {
     /// Like [`ObjectWriter::finish`], also telling whether the object is new.
     pub fn finish_new(mut self) -> io::Result<(ObjectId, u64, bool)> {
         drop(self.file.take());
-        let id: ObjectId = std::mem::take(&mut self.hasher).finalize().into();
+        let id = self.hasher.take().expect("finished once").finish();
         let new = self.store.insert(&self.tmp, id, self.size)?;
         Ok((id, self.size, new))
     }
@@ -444,7 +446,35 @@ pub fn hash_file(mut f: &File) -> io::Result<ObjectId> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().into())
+    Ok(h.finish())
+}
+
+/// Incremental SHA-256 (aws-lc's assembly implementation).
+pub struct Sha256(aws_lc_rs::digest::Context);
+
+impl Default for Sha256 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sha256 {
+    /// A fresh hash.
+    pub fn new() -> Sha256 {
+        Sha256(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+    /// The digest.
+    pub fn finish(self) -> ObjectId {
+        self.0
+            .finish()
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
+    }
 }
 
 #[cfg(test)]

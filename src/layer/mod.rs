@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::cas::ObjectId;
 
 /// Bump when the encoding changes; older indexes are re-made.
-pub const INDEX_VERSION: u32 = 2;
+pub const INDEX_VERSION: u32 = 3;
 
 /// A layer's compression, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,8 +119,6 @@ pub struct LayerIndex {
     pub compressed_size: u64,
     /// Uncompressed (tar) size.
     pub uncompressed_size: u64,
-    /// sha256 of the uncompressed tar (the config's diff_id).
-    pub diff_id: String,
     /// Entries in tar order.
     pub entries: Vec<IndexEntry>,
 }

@@ -488,11 +488,22 @@ impl RegistryClient {
                         .oci
                         .store_auth_if_needed(r.resolve_registry(), &auth)
                         .await;
-                    self.inner.oci.pull_blob_stream(&r, digest).await
+                    // "Range: bytes=0-": the registry answers 206 and
+                    // oci-client does not hash the stream a second time
+                    // (the caller verifies the digest as it consumes it).
+                    self.inner
+                        .oci
+                        .pull_blob_stream_partial(&r, digest, 0, None)
+                        .await
                 })
                 .await;
             match res {
-                Ok(s) => return Ok(s.stream),
+                Ok(
+                    oci_client::client::BlobResponse::Partial(s)
+                    | oci_client::client::BlobResponse::Full(s),
+                ) => {
+                    return Ok(s.stream);
+                }
                 Err(e) => last_err = Some(e),
             }
         }

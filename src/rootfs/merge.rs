@@ -449,7 +449,6 @@ mod tests {
             compression: Compression::None,
             compressed_size: 0,
             uncompressed_size: 0,
-            diff_id: String::new(),
             entries,
         }
     }

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
 
 use crate::cas::{ObjectId, ObjectStore};
 use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
@@ -446,7 +445,7 @@ fn pump(
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
     let task = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
+        let mut hasher = crate::cas::Sha256::new();
         let mut n = 0u64;
         let mut net_error = None;
         while let Some(chunk) = body.next().await {
@@ -475,7 +474,7 @@ fn pump(
             }
         }
         (
-            format!("sha256:{}", hex::encode(hasher.finalize())),
+            format!("sha256:{}", hex::encode(hasher.finish())),
             n,
             net_error,
         )
@@ -552,6 +551,13 @@ impl Rootfs {
                     }
                 })?;
                 let tree = Arc::new(tree);
+                // Streaming and merging freed far more than the tree keeps;
+                // hand it back to the system rather than hold it as RSS.
+                #[cfg(target_env = "gnu")]
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
                 tracing::info!(image = %name, entries = tree.len(), "rootfs ready");
                 *self.tree.lock().unwrap() = Some(tree.clone());
                 Ok(tree)
