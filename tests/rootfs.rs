@@ -250,7 +250,7 @@ fn edge_layers() -> Vec<Vec<TarEntry>> {
         TarEntry::dir("names/"),
         TarEntry::file("names/ünïcødé-日本語.txt", "unicode\n"),
         TarEntry::file("names/emoji-🦀", "crab\n"),
-        TarEntry::file(b"names/latin1-\xe9t\xe9-\xff\xfe".to_vec(), "not utf-8\n"),
+        TarEntry::file(b"names/latin1-\xe9t\xe9-\xff\xfe", "not utf-8\n"),
         TarEntry::file("names/with space", "space\n"),
         TarEntry::file("names/new\nline", "newline\n"),
         TarEntry::dir("pax/"),
@@ -517,7 +517,7 @@ fn rootfs_of_umoci_insert_layers_without_tar_trailer() {
     let manifest = layout_manifest(&layout, "ins");
     let untrailed = manifest_layer_digests(&manifest)
         .iter()
-        .filter(|d| gunzip(&layout_blob(&layout, d)).len() % 512 != 0)
+        .filter(|d| !gunzip(&layout_blob(&layout, d)).len().is_multiple_of(512))
         .count();
     eprintln!("{untrailed} umoci layers end without tar padding/trailer");
     let oracle = umoci_unpack(&image, &work.path().join("bundle"));

@@ -205,6 +205,10 @@ fn walk(
     Ok(hashed.n)
 }
 
+/// Where a regular file's content goes: its object id now, or `None` when
+/// another thread stores it later.
+type ContentFn<'a> = dyn FnMut(&mut dyn Read) -> Result<Option<ObjectId>, StreamError> + 'a;
+
 /// A message to the writer thread of [`index_layer`].
 enum Msg {
     /// Content of entry `idx` follows; it must be `size` bytes.
@@ -401,7 +405,7 @@ pub fn extract_objects<R: Read>(
 /// which returns its object id now, or `None` when it is stored later.
 fn read_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
-    content: &mut dyn FnMut(&mut dyn Read) -> Result<Option<ObjectId>, StreamError>,
+    content: &mut ContentFn<'_>,
     compressed: &AtomicU64,
 ) -> Result<Option<IndexEntry>, StreamError> {
     use tar::EntryType as T;

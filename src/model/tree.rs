@@ -34,6 +34,9 @@ use crate::store::MetaStore;
 
 type Res<T> = Result<T, FsError>;
 type RepoKey = (Arc<str>, Arc<str>);
+/// (registry, repository, tag or digest).
+type RefKey = (Arc<str>, Arc<str>, Arc<str>);
+type Catalog = Option<Arc<Vec<String>>>;
 
 /// A cached answer and when it was fetched.
 struct Timed<T> {
@@ -98,15 +101,15 @@ pub struct Tree {
     /// (registry, repo) → tags, or the NotFound/Denied answer.
     tags: TtlMap<RepoKey, Res<Arc<Vec<String>>>>,
     /// (registry, repo, tag) → image.
-    tag_images: TtlMap<(Arc<str>, Arc<str>, Arc<str>), Arc<Image>>,
+    tag_images: TtlMap<RefKey, Arc<Image>>,
     /// (registry, repo, top digest) → image. Immutable.
-    images: Mutex<HashMap<(Arc<str>, Arc<str>, Arc<str>), Arc<Image>>>,
+    images: Mutex<HashMap<RefKey, Arc<Image>>>,
     /// Generated files (inspect.json) by inode, for `tag_ttl`.
     generated: TtlMap<u64, Bytes>,
     tag_flights: Flights<RepoKey, Res<Arc<Vec<String>>>>,
-    catalog_flights: Flights<Arc<str>, Res<Option<Arc<Vec<String>>>>>,
-    image_flights: Flights<(Arc<str>, Arc<str>, Arc<str>), Res<Arc<Image>>>,
-    blob_flights: Flights<(Arc<str>, Arc<str>, Arc<str>), Res<Bytes>>,
+    catalog_flights: Flights<Arc<str>, Res<Catalog>>,
+    image_flights: Flights<RefKey, Res<Arc<Image>>>,
+    blob_flights: Flights<RefKey, Res<Bytes>>,
     /// Layers and the content store.
     layers: Arc<Layers>,
     /// Rootfs by slot (inode range), and by platform manifest digest.

@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use crate::cas::ObjectId;
 use crate::layer::{EntryKind, LayerIndex};
 
+/// An extended attribute: name, value.
+pub type Xattr = (Box<[u8]>, Box<[u8]>);
+
 /// One inode of the merged tree.
 #[derive(Debug, Clone)]
 pub struct FNode {
@@ -53,7 +56,7 @@ pub struct MergedTree {
     nodes: Vec<FNode>,
     arena: Vec<u8>,
     children: Vec<(u32, u32, u32)>,
-    xattrs: Vec<Vec<(Box<[u8]>, Box<[u8]>)>>,
+    xattrs: Vec<Vec<Xattr>>,
 }
 
 /// Why layers could not be merged.
@@ -112,7 +115,7 @@ impl MergedTree {
     }
 
     /// Extended attributes of node `i`.
-    pub fn xattrs(&self, i: u32) -> &[(Box<[u8]>, Box<[u8]>)] {
+    pub fn xattrs(&self, i: u32) -> &[Xattr] {
         match self.node(i) {
             Some(n) if n.xattr > 0 => &self.xattrs[n.xattr as usize - 1],
             _ => &[],

@@ -432,6 +432,9 @@ fn layer_compression(registry: &str, repo: &str, desc: &Descriptor) -> Res<Compr
     })
 }
 
+/// What [`pump`] saw: (sha256 digest, bytes, network error).
+type Pumped = (String, u64, Option<String>);
+
 /// Moves a network body into a bounded channel for a blocking reader,
 /// hashing and counting as it goes (at most `limit` bytes are accepted).
 /// The task's result is (sha256 digest, bytes, network error).
@@ -441,7 +444,7 @@ fn pump(
     limit: u64,
 ) -> (
     tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
-    tokio::task::JoinHandle<(String, u64, Option<String>)>,
+    tokio::task::JoinHandle<Pumped>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
     let task = tokio::spawn(async move {
