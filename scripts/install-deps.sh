@@ -3,7 +3,8 @@
 # Idempotent: packages already present are left alone.
 set -euo pipefail
 pkgs=(docker-registry skopeo umoci fuse3 busybox-static apache2-utils jq erofs-utils
-      containerd stargz-snapshotter zstd libssl-dev pkg-config curl iproute2)
+      containerd stargz-snapshotter zstd libssl-dev pkg-config curl iproute2
+      squashfuse squashfs-tools debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
