@@ -11,7 +11,7 @@
 #   bytes:  bytes the registry served for that cold start (its access log)
 #   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full) vs the unpacked
 #           tree on local disk vs squashfuse of the same tree
-#   memory: daemon peak RSS per image entry beyond the RSS right after mount
+#   memory: daemon RSS per image entry beyond the RSS right after mount (after the warm runs, and peak)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0; ROUNDS=5; OUT=BENCHMARKS.md; SVG=benches/ratios.svg
@@ -90,7 +90,7 @@ print(n)'
 rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
-declare -a C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER
+declare -a C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER
 for r in $(seq "$ROUNDS"); do
     # baseline: skopeo copy + umoci unpack + read + chroot
     rm -rf "$work/pull" "$work/pull-bundle"; drop
@@ -127,15 +127,16 @@ for r in $(seq "$ROUNDS"); do
         drop; t0=$(now); find "$dir" -printf '%p %s %m %u %g %T@\n' > /dev/null; t1=$(now)
         eval "W_FIND_$kind+=(\"$(elapsed "$t0" "$t1")\")"
     done
-    peak=$(rss_kb "$PID")
-    RSS_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
+    peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
+    RSS_PER+=("$(python3 -c "print(f'{($steady-$base_rss)*1024/$ENTRIES:.0f}')")")
+    PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
     umount "$MNT"
     for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
 done
 
 # --- report ---------------------------------------------------------------------
 export ROUNDS LAYER_SIZE ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE
-for v in C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER; do
+for v in C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done

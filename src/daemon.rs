@@ -58,6 +58,14 @@ pub fn mount(opts: MountOptions, foreground: bool, ready_fd: Option<i32>) -> Res
 }
 
 fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), String> {
+    // One malloc arena: streaming a layer churns through buffers on several
+    // threads, and per-thread arenas kept that churn as RSS (measured: ~5.7
+    // KB per image entry with the default arenas, ~0.6 KB with one).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let client = make_client(
         opts.authfile.as_deref(),
         opts.registries_conf.as_deref(),

@@ -26,7 +26,7 @@ fn e2e_benchmark_smoke_mode_produces_a_report() {
         "cold first read + `chroot /bin/true`",
         "warm `tar cf - rootfs`, vs local disk",
         "warm `find rootfs -printf`, vs local disk",
-        "daemon peak RSS per entry",
+        "daemon RSS per entry beyond base",
     ] {
         let line = report
             .lines()
