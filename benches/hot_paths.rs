@@ -1,0 +1,154 @@
+//! Micro-benchmarks of the hot paths, without the kernel or the network:
+//! reading a tar+gzip layer into the content store, merging many layers,
+//! lookups in a merged tree, and content-store read hits.
+//!
+//! `cargo bench --bench hot_paths`
+
+use std::hint::black_box;
+use std::io::Write;
+
+use apt_layer::cas::ObjectStore;
+use apt_layer::layer::stream::{Progress, index_layer};
+use apt_layer::layer::{Compression, EntryKind, IndexEntry, LayerIndex};
+use apt_layer::rootfs::merge::MergedTree;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+/// A gzip tar of `files` files of `size` bytes in 20 directories.
+fn layer(files: usize, size: usize) -> (Vec<u8>, u64) {
+    let mut b = tar::Builder::new(Vec::new());
+    for d in 0..20 {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, format!("usr/lib/d{d}/"), std::io::empty())
+            .unwrap();
+    }
+    let mut raw = 0u64;
+    for i in 0..files {
+        let data: Vec<u8> = (0..size).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(size as u64);
+        b.append_data(&mut h, format!("usr/lib/d{}/file{i}", i % 20), &data[..])
+            .unwrap();
+        raw += size as u64;
+    }
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), raw)
+}
+
+fn entry(path: String, kind: EntryKind, n: u64) -> IndexEntry {
+    IndexEntry {
+        path: path.into_bytes(),
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size: n,
+        link: Vec::new(),
+        major: 0,
+        minor: 0,
+        xattrs: Vec::new(),
+        object: (kind == EntryKind::File).then(|| {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&n.to_le_bytes());
+            id
+        }),
+        offset: 0,
+        compressed_end: 0,
+    }
+}
+
+/// `layers` synthetic layer indexes of `per` files each, over shared dirs.
+fn indexes(layers: usize, per: usize) -> Vec<LayerIndex> {
+    (0..layers)
+        .map(|l| {
+            let mut entries: Vec<IndexEntry> = (0..50)
+                .map(|d| entry(format!("usr/share/d{d}"), EntryKind::Dir, 0))
+                .collect();
+            entries.extend((0..per).map(|i| {
+                entry(
+                    format!("usr/share/d{}/l{l}f{i}", i % 50),
+                    EntryKind::File,
+                    (l * per + i) as u64,
+                )
+            }));
+            LayerIndex {
+                version: apt_layer::layer::INDEX_VERSION,
+                digest: format!("sha256:{l:064}"),
+                compression: Compression::Gzip,
+                compressed_size: 0,
+                uncompressed_size: 0,
+                entries,
+            }
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let (gz, raw) = layer(2000, 16 << 10);
+    let mut g = c.benchmark_group("layer");
+    g.throughput(Throughput::Bytes(raw));
+    g.sample_size(10);
+    g.bench_function("index tar+gzip, 2000 x 16 KiB files", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().unwrap(),
+            |dir| {
+                let store = ObjectStore::open(dir.path(), u64::MAX).unwrap();
+                let p = Progress::default();
+                black_box(
+                    index_layer(
+                        &gz[..],
+                        "sha256:x",
+                        Compression::Gzip,
+                        gz.len() as u64,
+                        &store,
+                        &p,
+                    )
+                    .unwrap(),
+                );
+                dir
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+
+    let idx = indexes(20, 5000);
+    let refs: Vec<&LayerIndex> = idx.iter().collect();
+    let mut g = c.benchmark_group("merge");
+    g.throughput(Throughput::Elements(20 * 5050));
+    g.sample_size(10);
+    g.bench_function("20 layers x 5000 files", |b| {
+        b.iter(|| black_box(MergedTree::build(&refs).unwrap()))
+    });
+    g.finish();
+
+    let tree = MergedTree::build(&refs).unwrap();
+    c.bench_function("lookup usr/share/d7/l3f107 (3 components)", |b| {
+        b.iter(|| {
+            let mut cur = 0;
+            for name in ["usr", "share", "d7", "l3f107"] {
+                cur = tree.lookup(cur, black_box(name.as_bytes())).unwrap();
+            }
+            black_box(cur)
+        })
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = ObjectStore::open(dir.path(), u64::MAX).unwrap();
+    let mut w = store.writer().unwrap();
+    w.write_all(&vec![1u8; 64 << 10]).unwrap();
+    let (id, _) = w.finish().unwrap();
+    c.bench_function("content store read hit (open verified object)", |b| {
+        b.iter(|| black_box(store.get(&id).unwrap()))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
