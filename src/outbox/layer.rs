@@ -74,6 +74,30 @@ pub enum LayerError {
 }
 
 impl LayerError {
+    /// The same error with its path shown relative to `root`.
+    fn relative_to(self, root: &Path) -> LayerError {
+        let strip = |p: String| match Path::new(&p).strip_prefix(root) {
+            Ok(r) if r.as_os_str().is_empty() => "./".to_string(),
+            Ok(r) => r.display().to_string(),
+            Err(_) => p,
+        };
+        match self {
+            LayerError::Io {
+                op,
+                path,
+                reason,
+                no_space,
+            } => LayerError::Io {
+                op,
+                path: strip(path),
+                reason,
+                no_space,
+            },
+            LayerError::Vanished { path } => LayerError::Vanished { path: strip(path) },
+            LayerError::Changed { path } => LayerError::Changed { path: strip(path) },
+        }
+    }
+
     fn io(op: &'static str, path: &Path, e: &io::Error) -> LayerError {
         if e.kind() == io::ErrorKind::NotFound {
             return LayerError::Vanished {
@@ -133,11 +157,16 @@ struct Item {
 }
 
 /// Writes the layer of the tree at `src` into a new file in `tmp_dir`.
+/// Paths in errors are relative to `src` (`./` for the root).
 pub fn build(
     src: &Path,
     tmp_dir: &Path,
     progress: &LayerProgress,
 ) -> Result<LayerFile, LayerError> {
+    build_in(src, tmp_dir, progress).map_err(|e| e.relative_to(src))
+}
+
+fn build_in(src: &Path, tmp_dir: &Path, progress: &LayerProgress) -> Result<LayerFile, LayerError> {
     let mut items = Vec::new();
     let root_meta = std::fs::symlink_metadata(src).map_err(|e| LayerError::io("stat", src, &e))?;
     if !root_meta.is_dir() {

@@ -133,6 +133,9 @@ pub struct TagUnit {
     built: Mutex<Option<(u64, Arc<LayerFile>)>>,
     layer_progress: Arc<LayerProgress>,
     sent: Arc<AtomicU64>,
+    /// Serialises state-file writes, each taking its snapshot under it, so
+    /// that an older snapshot never lands after a newer one.
+    save_lock: Mutex<()>,
 }
 
 impl TagUnit {
@@ -151,6 +154,7 @@ impl TagUnit {
             built: Mutex::new(None),
             layer_progress: Arc::new(LayerProgress::default()),
             sent: Arc::new(AtomicU64::new(0)),
+            save_lock: Mutex::new(()),
         }
     }
 
@@ -180,15 +184,21 @@ impl TagUnit {
 
     /// Changes the state and writes it (`sync` for phase changes).
     fn update(&self, sync: bool, f: impl FnOnce(&mut TagState)) {
-        let snapshot = {
+        {
             let mut s = self.state.lock().unwrap();
             f(&mut s);
             s.updated = rfc3339(SystemTime::now());
-            s.clone()
-        };
+        }
+        self.persist(sync);
+    }
+
+    /// Writes the current state, with live progress, to its file.
+    fn persist(&self, sync: bool) {
+        let _order = self.save_lock.lock().unwrap();
         if self.removed.load(Relaxed) {
             return;
         }
+        let snapshot = self.live_state();
         if let Err(e) = status::save(&self.state_dir, &snapshot, sync) {
             tracing::warn!(tag = %snapshot.reference, error = %e, "cannot save outbox state");
         }
@@ -725,10 +735,7 @@ impl Shared {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let live = t.live_state();
-                if !t.removed.load(Relaxed) {
-                    let _ = status::save(&self.state_dir, &live, false);
-                }
+                t.persist(false);
             }
         })
     }

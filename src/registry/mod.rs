@@ -34,6 +34,9 @@ pub const MANIFEST_ACCEPT: &[&str] = &[
 
 /// Pages of a tag list or catalog we follow before calling it hostile.
 const MAX_PAGES: usize = 1000;
+/// Longest `<registry host>/<repository>` a registry takes (distribution
+/// spec).
+pub const MAX_NAME_LENGTH: usize = 255;
 /// Largest manifest or config we accept (the spec's advice is 4 MiB).
 pub const MAX_METADATA_SIZE: u64 = 16 << 20;
 
@@ -525,6 +528,19 @@ impl RegistryClient {
         repo: &str,
     ) -> Result<(Endpoint, Reference), RegistryError> {
         let ep = self.check(registry, repo)?;
+        // The distribution spec's limit on `<host>/<name>`; registries
+        // answer a longer name with an error that says nothing (distribution
+        // 2.8: 500 UNKNOWN), so say it here.
+        let full = ep.host.len() + 1 + ep.repo.len();
+        if full > MAX_NAME_LENGTH {
+            return Err(RegistryError::Rejected {
+                registry: ep.host.clone(),
+                what: format!("repository {}", ep.repo),
+                reason: format!(
+                    "the name is {full} characters with the registry host; registries take at most {MAX_NAME_LENGTH}"
+                ),
+            });
+        }
         let reference = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
         let auth = self.registry_auth(&ep.host);
         self.inner
@@ -846,6 +862,18 @@ impl RegistryClient {
                 }) =>
             {
                 rejected(envelope.to_string())
+            }
+            OciDistributionError::RequestError(re)
+                if re.status().is_some_and(|s| matches!(s.as_u16(), 401 | 403)) =>
+            {
+                // A HEAD answer (no body): the same refusal as a 401 with one.
+                RegistryError::Denied {
+                    registry: host.to_string(),
+                    what: what.to_string(),
+                    auth_source: self.inner.auth.source(host),
+                    anonymous: self.inner.auth.get(host).is_none(),
+                    token_auth: false,
+                }
             }
             OciDistributionError::RequestError(re)
                 if re.status().is_some_and(|s| {
