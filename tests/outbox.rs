@@ -101,6 +101,30 @@ fn pushes(s: &Value) -> u64 {
     s["pushes"].as_u64().unwrap_or(0)
 }
 
+/// Polls `apt-layer outbox status` (which reads the state files the daemon
+/// writes a moment after it changes its status) until its line for
+/// `reference` satisfies `pred`; returns that line.
+fn cli_status_line(m: &Mount, reference: &str, pred: impl Fn(&str) -> bool) -> String {
+    let cache = m.cache_dir().to_str().unwrap().to_string();
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = apt_layer(
+            &["outbox", "status", "--cache-dir", &cache],
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "outbox status failed: {}", out.stderr);
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(l) = last
+            .lines()
+            .find(|l| l.contains(&format!("{reference} ")) && pred(l))
+        {
+            return l.to_string();
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("apt-layer outbox status never showed the expected line for {reference}:\n{last}");
+}
+
 /// `skopeo copy` of `reference` into a layout under `dir`, then `umoci
 /// unpack`; returns the rootfs.
 fn pull_and_unpack(reference: &str, dir: &Path, creds: Option<(&str, &str)>) -> PathBuf {
@@ -260,21 +284,10 @@ fn cp_a_of_every_file_type_round_trips_through_the_registry() {
     // The registry view shows the new tag; the CLI shows the push.
     let tags = list(m.join(format!("{host}/team/app"))).unwrap();
     assert!(tags.contains(&"v1".to_string()), "registry view: {tags:?}");
-    let cache = m.cache_dir().to_str().unwrap().to_string();
-    let out = apt_layer(
-        &["outbox", "status", "--cache-dir", &cache],
-        Duration::from_secs(30),
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "outbox status failed: {}", out.stderr);
-    let line = text
-        .lines()
-        .find(|l| l.contains(&format!("{host}/team/app:v1")))
-        .unwrap_or_else(|| panic!("outbox status lacks the tag:\n{text}"));
-    assert!(
-        line.starts_with("pushed") && line.contains(st["pushed"]["manifest"].as_str().unwrap()),
-        "{line}"
-    );
+    let digest = st["pushed"]["manifest"].as_str().unwrap().to_string();
+    cli_status_line(&m, &format!("{host}/team/app:v1"), |l| {
+        l.starts_with("pushed") && l.contains(&digest)
+    });
 
     // The same tree always gives the same layer: export the source.
     let out = apt_layer(
@@ -337,38 +350,63 @@ fn a_file_held_open_is_not_pushed_half_written() {
     let reg = Registry::start();
     let host = reg.host();
     let m = outbox_mount(&reg);
-    let dir = m.join(format!("outbox/{host}/slow/v1"));
-    mkdir_p(dir.clone());
+    // v1 is a known tag already (pushed once); v2 is new.
+    let v1 = m.join(format!("outbox/{host}/slow/v1"));
+    let v2 = m.join(format!("outbox/{host}/slow/v2"));
+    mkdir_p(v1.clone());
+    write_file(v1.join("first"), b"pushed before\n".to_vec());
+    let first = wait_status(&m, &format!("{host}/slow/v1"), PUSH_WAIT, |s| {
+        phase_is(s, "pushed")
+    });
+    mkdir_p(v2.clone());
+
     let data = pseudo_random(11, 4 << 20);
     let half = data.len() / 2;
-    let (p, first) = (dir.join("big"), data[..half].to_vec());
-    let mut f = within(FS_GUARD, "open and write", move || {
-        let mut f = fs::File::create(p).unwrap();
-        f.write_all(&first).unwrap();
-        f
-    });
-    // Longer than the settle time, the file still open.
+    let open_half = |p: PathBuf| {
+        let first = data[..half].to_vec();
+        within(FS_GUARD, "open and write", move || {
+            let mut f = fs::File::create(p).unwrap();
+            f.write_all(&first).unwrap();
+            f
+        })
+    };
+    let f1 = open_half(v1.join("big"));
+    let f2 = open_half(v2.join("big"));
+    // Longer than the settle time, the files still open.
     thread::sleep(Duration::from_millis(3500));
     assert!(
-        registry_tags(&host, "slow", None).is_empty(),
-        "pushed while a file was open for writing"
+        !registry_tags(&host, "slow", None).contains(&"v2".to_string()),
+        "a new tag was pushed while a file in it was open for writing"
     );
-    if let Some(s) = status_of(&m, &format!("{host}/slow/v1")) {
-        assert!(!phase_is(&s, "pushed"), "{s}");
-    }
-    let rest = data[half..].to_vec();
-    within(FS_GUARD, "write and close", move || {
-        f.write_all(&rest).unwrap();
-        drop(f);
-    });
-    wait_for_tag(&m, &host, "slow", "v1", None);
-    let work = tempfile::tempdir().unwrap();
-    let rootfs = pull_and_unpack(&format!("{host}/slow:v1"), work.path(), None);
+    let st = status_of(&m, &format!("{host}/slow/v1")).unwrap();
     assert_eq!(
-        sha_of(&rootfs.join("big")),
-        sha256_hex(&data),
-        "pushed half-written"
+        pushes(&st),
+        1,
+        "a known tag was pushed again while a file in it was open for writing: {st}"
     );
+    let (manifest, _) = get_manifest(&host, "slow", "v1", None);
+    assert_eq!(first["pushed"]["manifest"], sha256_digest(&manifest));
+
+    for mut f in [f1, f2] {
+        let rest = data[half..].to_vec();
+        within(FS_GUARD, "write and close", move || {
+            f.write_all(&rest).unwrap();
+            drop(f);
+        });
+    }
+    wait_for_tag(&m, &host, "slow", "v2", None);
+    wait_status(&m, &format!("{host}/slow/v1"), PUSH_WAIT, |s| {
+        phase_is(s, "pushed") && pushes(s) >= 2
+    });
+    let work = tempfile::tempdir().unwrap();
+    for tag in ["v1", "v2"] {
+        let rootfs = pull_and_unpack(&format!("{host}/slow:{tag}"), &work.path().join(tag), None);
+        assert_eq!(
+            sha_of(&rootfs.join("big")),
+            sha256_hex(&data),
+            "{tag} pushed half-written"
+        );
+    }
 }
 
 #[test]
@@ -390,16 +428,9 @@ fn a_push_while_the_registry_is_down_completes_when_it_returns() {
         err.contains(&host) && err.contains("unavailable"),
         "unclear error: {err}"
     );
-    let cache = m.cache_dir().to_str().unwrap().to_string();
-    let out = apt_layer(
-        &["outbox", "status", "--cache-dir", &cache],
-        Duration::from_secs(30),
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        text.contains(&format!("{host}/down:v1")) && text.contains("error:"),
-        "{text}"
-    );
+    cli_status_line(&m, &format!("{host}/down:v1"), |l| {
+        l.contains("error:") && l.contains("unavailable")
+    });
 
     // export says so too, and fails.
     let src = tempfile::tempdir().unwrap();

@@ -1525,16 +1525,17 @@ fn sorted_children(dir: &Path) -> Vec<(OsString, std::fs::FileType)> {
 
 /// Whether `dir` (named `name`) is "something else" than a repository
 /// directory (see the module documentation).
+/// A directory whose name can only be a tag counts once it holds
+/// something: `mkdir …/Latest` alone pushes nothing.
 fn is_content(dir: &Path, name: &str) -> bool {
-    if !is_outbox_component(name) {
-        return true;
-    }
     if xattr_present(dir, MARK_XATTR) {
         return true;
     }
-    sorted_children(dir)
-        .iter()
-        .any(|(n, ft)| !ft.is_dir() || !n.to_str().is_some_and(is_outbox_component))
+    let children = sorted_children(dir);
+    (!is_outbox_component(name) && !children.is_empty())
+        || children
+            .iter()
+            .any(|(n, ft)| !ft.is_dir() || !n.to_str().is_some_and(is_outbox_component))
 }
 
 fn xattr_present(p: &Path, name: &[u8]) -> bool {
@@ -1610,8 +1611,11 @@ fn scan_dir(
             continue;
         }
         if !is_outbox_component(&name) {
-            r.unpushable
-                .push((child_rel, "not a repository name".into()));
+            if depth < 2 || !is_outbox_tag(&name) {
+                r.unpushable
+                    .push((child_rel, "not a repository name".into()));
+            }
+            // else: an empty directory that can only become a tag.
             continue;
         }
         let mut next = comps.to_vec();
@@ -1640,9 +1644,12 @@ mod tests {
         // A file straight in the tag directory.
         std::fs::create_dir_all(r.join("r.io/app/latest")).unwrap();
         std::fs::write(r.join("r.io/app/latest/f"), b"x").unwrap();
-        // Plain mkdir -p without content: nothing to push.
+        // Plain mkdir -p without content: nothing to push, even when the
+        // name can only be a tag.
         std::fs::create_dir_all(r.join("r.io/empty/v1")).unwrap();
+        std::fs::create_dir_all(r.join("r.io/empty/Latest")).unwrap();
         let found = scan(r, &BTreeSet::new());
+        assert!(found.unpushable.is_empty(), "{:?}", found.unpushable);
         let tags: Vec<(&str, &str, &str)> = found
             .tags
             .iter()
