@@ -13,6 +13,13 @@
 //! sub-second mtimes) and for extended attributes (`SCHILY.xattr.<name>`,
 //! sorted by name); the gzip header has mtime 0 and OS 255.
 //!
+//! Compression runs on every core, the way pigz does it, and still yields
+//! one ordinary gzip member: the tar stream is cut into 1 MiB chunks, each
+//! deflated on its own with the previous chunk's last 32 KiB as dictionary
+//! and ended by a sync flush, so the pieces concatenate into one deflate
+//! stream. Chunk boundaries depend only on byte offsets, never on the
+//! number of threads, so the digest does not either.
+//!
 //! What goes in: modes including setuid/setgid/sticky, owners as numbers,
 //! mtimes to the nanosecond, extended attributes (except
 //! `security.selinux`, which belongs to the host, and apt-layer's own
@@ -32,9 +39,10 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use flate2::{Compression, GzBuilder};
+use flate2::{Compress, Compression, FlushCompress, Status};
 use sha2::{Digest as _, Sha256};
 
 /// Prefix of the extended attributes apt-layer keeps for itself on staged
@@ -214,10 +222,7 @@ fn build_in(src: &Path, tmp_dir: &Path, progress: &LayerProgress) -> Result<Laye
     };
     let werr = |e: io::Error, p: &Path| LayerError::io("write layer", p, &e);
     let compressed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let gz = GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(compressed, Compression::new(6));
+    let gz = ParallelGz::new(compressed).map_err(|e| werr(e, &out.path))?;
     let mut tar = HashWriter::new(gz);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut buf = vec![0u8; 256 << 10];
@@ -580,6 +585,193 @@ fn pax_record(k: &[u8], v: &[u8]) -> Vec<u8> {
     r
 }
 
+/// Uncompressed bytes per independently deflated chunk.
+const CHUNK: usize = 1 << 20;
+/// The deflate window: how much of the previous chunk primes the next.
+const WINDOW: usize = 32 << 10;
+/// Compression level (zlib's default: size close to what other tools push).
+const LEVEL: u32 = 6;
+
+/// One chunk to deflate.
+struct Job {
+    seq: u64,
+    data: Vec<u8>,
+    dict: Vec<u8>,
+    last: bool,
+}
+
+/// A gzip writer that deflates 1 MiB chunks on worker threads and writes
+/// them in order (see the module documentation).
+struct ParallelGz<W: Write> {
+    out: W,
+    buf: Vec<u8>,
+    /// The last `WINDOW` bytes handed out (the next chunk's dictionary).
+    dict: Vec<u8>,
+    crc: flate2::Crc,
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<(u64, io::Result<Vec<u8>>)>,
+    ready: std::collections::BTreeMap<u64, Vec<u8>>,
+    submitted: u64,
+    written: u64,
+    max_in_flight: u64,
+    /// Dropped with the job sender, they finish their chunk and end.
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl<W: Write> ParallelGz<W> {
+    fn new(mut out: W) -> io::Result<Self> {
+        // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=255
+        out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(threads * 2);
+        let (tx, done) = std::sync::mpsc::channel();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let workers = (0..threads)
+            .map(|_| {
+                let (rx, tx) = (rx.clone(), tx.clone());
+                std::thread::Builder::new()
+                    .name("apt-layer-gzip".into())
+                    .spawn(move || {
+                        loop {
+                            let job = rx.lock().unwrap().recv();
+                            let Ok(job) = job else { return };
+                            if tx.send((job.seq, deflate_chunk(&job))).is_err() {
+                                return;
+                            }
+                        }
+                    })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(ParallelGz {
+            out,
+            buf: Vec::with_capacity(CHUNK),
+            dict: Vec::new(),
+            crc: flate2::Crc::new(),
+            jobs: Some(jobs),
+            done,
+            ready: Default::default(),
+            submitted: 0,
+            written: 0,
+            max_in_flight: threads as u64 * 3,
+            workers,
+        })
+    }
+
+    fn submit(&mut self, data: Vec<u8>, last: bool) -> io::Result<()> {
+        let dict = std::mem::take(&mut self.dict);
+        self.dict = data[data.len().saturating_sub(WINDOW)..].to_vec();
+        if self.dict.len() < WINDOW && !dict.is_empty() {
+            // A short chunk (only the last one): keep the window whole.
+            let need = WINDOW - self.dict.len();
+            let mut d = dict[dict.len().saturating_sub(need)..].to_vec();
+            d.extend_from_slice(&self.dict);
+            self.dict = d;
+        }
+        let job = Job {
+            seq: self.submitted,
+            data,
+            dict,
+            last,
+        };
+        self.submitted += 1;
+        self.jobs
+            .as_ref()
+            .expect("not finished")
+            .send(job)
+            .map_err(|_| io::Error::other("compression thread gone"))?;
+        while self.submitted - self.written >= self.max_in_flight {
+            self.collect_one()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for one finished chunk and writes every chunk now in order.
+    fn collect_one(&mut self) -> io::Result<()> {
+        let (seq, res) = self
+            .done
+            .recv()
+            .map_err(|_| io::Error::other("compression thread gone"))?;
+        self.ready.insert(seq, res?);
+        while let Some(data) = self.ready.remove(&self.written) {
+            self.out.write_all(&data)?;
+            self.written += 1;
+        }
+        Ok(())
+    }
+
+    /// Compresses what is left, writes the gzip trailer, returns the sink.
+    fn finish(mut self) -> io::Result<W> {
+        let rest = std::mem::take(&mut self.buf);
+        self.submit(rest, true)?;
+        self.jobs = None;
+        while self.written < self.submitted {
+            self.collect_one()?;
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        let (crc, size) = (self.crc.sum(), self.crc.amount());
+        self.out.write_all(&crc.to_le_bytes())?;
+        self.out.write_all(&size.to_le_bytes())?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for ParallelGz<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.crc.update(data);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let take = rest.len().min(CHUNK - self.buf.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buf.len() == CHUNK {
+                let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+                self.submit(chunk, false)?;
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Raw deflate of one chunk: primed with `dict`, ended by a sync flush
+/// (byte-aligned, not final) or, for the last chunk, by the final block.
+fn deflate_chunk(job: &Job) -> io::Result<Vec<u8>> {
+    let mut c = Compress::new(Compression::new(LEVEL), false);
+    if !job.dict.is_empty() {
+        c.set_dictionary(&job.dict).map_err(io::Error::other)?;
+    }
+    let flush = if job.last {
+        FlushCompress::Finish
+    } else {
+        FlushCompress::Sync
+    };
+    let mut out = Vec::with_capacity(job.data.len() / 2 + (64 << 10));
+    loop {
+        if out.capacity() - out.len() < 1024 {
+            out.reserve(out.capacity().max(64 << 10));
+        }
+        let from = c.total_in() as usize;
+        let status = c
+            .compress_vec(&job.data[from..], &mut out, flush)
+            .map_err(io::Error::other)?;
+        let all_in = c.total_in() as usize == job.data.len();
+        match status {
+            Status::StreamEnd => break,
+            Status::BufError if all_in => break,
+            _ if !job.last && all_in && out.len() < out.capacity() => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// A writer that hashes (sha256) and counts what passes through.
 struct HashWriter<W> {
     inner: W,
@@ -651,7 +843,19 @@ mod tests {
         std::fs::hard_link(r.join("d/f"), r.join("g")).unwrap();
         std::os::unix::fs::symlink("d/f", r.join("s")).unwrap();
         let long = "x".repeat(150);
-        std::fs::write(r.join(&long), vec![7u8; 70_000]).unwrap();
+        // Compressible and not: several 1 MiB chunks, back-references
+        // across chunk boundaries.
+        let mut data = Vec::new();
+        let mut x: u32 = 1;
+        for i in 0..(3 << 20) {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            data.push(if i % 3 == 0 {
+                (x >> 16) as u8
+            } else {
+                b"abcdefgh"[i % 8]
+            });
+        }
+        std::fs::write(r.join(&long), &data).unwrap();
         std::fs::set_permissions(r.join("d/f"), std::fs::Permissions::from_mode(0o4755)).unwrap();
         let p = LayerProgress::default();
         let a = build(r, tmp.path(), &p).unwrap();
@@ -660,6 +864,17 @@ mod tests {
         assert_ne!(a.path, b.path);
         let gz = std::fs::read(&a.path).unwrap();
         assert_eq!(crate::registry::sha256_digest(&gz), a.digest);
+        // One gzip member (GzDecoder stops after the first), several chunks.
+        let mut tar_bytes = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut tar_bytes)
+            .unwrap();
+        assert_eq!(tar_bytes.len() as u64, a.uncompressed);
+        assert!(
+            a.uncompressed > 3 * CHUNK as u64,
+            "test a multi-chunk layer"
+        );
+        assert_eq!(crate::registry::sha256_digest(&tar_bytes), a.diff_id);
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
         let mut seen = Vec::new();
         for e in ar.entries().unwrap() {
