@@ -86,6 +86,8 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     );
     let indexes = crate::layer::IndexStore::open(&opts.cache_dir).map_err(cache_err)?;
     let layers = Arc::new(crate::rootfs::Layers::new(client.clone(), objects, indexes));
+    let outbox = crate::outbox::Outbox::load(&opts.cache_dir, client.clone(), opts.outbox_settle)
+        .map_err(|e| format!("outbox in {}: {e}", opts.cache_dir.display()))?;
     let tree = Arc::new(Tree::new(
         client,
         meta,
@@ -102,6 +104,18 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
+
+    // outbox/ is served by the outbox; a push makes the registry view
+    // forget its cached tag list of that repository.
+    let ob = outbox.clone();
+    tree.set_outbox_root(Box::new(move || ob.root_entry()));
+    let weak_tree = Arc::downgrade(&tree);
+    outbox.on_pushed(Box::new(move |registry, repo| {
+        if let Some(t) = weak_tree.upgrade() {
+            t.forget_tags(registry, repo);
+        }
+    }));
+    outbox.start(rt.handle());
 
     let mut cfg = Config::default();
     cfg.mount_options = vec![
@@ -129,7 +143,7 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     cfg.clone_fd = true;
 
     std::fs::create_dir_all(&opts.mountpoint).ok();
-    let mut fs = Fs::new(tree, rt.handle().clone());
+    let mut fs = Fs::new(tree, rt.handle().clone()).with_outbox(outbox);
     if !opts.passthrough {
         fs = fs.without_passthrough();
     }

@@ -11,6 +11,7 @@
 //! rootfs    merging layer indexes into an image's tree, fetching on demand
 //! inspect   the JSON skopeo prints, computed from manifest + config + tags
 //! model     the tree users see: nodes, inodes, TTLs, listings, file contents
+//! outbox    the writable outbox/: staging trees on disk, layers, pushing them
 //! fuse      the thin kernel adapter: decode a request, call the model, reply
 //! daemon    mounting, daemonising, readiness and clean shutdown
 //! ```
@@ -23,6 +24,7 @@ pub mod fuse;
 pub mod inspect;
 pub mod layer;
 pub mod model;
+pub mod outbox;
 pub mod registry;
 pub mod rootfs;
 pub mod singleflight;

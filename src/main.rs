@@ -96,6 +96,38 @@ enum Cmd {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Push directory DIR as the one-layer image REF, as the outbox does
+    /// (prints the manifest digest; exits 0 once the registry has it).
+    Export {
+        /// The tree to push (its root is the image's root).
+        dir: PathBuf,
+        /// Where to push (`registry/repo:tag`; the tag defaults to `latest`).
+        reference: String,
+        #[command(flatten)]
+        reg: RegistryArgs,
+        /// Where the layer is written while it is pushed (default: $TMPDIR).
+        #[arg(long, value_name = "DIR")]
+        tmp_dir: Option<PathBuf>,
+    },
+    /// The outbox of a mount.
+    Outbox {
+        #[command(subcommand)]
+        cmd: OutboxCmd,
+        /// Cache directory of the mount.
+        #[arg(long, value_name = "DIR", global = true)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCmd {
+    /// Every staged tag: pending, building, pushing (with progress), pushed
+    /// (with the manifest digest) or failed (with the error).
+    Status {
+        /// Print JSON instead of one line per tag.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -157,6 +189,15 @@ fn main() -> ExitCode {
         Cmd::ListTags { repository, reg } => {
             runtime().and_then(|rt| rt.block_on(list_tags(&repository, &reg)))
         }
+        Cmd::Export {
+            dir,
+            reference,
+            reg,
+            tmp_dir,
+        } => runtime().and_then(|rt| rt.block_on(export(&dir, &reference, &reg, tmp_dir))),
+        Cmd::Outbox { cmd, cache_dir } => match cmd {
+            OutboxCmd::Status { json } => outbox_status(cache_dir, json),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -292,4 +333,138 @@ fn cache(cmd: CacheCmd, dir: Option<PathBuf>, size: Option<String>) -> Result<()
             }
         }
     }
+}
+
+/// `apt-layer export DIR REF`: the outbox's push, from the command line,
+/// with a progress bar on stderr.
+async fn export(
+    dir: &std::path::Path,
+    reference: &str,
+    reg: &RegistryArgs,
+    tmp_dir: Option<PathBuf>,
+) -> Result<(), String> {
+    use apt_layer::outbox::{layer, push};
+    use indicatif::{ProgressBar, ProgressStyle};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    let r = ImageRef::parse(reference, Some("latest"))?;
+    if r.digest.is_some() {
+        return Err(format!("{reference}: export pushes to a tag, not a digest"));
+    }
+    let tag = r.tag.clone().expect("default tag applied");
+    if !dir.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    let c = client(reg)?;
+    let tmp = tmp_dir.unwrap_or_else(std::env::temp_dir);
+    let pb = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{msg:8} [{bar:40.cyan/blue}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+
+    pb.set_message("layer");
+    let progress = Arc::new(layer::LayerProgress::default());
+    let ticker = {
+        let (pb, progress) = (pb.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                pb.set_length(progress.total.load(Relaxed));
+                pb.set_position(progress.read.load(Relaxed));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (src, tmp2, prog) = (dir.to_path_buf(), tmp.clone(), progress.clone());
+    let built = tokio::task::spawn_blocking(move || layer::build(&src, &tmp2, &prog))
+        .await
+        .map_err(|e| e.to_string())?;
+    ticker.abort();
+    let built = built.map_err(|e| format!("writing the layer: {e}"))?;
+    pb.set_position(progress.read.load(Relaxed));
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let ticker = {
+        let (pb, sent) = (pb.clone(), sent.clone());
+        tokio::spawn(async move {
+            loop {
+                if pb.message() == "upload" {
+                    pb.set_position(sent.load(Relaxed));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let step = |name: &str, total: u64| {
+        pb.set_message(name.to_string());
+        pb.set_length(total);
+        pb.set_position(0);
+    };
+    let pushed = push::push_image(&c, &r.registry, &r.repo, &tag, &built, &[], &sent, &step).await;
+    ticker.abort();
+    pb.finish_and_clear();
+    let pushed = pushed.map_err(|e| e.to_string())?;
+    eprintln!(
+        "pushed {}:{tag} {} (layer {}, {} bytes, {})",
+        r.name(),
+        pushed.manifest,
+        pushed.layer,
+        pushed.layer_size,
+        pushed.layer_source
+    );
+    println!("{}", pushed.manifest);
+    Ok(())
+}
+
+/// `apt-layer outbox status`: what the daemon's state files say.
+fn outbox_status(cache_dir: Option<PathBuf>, json: bool) -> Result<(), String> {
+    use apt_layer::outbox::status;
+    let cache = cache_dir.unwrap_or_else(|| MountOptions::new(PathBuf::new()).cache_dir);
+    let dir = cache.join("outbox").join("state");
+    if !dir.is_dir() {
+        return Err(format!("no outbox in {}", cache.display()));
+    }
+    let (states, bad) = status::load_all(&dir);
+    let general: serde_json::Value = std::fs::read(dir.join("outbox.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    if json {
+        let v = serde_json::json!({
+            "tags": states,
+            "unpushable": general.get("unpushable").cloned().unwrap_or_default(),
+            "staging_error": general.get("undecided_error").cloned().unwrap_or_default(),
+            "unreadable": bad.iter().map(|(p, e)| format!("{}: {e}", p.display())).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    for s in &states {
+        println!("{}", s.line());
+    }
+    for u in general
+        .get("unpushable")
+        .and_then(|u| u.as_array())
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "unpushable {}  {}",
+            u["path"].as_str().unwrap_or("?"),
+            u["reason"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(e) = general.get("undecided_error").and_then(|e| e.as_str()) {
+        println!("staging error: {e}");
+    }
+    for (p, e) in &bad {
+        println!("unreadable state {}: {e}", p.display());
+    }
+    if states.is_empty() {
+        eprintln!("(no staged tags)");
+    }
+    Ok(())
 }

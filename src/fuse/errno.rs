@@ -3,6 +3,7 @@
 use fuser::Errno;
 
 use crate::model::FsError;
+use crate::outbox::OutboxError;
 use crate::registry::RegistryError;
 
 /// The errno users see for `e`.
@@ -15,6 +16,7 @@ pub fn errno(e: &FsError) -> Errno {
             RegistryError::Unavailable { .. }
             | RegistryError::DigestMismatch { .. }
             | RegistryError::Malformed { .. } => Errno::EIO,
+            RegistryError::Rejected { .. } => Errno::EINVAL,
         },
         FsError::BadImage { .. } => Errno::EIO,
         FsError::ReadOnly => Errno::EROFS,
@@ -23,6 +25,20 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Stale(_) => Errno::ESTALE,
         FsError::Io { no_space: true, .. } => Errno::ENOSPC,
         FsError::Io { .. } => Errno::EIO,
+    }
+}
+
+/// The errno users see for an outbox failure: staging I/O passes its own
+/// errno through (`ENOSPC` for a full disk), the path rules give `EINVAL`
+/// (a name that does not belong at that level) or `EPERM` (a file above the
+/// tag level), and moves across tag directories `EXDEV`.
+pub fn outbox_errno(e: &OutboxError) -> Errno {
+    match e {
+        OutboxError::Os { errno, .. } => Errno::from_i32(*errno),
+        OutboxError::InvalidName { .. } => Errno::EINVAL,
+        OutboxError::NotPermitted(_) => Errno::EPERM,
+        OutboxError::CrossTag(_) => Errno::EXDEV,
+        OutboxError::Stale(_) => Errno::ESTALE,
     }
 }
 
@@ -69,6 +85,30 @@ mod tests {
             Errno::EIO
         );
         assert_eq!(errno(&FsError::ReadOnly), Errno::EROFS);
+        assert_eq!(
+            r(RegistryError::Rejected {
+                registry: s(),
+                what: s(),
+                reason: s()
+            }),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            outbox_errno(&OutboxError::Os {
+                op: "write",
+                errno: libc::ENOSPC
+            }),
+            Errno::ENOSPC
+        );
+        assert_eq!(
+            outbox_errno(&OutboxError::InvalidName {
+                name: s(),
+                why: "x"
+            }),
+            Errno::EINVAL
+        );
+        assert_eq!(outbox_errno(&OutboxError::NotPermitted("x")), Errno::EPERM);
+        assert_eq!(outbox_errno(&OutboxError::CrossTag("x")), Errno::EXDEV);
         assert_eq!(
             errno(&FsError::Io {
                 reason: s(),

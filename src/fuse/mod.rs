@@ -9,6 +9,10 @@
 //! Handles: directory listings are snapshotted at `opendir` and file
 //! contents at `open`, so readers see one consistent version even if a tag
 //! moves meanwhile.
+//!
+//! Inodes at or above [`crate::outbox::OUTBOX_BASE`] belong to the writable outbox
+//! ([`crate::outbox`]); every request for them goes there (local disk I/O,
+//! answered inline). Writes anywhere else are `EROFS`.
 
 pub mod errno;
 
@@ -28,7 +32,8 @@ use fuser::{
 };
 
 use crate::model::{Content, DirEntry, Entry, FsError, Kind, OpenFile, Stat, Tree};
-use errno::errno;
+use crate::outbox::{Caller, Opened, OpenedFile, Outbox, SetAttr};
+use errno::{errno, outbox_errno};
 use std::os::unix::fs::FileExt;
 
 enum Handle {
@@ -38,6 +43,8 @@ enum Handle {
         Arc<OpenFile>,
         #[allow(dead_code)] Option<Arc<fuser::BackingId>>,
     ),
+    /// A staged outbox file.
+    Outbox(Arc<OpenedFile>),
 }
 
 /// The FUSE filesystem: a model plus the runtime that runs its waits.
@@ -53,6 +60,8 @@ pub struct Fs {
     backings: Arc<Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>>,
     /// Whether passthrough may be used at all (mount option).
     allow_passthrough: bool,
+    /// The writable outbox, when mounted with one.
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl Fs {
@@ -60,6 +69,31 @@ impl Fs {
     pub fn without_passthrough(mut self) -> Fs {
         self.allow_passthrough = false;
         self
+    }
+
+    /// Routes the outbox's inodes to `outbox`.
+    pub fn with_outbox(mut self, outbox: Arc<Outbox>) -> Fs {
+        self.outbox = Some(outbox);
+        self
+    }
+
+    /// The outbox, if `ino` is one of its inodes.
+    fn ob(&self, ino: INodeNo) -> Option<&Arc<Outbox>> {
+        self.outbox.as_ref().filter(|_| Outbox::owns(ino.0))
+    }
+
+    /// Stores an open handle and returns its number.
+    fn put_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, h);
+        fh
+    }
+
+    fn outbox_file(&self, fh: FileHandle) -> Option<Arc<OpenedFile>> {
+        match self.handles.lock().unwrap().get(&fh.0) {
+            Some(Handle::Outbox(f)) => Some(f.clone()),
+            _ => None,
+        }
     }
 
     /// Serves `tree`, running slow work on `rt`.
@@ -72,6 +106,7 @@ impl Fs {
             passthrough: false,
             backings: Arc::new(Mutex::new(HashMap::new())),
             allow_passthrough: true,
+            outbox: None,
         }
     }
 
@@ -156,6 +191,12 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Some(ob) = self.ob(parent) {
+            return match ob.lookup(parent.0, name) {
+                Ok(e) => reply_entry(reply, &e),
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         let (tree, name) = (self.tree.clone(), name.to_owned());
         self.run(async move {
             match tree.lookup(parent.0, &name).await {
@@ -165,7 +206,19 @@ impl Filesystem for Fs {
         });
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Some(ob) = self.ob(ino) {
+            ob.forget(ino.0, nlookup);
+        }
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.getattr(ino.0) {
+                Ok(e) => reply.attr(&e.attr_ttl, &attr(&e.stat)),
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         let tree = self.tree.clone();
         self.run(async move {
             match tree.getattr(ino.0).await {
@@ -176,6 +229,15 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.list(ino.0) {
+                Ok(list) => {
+                    let fh = self.put_handle(Handle::Dir(Arc::new(list)));
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         let (tree, handles) = (self.tree.clone(), self.handles.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.run(async move {
@@ -233,6 +295,9 @@ impl Filesystem for Fs {
         let Some(list) = self.dir_handle(fh) else {
             return reply.error(Errno::EBADF);
         };
+        if let Some(ob) = self.ob(ino) {
+            return outbox_readdirplus(ob, ino, &list, offset, reply);
+        }
         // "." and ".." carry no entry (the kernel ignores their attributes).
         let dot = Entry {
             stat: Stat {
@@ -284,6 +349,24 @@ impl Filesystem for Fs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.open(ino.0, flags.0) {
+                Ok(Opened::File(f)) => {
+                    let fh = self.put_handle(Handle::Outbox(f));
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Ok(Opened::Status(data)) => {
+                    let f = OpenFile {
+                        content: Content::Bytes(data),
+                        keep_cache: false,
+                        direct_io: true,
+                    };
+                    let fh = self.put_handle(Handle::File(Arc::new(f), None));
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                }
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(errno(&FsError::ReadOnly));
         }
@@ -355,6 +438,17 @@ impl Filesystem for Fs {
     ) {
         let file = match self.handles.lock().unwrap().get(&fh.0) {
             Some(Handle::File(f, _)) => f.clone(),
+            Some(Handle::Outbox(f)) => {
+                let f = f.clone();
+                let ob = self
+                    .outbox
+                    .as_ref()
+                    .expect("outbox handles come from the outbox");
+                return match ob.read(&f, offset, size) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(outbox_errno(&e)),
+                };
+            }
             _ => return reply.error(Errno::EBADF),
         };
         match &file.content {
@@ -410,6 +504,12 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.readlink(ino.0) {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         let tree = self.tree.clone();
         self.run(async move {
             match tree.readlink(ino.0).await {
@@ -421,6 +521,12 @@ impl Filesystem for Fs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.getxattr(ino.0, name) {
+                Ok(v) => reply_xattr(reply, size, &v),
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         let (tree, name) = (self.tree.clone(), name.as_encoded_bytes().to_vec());
         self.run(async move {
             match tree.xattrs(ino.0).await {
@@ -434,6 +540,12 @@ impl Filesystem for Fs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.listxattr(ino.0) {
+                Ok(v) => reply_xattr(reply, size, &v),
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         let tree = self.tree.clone();
         self.run(async move {
             match tree.xattrs(ino.0).await {
@@ -450,130 +562,340 @@ impl Filesystem for Fs {
         });
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        if let Some(ob) = self.ob(ino) {
+            return match ob.statfs() {
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
+                Err(e) => reply.error(outbox_errno(&e)),
+            };
+        }
         reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
-    // ----- writes: only outbox/ will take them --------------------------
+    // ----- writes: only outbox/ takes them -------------------------------
 
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
         _bkuptime: Option<std::time::SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let Some(ob) = self.ob(ino) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        let time = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::SpecificTime(t) => Some(t),
+                TimeOrNow::Now => None,
+            })
+        };
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time(atime),
+            mtime: time(mtime),
+        };
+        let file = fh.and_then(|fh| self.outbox_file(fh));
+        match ob.setattr(ino.0, a, file.as_deref()) {
+            Ok(e) => reply.attr(&e.attr_ttl, &attr(&e.stat)),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
     fn mknod(
         &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let Some(ob) = self.ob(parent) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.mknod(parent.0, name, mode, rdev, caller(req)) {
+            Ok(e) => reply_entry(reply, &e),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
-    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(ob) = self.ob(parent) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.mkdir(parent.0, name, mode, caller(req)) {
+            Ok(e) => reply_entry(reply, &e),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
-    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(ob) = self.ob(parent) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.unlink(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
-    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(ob) = self.ob(parent) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.rmdir(parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
     fn symlink(
         &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _l: &std::path::Path,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let Some(ob) = self.ob(parent) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.symlink(parent.0, name, target, caller(req)) {
+            Ok(e) => reply_entry(reply, &e),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        match (self.ob(parent), self.ob(newparent)) {
+            (Some(ob), Some(_)) => {
+                match ob.rename(parent.0, name, newparent.0, newname, flags.bits()) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(outbox_errno(&e)),
+                }
+            }
+            // Into the outbox from the read-only tree: `mv` copies instead.
+            (None, Some(_)) => reply.error(Errno::EXDEV),
+            _ => reply.error(errno(&FsError::ReadOnly)),
+        }
     }
 
-    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match (self.ob(ino), self.ob(newparent)) {
+            (Some(ob), Some(_)) => match ob.link(ino.0, newparent.0, newname) {
+                Ok(e) => reply_entry(reply, &e),
+                Err(e) => reply.error(outbox_errno(&e)),
+            },
+            (None, Some(_)) => reply.error(Errno::EXDEV),
+            _ => reply.error(errno(&FsError::ReadOnly)),
+        }
     }
 
     fn write(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let (Some(f), Some(ob)) = (self.outbox_file(fh), self.outbox.as_ref()) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.write(&f, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match (self.outbox_file(fh), self.outbox.as_ref()) {
+            (Some(f), Some(ob)) => match ob.fsync(&f, datasync) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(outbox_errno(&e)),
+            },
+            _ => reply.ok(),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn create(
         &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _f: i32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let Some(ob) = self.ob(parent) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.create(parent.0, name, mode, flags, caller(req)) {
+            Ok((e, f)) => {
+                let fh = self.put_handle(Handle::Outbox(f));
+                reply.created(
+                    &e.entry_ttl,
+                    &attr(&e.stat),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
+            }
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
     fn setxattr(
         &self,
         _req: &Request,
-        _i: INodeNo,
-        _n: &OsStr,
-        _v: &[u8],
-        _f: i32,
-        _p: u32,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let Some(ob) = self.ob(ino) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
 
-    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(ob) = self.ob(ino) else {
+            return reply.error(errno(&FsError::ReadOnly));
+        };
+        match ob.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(outbox_errno(&e)),
+        }
     }
+}
+
+/// The caller of a request (new outbox files belong to them).
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// readdirplus of an outbox directory: each entry sent is a lookup the
+/// kernel will forget later, so it is looked up (counted) as it is added,
+/// and uncounted if the reply buffer was full.
+fn outbox_readdirplus(
+    ob: &Outbox,
+    ino: INodeNo,
+    list: &[DirEntry],
+    offset: u64,
+    mut reply: ReplyDirectoryPlus,
+) {
+    let dot = match ob.getattr(ino.0) {
+        Ok(e) => e,
+        Err(e) => return reply.error(outbox_errno(&e)),
+    };
+    for i in (offset as usize)..(list.len() + 2) {
+        let full = if i < 2 {
+            let name = if i == 0 { "." } else { ".." };
+            reply.add(
+                ino,
+                (i + 1) as u64,
+                name,
+                &Duration::ZERO,
+                &attr(&dot.stat),
+                Generation(0),
+            )
+        } else {
+            let d = &list[i - 2];
+            let Ok(e) = ob.lookup(ino.0, &d.name) else {
+                continue; // removed since opendir
+            };
+            let full = reply.add(
+                INodeNo(e.stat.ino),
+                (i + 1) as u64,
+                &d.name,
+                &e.entry_ttl,
+                &attr(&e.stat),
+                Generation(0),
+            );
+            if full {
+                ob.forget(e.stat.ino, 1);
+            }
+            full
+        };
+        if full {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 impl Fs {

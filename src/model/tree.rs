@@ -61,6 +61,9 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
             .filter(|t| t.at.elapsed() < ttl)
             .map(|t| t.value.clone())
     }
+    fn remove_if(&self, f: impl Fn(&K) -> bool) {
+        self.map.lock().unwrap().retain(|k, _| !f(k));
+    }
     fn put(&self, k: K, v: V) {
         self.map.lock().unwrap().insert(
             k,
@@ -115,7 +118,12 @@ pub struct Tree {
     /// Rootfs by slot (inode range), and by platform manifest digest.
     rootfs_slots: RwLock<Vec<Arc<Rootfs>>>,
     rootfs_by_manifest: Mutex<HashMap<Arc<str>, Arc<Rootfs>>>,
+    /// The entry of `outbox/`, when the writable outbox serves it.
+    outbox_root: std::sync::OnceLock<OutboxRoot>,
 }
+
+/// Gives the current entry of the outbox directory (its own inode range).
+pub type OutboxRoot = Box<dyn Fn() -> Entry + Send + Sync>;
 
 fn arc(s: &str) -> Arc<str> {
     Arc::from(s)
@@ -150,7 +158,29 @@ impl Tree {
             layers,
             rootfs_slots: RwLock::new(Vec::new()),
             rootfs_by_manifest: Mutex::new(HashMap::new()),
+            outbox_root: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets the writable outbox serve `outbox/`: `root` gives its entry.
+    pub fn set_outbox_root(&self, root: OutboxRoot) {
+        let _ = self.outbox_root.set(root);
+    }
+
+    /// Forgets what is cached about the tags of `registry/repo` (an image
+    /// was just pushed there), so listings show the new tag at once.
+    pub fn forget_tags(&self, registry: &str, repo: &str) {
+        let same = |r: &str| canonical_repo(registry, r) == canonical_repo(registry, repo);
+        self.tags
+            .remove_if(|(reg, r)| &**reg == registry && same(r));
+        self.tag_images
+            .remove_if(|(reg, r, _)| &**reg == registry && same(r));
+        self.catalogs.remove_if(|reg| &**reg == registry);
+        self.known_repos
+            .lock()
+            .unwrap()
+            .insert((arc(registry), arc(repo)));
+        self.registries.lock().unwrap().insert(arc(registry));
     }
 
     /// The layers and content store.
@@ -363,6 +393,11 @@ impl Tree {
     /// The entry for `node`, with TTLs by mutability. `pinned` marks
     /// children of `@sha256:` directories, whose names never change.
     async fn entry_of(&self, node: Node, pinned: bool) -> Res<Entry> {
+        if matches!(node, Node::Outbox)
+            && let Some(root) = self.outbox_root.get()
+        {
+            return Ok(root());
+        }
         let mutable = self.opts.tag_ttl;
         let (kind_dir, size, entry_ttl, attr_ttl) = match &node {
             Node::Root

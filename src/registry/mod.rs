@@ -34,6 +34,9 @@ pub const MANIFEST_ACCEPT: &[&str] = &[
 
 /// Pages of a tag list or catalog we follow before calling it hostile.
 const MAX_PAGES: usize = 1000;
+/// Longest `<registry host>/<repository>` a registry takes (distribution
+/// spec).
+pub const MAX_NAME_LENGTH: usize = 255;
 /// Largest manifest or config we accept (the spec's advice is 4 MiB).
 pub const MAX_METADATA_SIZE: u64 = 16 << 20;
 
@@ -98,6 +101,19 @@ pub enum RegistryError {
         /// What was asked for.
         what: String,
         /// What was wrong.
+        reason: String,
+    },
+    /// The registry refused what we sent it (a push): an invalid repository
+    /// name or tag, a manifest or blob it will not take (HTTP 4xx other than
+    /// 401/403/429). Retrying the same request will not help. Shown as
+    /// `EINVAL`.
+    #[error("registry {registry} rejected {what}: {reason}")]
+    Rejected {
+        /// Registry host asked.
+        registry: String,
+        /// What was sent.
+        what: String,
+        /// The registry's reason (its error codes and messages).
         reason: String,
     },
     /// registries.conf blocks this registry or repository. Shown as `EACCES`.
@@ -562,6 +578,242 @@ impl RegistryClient {
         Err(last_err.expect("at least the primary endpoint"))
     }
 
+    // ----- pushing (outbox, `apt-layer export`) ---------------------------
+
+    /// The primary endpoint of `registry/repo` as a push target: blocked
+    /// registries refuse, location rewrites apply, mirrors never take pushes.
+    /// The credentials of the auth file are stored in the client so that
+    /// every push request authenticates (Basic, or a Bearer token with the
+    /// `pull,push` scope, which oci-client asks for on push requests).
+    async fn push_target(
+        &self,
+        registry: &str,
+        repo: &str,
+    ) -> Result<(Endpoint, Reference), RegistryError> {
+        let ep = self.check(registry, repo)?;
+        // The distribution spec's limit on `<host>/<name>`; registries
+        // answer a longer name with an error that says nothing (distribution
+        // 2.8: 500 UNKNOWN), so say it here.
+        let full = ep.host.len() + 1 + ep.repo.len();
+        if full > MAX_NAME_LENGTH {
+            return Err(RegistryError::Rejected {
+                registry: ep.host.clone(),
+                what: format!("repository {}", ep.repo),
+                reason: format!(
+                    "the name is {full} characters with the registry host; registries take at most {MAX_NAME_LENGTH}"
+                ),
+            });
+        }
+        let reference = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
+        let auth = self.registry_auth(&ep.host);
+        self.inner
+            .oci
+            .store_auth_if_needed(reference.resolve_registry(), &auth)
+            .await;
+        Ok((ep, reference))
+    }
+
+    /// Whether `registry/repo` already has blob `digest` (`HEAD`).
+    pub async fn blob_exists(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+    ) -> Result<bool, RegistryError> {
+        let (ep, r) = self.push_target(registry, repo).await?;
+        let what = format!("HEAD blob {digest} of {}", ep.repo);
+        self.retrying_as(&ep.host, &what, true, || {
+            self.inner.oci.blob_exists(&r, digest)
+        })
+        .await
+    }
+
+    /// Asks the registry to mount blob `digest` from `from_repo` into
+    /// `repo` (cross-repository mount). `Ok(false)` when it did not (the
+    /// registry does not have it there, or answered with an upload session
+    /// instead): the caller uploads then.
+    pub async fn mount_blob(
+        &self,
+        registry: &str,
+        repo: &str,
+        from_repo: &str,
+        digest: &str,
+    ) -> Result<bool, RegistryError> {
+        let (ep, r) = self.push_target(registry, repo).await?;
+        let from = self.inner.conf.primary(registry, from_repo);
+        let source = Reference::with_tag(ep.host.clone(), from.repo, "latest".into());
+        let what = format!("mount of blob {digest} into {}", ep.repo);
+        let res = self
+            .retrying_as(&ep.host, &what, true, || {
+                self.inner.oci.mount_blob(&r, &source, digest)
+            })
+            .await;
+        match res {
+            Ok(()) => Ok(true),
+            Err(RegistryError::Unavailable { .. } | RegistryError::Denied { .. }) => {
+                // Fall back to uploading; a real outage shows up there.
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cross-repository mount refused");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Uploads a small blob (a config) held in memory.
+    pub async fn push_blob_bytes(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        data: Bytes,
+    ) -> Result<(), RegistryError> {
+        let (ep, r) = self.push_target(registry, repo).await?;
+        let what = format!("upload of blob {digest} to {}", ep.repo);
+        self.retrying_as(&ep.host, &what, true, || {
+            self.inner.oci.push_blob(&r, data.clone(), digest)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Uploads the blob in file `path` (`size` bytes, digest `digest`),
+    /// streaming it in chunks of at most 4 MiB: it is never whole in memory.
+    /// `sent` counts the bytes handed to the connection (progress). There is
+    /// no overall time limit (layers can be large), but an upload that makes
+    /// no progress for the operation timeout fails as `Unavailable`.
+    pub async fn push_blob_file(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        path: &std::path::Path,
+        size: u64,
+        sent: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<(), RegistryError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (ep, r) = self.push_target(registry, repo).await?;
+        let what = format!("upload of blob {digest} to {}", ep.repo);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            sent.store(0, Relaxed);
+            let file =
+                tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| RegistryError::Unavailable {
+                        registry: ep.host.clone(),
+                        what: what.clone(),
+                        reason: format!("cannot read {}: {e}", path.display()),
+                    })?;
+            let counter = sent.clone();
+            let stream = futures_util::stream::unfold(file, move |mut f| {
+                let counter = counter.clone();
+                async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; 4 << 20];
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match f.read(&mut buf[got..]).await {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(e) => return Some((Err(OciDistributionError::IoError(e)), f)),
+                        }
+                    }
+                    if got == 0 {
+                        return None;
+                    }
+                    buf.truncate(got);
+                    counter.fetch_add(got as u64, Relaxed);
+                    Some((Ok(Bytes::from(buf)), f))
+                }
+            });
+            let upload = self
+                .inner
+                .oci
+                .push_blob_stream(&r, stream, digest, Some(size));
+            let stall = self.inner.timeout;
+            let watchdog = async {
+                let mut last = (sent.load(Relaxed), Instant::now());
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let now = sent.load(Relaxed);
+                    if now != last.0 {
+                        last = (now, Instant::now());
+                    } else if last.1.elapsed() > stall {
+                        return;
+                    }
+                }
+            };
+            let err = tokio::select! {
+                r = upload => match r {
+                    Ok(_) => return Ok(()),
+                    Err(e) => self.classify_push(&ep.host, &what, e),
+                },
+                () = watchdog => RegistryError::Unavailable {
+                    registry: ep.host.clone(),
+                    what: what.clone(),
+                    reason: format!("no progress for {stall:?}"),
+                },
+            };
+            if !err.retryable() || attempt >= 2 {
+                return Err(err);
+            }
+            tracing::debug!(registry = %ep.host, error = %err, "retrying upload");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Puts manifest `bytes` (media type `media_type`) as `repo:tag`, then
+    /// reads it back by digest from the registry: `Ok` means the registry
+    /// has it. Returns the manifest digest.
+    pub async fn push_manifest(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: &str,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
+        let (ep, _) = self.push_target(registry, repo).await?;
+        let tagged = Reference::with_tag(ep.host.clone(), ep.repo.clone(), tag.into());
+        let digest = sha256_digest(&bytes);
+        let what = format!("manifest {}:{tag}", ep.repo);
+        let content_type = reqwest::header::HeaderValue::from_str(media_type).map_err(|e| {
+            RegistryError::Malformed {
+                registry: ep.host.clone(),
+                what: what.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        self.retrying_as(&ep.host, &what, true, || {
+            self.inner
+                .oci
+                .push_manifest_raw(&tagged, bytes.clone(), content_type.clone())
+        })
+        .await?;
+        let pinned = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.clone());
+        let auth = self.registry_auth(&ep.host);
+        let check = format!("manifest {}@{digest}", ep.repo);
+        let accept = [media_type];
+        let (back, _) = self
+            .retrying(&ep.host, &check, || {
+                self.inner.oci.pull_manifest_raw(&pinned, &auth, &accept)
+            })
+            .await?;
+        let actual = sha256_digest(&back);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                registry: ep.host,
+                what: check,
+                expected: digest,
+                actual,
+            });
+        }
+        Ok(digest)
+    }
+
     /// Applies `blocked` and returns the primary endpoint.
     fn check(&self, registry: &str, repo: &str) -> Result<Endpoint, RegistryError> {
         if self.inner.conf.is_blocked(registry, repo) {
@@ -575,10 +827,21 @@ impl RegistryClient {
 
     /// Runs `op` with the overall timeout, retrying transient failures with
     /// backoff while time remains.
-    async fn retrying<T, F, Fut>(
+    async fn retrying<T, F, Fut>(&self, host: &str, what: &str, op: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        self.retrying_as(host, what, false, op).await
+    }
+
+    /// [`Self::retrying`]; `push` classifies failures as answers to a push
+    /// (a 4xx is the registry rejecting what we sent).
+    async fn retrying_as<T, F, Fut>(
         &self,
         host: &str,
         what: &str,
+        push: bool,
         mut op: F,
     ) -> Result<T, RegistryError>
     where
@@ -593,6 +856,7 @@ impl RegistryClient {
             let left = deadline.saturating_duration_since(Instant::now());
             let err = match tokio::time::timeout(left, op()).await {
                 Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if push => self.classify_push(host, what, e),
                 Ok(Err(e)) => self.classify(host, what, e),
                 Err(_) => RegistryError::Unavailable {
                     registry: host.into(),
@@ -626,6 +890,62 @@ impl RegistryClient {
             tracing::debug!(registry = host, what, attempt, error = %err, "retrying");
             tokio::time::sleep(backoff).await;
             backoff *= 3;
+        }
+    }
+
+    /// [`Self::classify`] for answers to a push: a 4xx other than 401, 403
+    /// and 429 (or a distribution error code about what was sent) is the
+    /// registry rejecting our request, which no retry will fix.
+    fn classify_push(&self, host: &str, what: &str, e: OciDistributionError) -> RegistryError {
+        let rejected = |reason: String| RegistryError::Rejected {
+            registry: host.to_string(),
+            what: what.to_string(),
+            reason,
+        };
+        match &e {
+            OciDistributionError::ServerError { code, message, .. }
+                if (400..500).contains(code) && !matches!(code, 401 | 403 | 429) =>
+            {
+                rejected(format!("HTTP {code}: {}", error_envelope_summary(message)))
+            }
+            OciDistributionError::RegistryError { envelope, .. }
+                if envelope.errors.iter().any(|c| {
+                    matches!(
+                        c.code,
+                        OciErrorCode::NameInvalid
+                            | OciErrorCode::NameUnknown
+                            | OciErrorCode::TagInvalid
+                            | OciErrorCode::ManifestInvalid
+                            | OciErrorCode::ManifestBlobUnknown
+                            | OciErrorCode::DigestInvalid
+                            | OciErrorCode::SizeInvalid
+                            | OciErrorCode::BlobUploadInvalid
+                            | OciErrorCode::Unsupported
+                    )
+                }) =>
+            {
+                rejected(envelope.to_string())
+            }
+            OciDistributionError::RequestError(re)
+                if re.status().is_some_and(|s| matches!(s.as_u16(), 401 | 403)) =>
+            {
+                // A HEAD answer (no body): the same refusal as a 401 with one.
+                RegistryError::Denied {
+                    registry: host.to_string(),
+                    what: what.to_string(),
+                    auth_source: self.inner.auth.source(host),
+                    anonymous: self.inner.auth.get(host).is_none(),
+                    token_auth: false,
+                }
+            }
+            OciDistributionError::RequestError(re)
+                if re.status().is_some_and(|s| {
+                    s.is_client_error() && !matches!(s.as_u16(), 401 | 403 | 429)
+                }) =>
+            {
+                rejected(format!("HTTP {}", re.status().expect("checked")))
+            }
+            _ => self.classify(host, what, e),
         }
     }
 
@@ -728,6 +1048,28 @@ impl RegistryClient {
                 reason: other.to_string(),
             },
         }
+    }
+}
+
+/// The codes and messages of a distribution error body
+/// (`{"errors":[{"code":…,"message":…}]}`), or the body's start.
+fn error_envelope_summary(body: &str) -> String {
+    let parsed: Option<Vec<String>> = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("errors")?.as_array().map(|errs| {
+                errs.iter()
+                    .map(|e| {
+                        let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("?");
+                        let msg = e.get("message").and_then(|c| c.as_str()).unwrap_or("");
+                        format!("{code}: {msg}")
+                    })
+                    .collect()
+            })
+        });
+    match parsed {
+        Some(v) if !v.is_empty() => v.join("; "),
+        _ => body.trim().chars().take(200).collect(),
     }
 }
 

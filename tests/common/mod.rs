@@ -1370,9 +1370,14 @@ pub fn assert_inspect_matches(ours: &Value, oracle: &Value, manifest: &[u8], wha
 // The apt-layer binary
 // ---------------------------------------------------------------------------
 
-/// Path of the `apt-layer` binary cargo built for these tests.
+/// Path of the `apt-layer` binary cargo built for these tests, or
+/// `$APT_LAYER_BIN` when set (a copy, when several worktrees share one
+/// target directory and would overwrite each other's binary).
 pub fn apt_layer_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_apt-layer")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("APT_LAYER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_apt-layer").into())
+    })
 }
 
 /// Output of a finished `apt-layer` command.
@@ -1709,6 +1714,18 @@ impl Mount {
     /// Whether /proc/self/mountinfo shows the mount point as `fuse.apt-layer`.
     pub fn is_mounted(&self) -> bool {
         mount_fstype(&self.mnt).as_deref() == Some("fuse.apt-layer")
+    }
+
+    /// SIGKILL, as a crash would: no clean shutdown, the kernel's FUSE
+    /// connection dies with the process; then the dead mount is detached.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+            self.exit = child.wait().ok();
+        }
+        if mount_fstype(&self.mnt).is_some() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
     }
 
     /// SIGTERM, wait ≤ 10 s; then `umount -l` and SIGKILL. Leaves nothing
