@@ -289,6 +289,44 @@ fn cp_a_of_every_file_type_round_trips_through_the_registry() {
         l.starts_with("pushed") && l.contains(&digest)
     });
 
+    // The same tree to another repository: the registry already has the
+    // layer elsewhere, so it is mounted across repositories, not sent again.
+    let log_mark = reg.log_len();
+    mkdir_p(m.join(format!("outbox/{host}/team/copy")));
+    cp_a(&src, &m.join(format!("outbox/{host}/team/copy/v1")));
+    let copy = wait_status(&m, &format!("{host}/team/copy/v1"), PUSH_WAIT, |s| {
+        phase_is(s, "pushed")
+    });
+    assert_eq!(
+        copy["pushed"]["layer"], st["pushed"]["layer"],
+        "same tree, other layer"
+    );
+    assert_eq!(
+        copy["pushed"]["layer_source"], "mounted from team/app",
+        "{copy}"
+    );
+    let layer_hex = st["pushed"]["layer"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let requests = reg.requests_since(log_mark);
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("POST /v2/team/copy/blobs/uploads/?")
+                && r.contains("mount=")
+                && r.contains(&layer_hex)),
+        "no cross-repository mount request: {requests:#?}"
+    );
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.starts_with("PUT /v2/team/copy/blobs/uploads/")
+                && r.contains(&format!("digest=sha256%3A{layer_hex}"))),
+        "the layer was uploaded again: {requests:#?}"
+    );
+
     // The same tree always gives the same layer: export the source.
     let out = apt_layer(
         &[

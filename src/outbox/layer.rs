@@ -33,7 +33,7 @@
 //! never written with contents that do not match its headers.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -807,11 +807,6 @@ impl<W: Write> Write for HashWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// Name of `p` for messages.
-pub fn show(p: &OsStr) -> String {
-    String::from_utf8_lossy(p.as_bytes()).into_owned()
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -1110,7 +1110,7 @@ impl Outbox {
         let file = std::fs::OpenOptions::new()
             .read(acc != libc::O_WRONLY)
             .write(writable)
-            .custom_flags_compat(keep)
+            .custom_flags(keep)
             .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .map_err(|e| os_err("open", &e))?;
         let rel = self.rel_of(&fd)?;
@@ -1149,13 +1149,13 @@ impl Outbox {
                 Touch::Change
             },
         );
-        let guard = OpenedFile {
-            // Placeholder until the real file is open; keeps writer counts right on errors.
-            file: File::from(self.root_fd.try_clone().map_err(|e| os_err("dup", &e))?),
-            unit: unit.clone(),
-            writable,
-            wrote: AtomicBool::new(false),
-            rel: String::new(),
+        // The writer was counted with the unit (see push's locking
+        // contract); an error below uncounts it.
+        let fail = |e: OutboxError| {
+            if writable {
+                unit.writer_closed(false);
+            }
+            e
         };
         let oflags = acc
             | libc::O_CREAT
@@ -1166,36 +1166,42 @@ impl Outbox {
         // SAFETY: valid fd and C string.
         let raw =
             unsafe { libc::openat(pfd.as_raw_fd(), c.as_ptr(), oflags, 0o600 as libc::c_uint) };
-        let raw = if raw < 0
+        let created = raw >= 0;
+        let raw = if !created
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST)
             && flags & libc::O_EXCL == 0
         {
             // Created meanwhile by someone else: open it as it is.
-            let f = acc | libc::O_NOFOLLOW | libc::O_CLOEXEC;
             // SAFETY: as above.
-            let r = unsafe { libc::openat(pfd.as_raw_fd(), c.as_ptr(), f) };
-            if r < 0 {
-                return Err(os("create"));
+            unsafe {
+                libc::openat(
+                    pfd.as_raw_fd(),
+                    c.as_ptr(),
+                    acc | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
             }
-            let file = unsafe { File::from_raw_fd(r) };
-            let e = self.lookup(parent, name)?;
-            let mut g = guard;
-            g.file = file;
-            g.rel = join_rel(&prel, name);
-            return Ok((e, Arc::new(g)));
         } else {
             raw
         };
         if raw < 0 {
-            return Err(self.staging(&unit, "create", os("create")));
+            return Err(fail(self.staging(&unit, "create", os("create"))));
         }
         // SAFETY: openat just returned it.
         let file = unsafe { File::from_raw_fd(raw) };
-        let e = self.finish_new(&pfd, &c, caller, Some(mode & 0o7777))?;
-        let mut g = guard;
-        g.file = file;
-        g.rel = join_rel(&prel, name);
-        Ok((e, Arc::new(g)))
+        let e = if created {
+            self.finish_new(&pfd, &c, caller, Some(mode & 0o7777))
+        } else {
+            self.lookup(parent, name)
+        }
+        .map_err(fail)?;
+        let opened = OpenedFile {
+            file,
+            unit: unit.clone(),
+            writable,
+            wrote: AtomicBool::new(false),
+            rel: join_rel(&prel, name),
+        };
+        Ok((e, Arc::new(opened)))
     }
 
     /// `read` from an open staged file.
@@ -1300,8 +1306,9 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Calls `f` with a path naming `ino` for xattr system calls and
-    /// whether it is a symlink (then the l* calls on its real path).
+    /// A path naming `ino` for the xattr system calls, and whether it is a
+    /// symlink (then the l* calls on its real path; otherwise the
+    /// following calls on `/proc/self/fd/N`).
     fn xattr_path(&self, ino: u64) -> Res<(CString, bool, Arc<OwnedFd>, libc::stat)> {
         let fd = self.fd(ino)?;
         let st = fstat(&fd)?;
@@ -1481,18 +1488,6 @@ impl push::TagUnit {
     /// The tag directory's own name.
     pub fn tag_name(&self) -> &str {
         self.path.rsplit('/').next().unwrap_or(&self.path)
-    }
-}
-
-/// `OpenOptions::custom_flags` under a name that says what it keeps.
-trait CustomFlagsCompat {
-    fn custom_flags_compat(&mut self, flags: i32) -> &mut Self;
-}
-
-impl CustomFlagsCompat for std::fs::OpenOptions {
-    fn custom_flags_compat(&mut self, flags: i32) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(flags)
     }
 }
 
