@@ -132,6 +132,9 @@ impl RegistryError {
     }
 }
 
+/// A blob body arriving from the network.
+pub type BlobBody = futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
+
 /// A manifest or index exactly as served, with its verified digest.
 #[derive(Debug, Clone)]
 pub struct RawManifest {
@@ -488,42 +491,10 @@ impl RegistryClient {
         registry: &str,
         repo: &str,
         digest: &str,
-    ) -> Result<
-        futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
-        RegistryError,
-    > {
-        self.check(registry, repo)?;
-        let what = format!("blob {digest} of {repo}");
-        let mut last_err = None;
-        for ep in self.inner.conf.pull_endpoints(registry, repo) {
-            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
-            let auth = self.registry_auth(&ep.host);
-            let res = self
-                .retrying(&ep.host, &what, || async {
-                    self.inner
-                        .oci
-                        .store_auth_if_needed(r.resolve_registry(), &auth)
-                        .await;
-                    // "Range: bytes=0-": the registry answers 206 and
-                    // oci-client does not hash the stream a second time
-                    // (the caller verifies the digest as it consumes it).
-                    self.inner
-                        .oci
-                        .pull_blob_stream_partial(&r, digest, 0, None)
-                        .await
-                })
-                .await;
-            match res {
-                Ok(
-                    oci_client::client::BlobResponse::Partial(s)
-                    | oci_client::client::BlobResponse::Full(s),
-                ) => {
-                    return Ok(s.stream);
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.expect("at least the primary endpoint"))
+    ) -> Result<BlobBody, RegistryError> {
+        // "Range: bytes=0-": the registry answers 206 and oci-client does
+        // not hash the stream a second time.
+        self.blob_from(registry, repo, digest, 0, None).await
     }
 
     /// Bytes `offset..offset+len` of blob `digest`, by a Range request. The
@@ -537,12 +508,25 @@ impl RegistryClient {
         digest: &str,
         offset: u64,
         len: u64,
-    ) -> Result<
-        futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
-        RegistryError,
-    > {
+    ) -> Result<BlobBody, RegistryError> {
+        self.blob_from(registry, repo, digest, offset, Some(len))
+            .await
+    }
+
+    /// Blob `digest` from `offset` (to the end, or `len` bytes).
+    async fn blob_from(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<BlobBody, RegistryError> {
         self.check(registry, repo)?;
-        let what = format!("range {offset}+{len} of blob {digest} of {repo}");
+        let what = match len {
+            Some(len) => format!("range {offset}+{len} of blob {digest} of {repo}"),
+            None => format!("blob {digest} of {repo}"),
+        };
         let mut last_err = None;
         for ep in self.inner.conf.pull_endpoints(registry, repo) {
             let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
@@ -555,14 +539,16 @@ impl RegistryClient {
                         .await;
                     self.inner
                         .oci
-                        .pull_blob_stream_partial(&r, digest, offset, Some(len))
+                        .pull_blob_stream_partial(&r, digest, offset, len)
                         .await
                 })
                 .await;
             match res {
                 Ok(oci_client::client::BlobResponse::Partial(s)) => return Ok(s.stream),
                 Ok(oci_client::client::BlobResponse::Full(s)) if offset == 0 => {
-                    tracing::warn!(registry = %ep.host, digest, "registry ignored a Range request; reading from the start");
+                    if len.is_some() {
+                        tracing::warn!(registry = %ep.host, digest, "registry ignored a Range request; reading from the start");
+                    }
                     return Ok(s.stream);
                 }
                 Ok(oci_client::client::BlobResponse::Full(_)) => {

@@ -277,22 +277,11 @@ impl Layers {
                     ),
                 },
             }),
-            Err(StreamError::Local(e)) => Err(FsError::Io {
-                no_space: e.raw_os_error() == Some(libc::ENOSPC),
-                reason: format!("cache write failed: {e}"),
-            }),
-            Err(StreamError::Interrupted(reason)) => Err(RegistryError::Unavailable {
-                registry: registry.into(),
-                what: format!("layer {}", desc.digest),
-                reason,
-            }
-            .into()),
-            Err(StreamError::Malformed(reason)) => {
-                tracing::error!(layer = %desc.digest, %reason, "refetched bytes do not match the layer index; nothing kept");
-                Err(FsError::BadImage {
-                    image: format!("{registry}/{repo}"),
-                    reason,
-                })
+            Err(e) => {
+                if let StreamError::Malformed(reason) = &e {
+                    tracing::error!(layer = %desc.digest, %reason, "refetched bytes do not match the layer index; nothing kept");
+                }
+                Err(stream_error(e, registry, repo, desc))
             }
         }
     }
@@ -403,21 +392,28 @@ impl Layers {
                 image,
                 reason: format!("layer {} ended after {n} of {size} bytes", desc.digest),
             }),
-            Err(StreamError::Local(e)) => Err(FsError::Io {
-                no_space: e.raw_os_error() == Some(libc::ENOSPC),
-                reason: format!("cache write failed: {e}"),
-            }),
-            Err(StreamError::Interrupted(reason)) => Err(RegistryError::Unavailable {
-                registry: registry.into(),
-                what: format!("layer {}", desc.digest),
-                reason,
-            }
-            .into()),
-            Err(StreamError::Malformed(reason)) => Err(FsError::BadImage {
-                image,
-                reason: format!("layer {}: {reason}", desc.digest),
-            }),
+            Err(e) => Err(stream_error(e, registry, repo, desc)),
         }
+    }
+}
+
+/// What a failed layer read means for the user.
+fn stream_error(e: StreamError, registry: &str, repo: &str, desc: &Descriptor) -> FsError {
+    match e {
+        StreamError::Local(e) => FsError::Io {
+            no_space: e.raw_os_error() == Some(libc::ENOSPC),
+            reason: format!("cache write failed: {e}"),
+        },
+        StreamError::Interrupted(reason) => RegistryError::Unavailable {
+            registry: registry.into(),
+            what: format!("layer {}", desc.digest),
+            reason,
+        }
+        .into(),
+        StreamError::Malformed(reason) => FsError::BadImage {
+            image: format!("{registry}/{repo}"),
+            reason: format!("layer {}: {reason}", desc.digest),
+        },
     }
 }
 
