@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::cas::ObjectId;
 
 /// Bump when the encoding changes; older indexes are re-made.
-pub const INDEX_VERSION: u32 = 3;
+pub const INDEX_VERSION: u32 = 4;
 
 /// A layer's compression, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,34 @@ impl Compression {
                 Some(Compression::Zstd)
             }
             _ => None,
+        }
+    }
+}
+
+/// How a layer's content is reached after its index is known; `status`
+/// shows it per layer, so a fallback is never silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum LayerMode {
+    /// Read once from start to end; evicted content is fetched again by a
+    /// Range for the prefix that holds it.
+    #[default]
+    Streamed,
+    /// Plain gzip with a span index: evicted content is one Range per span.
+    SpanIndex,
+    /// eStargz: the TOC was read by Range, files are fetched on demand.
+    Estargz,
+    /// zstd:chunked: the manifest was read by Range, files on demand.
+    ZstdChunked,
+}
+
+impl LayerMode {
+    /// The word `status` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerMode::Streamed => "streamed",
+            LayerMode::SpanIndex => "span-index",
+            LayerMode::Estargz => "estargz",
+            LayerMode::ZstdChunked => "zstd:chunked",
         }
     }
 }
@@ -115,6 +143,8 @@ pub struct LayerIndex {
     pub digest: String,
     /// Its compression.
     pub compression: Compression,
+    /// How its content is reached.
+    pub mode: LayerMode,
     /// Compressed size.
     pub compressed_size: u64,
     /// Uncompressed (tar) size.

@@ -321,6 +321,7 @@ pub fn index_layer<R: Read>(
                     version: INDEX_VERSION,
                     digest: digest.to_string(),
                     compression,
+                    mode: super::LayerMode::Streamed,
                     compressed_size,
                     uncompressed_size,
                     entries: std::mem::take(&mut entries),

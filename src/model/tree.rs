@@ -1216,7 +1216,7 @@ fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
                 "media_type": l.media_type,
                 "size": l.size,
                 "format": layer_format(&l.media_type),
-                "mode": "streamed",
+                "mode": st.mode().as_str(),
                 "state": st.phase().as_str(),
                 "bytes_fetched": st.progress.bytes_fetched.load(Relaxed),
                 "objects_cached": st.progress.objects.load(Relaxed),

@@ -450,6 +450,7 @@ mod tests {
             version: 1,
             digest: "sha256:x".into(),
             compression: Compression::None,
+            mode: Default::default(),
             compressed_size: 0,
             uncompressed_size: 0,
             entries,

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 
 use crate::cas::{ObjectId, ObjectStore};
 use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
-use crate::layer::{Compression, IndexStore, LayerIndex};
+use crate::layer::{Compression, IndexStore, LayerIndex, LayerMode};
 use crate::model::FsError;
 use crate::model::image::{Descriptor, Image};
 use crate::registry::{RegistryClient, RegistryError};
@@ -61,6 +61,7 @@ impl LayerPhase {
 #[derive(Debug, Default)]
 pub struct LayerState {
     phase: AtomicU8,
+    mode: AtomicU8,
     /// Bytes and objects so far.
     pub progress: Progress,
     /// The index while someone uses it; it lives on disk, not in memory,
@@ -81,6 +82,25 @@ impl LayerState {
     }
     fn set(&self, p: LayerPhase) {
         self.phase.store(p as u8, Ordering::Relaxed);
+    }
+    /// How the layer's content is reached (streamed until an index says
+    /// otherwise).
+    pub fn mode(&self) -> LayerMode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => LayerMode::SpanIndex,
+            2 => LayerMode::Estargz,
+            3 => LayerMode::ZstdChunked,
+            _ => LayerMode::Streamed,
+        }
+    }
+    fn set_mode(&self, m: LayerMode) {
+        let v = match m {
+            LayerMode::Streamed => 0,
+            LayerMode::SpanIndex => 1,
+            LayerMode::Estargz => 2,
+            LayerMode::ZstdChunked => 3,
+        };
+        self.mode.store(v, Ordering::Relaxed);
     }
     /// The last error, if the last attempt failed.
     pub fn error(&self) -> Option<String> {
@@ -131,6 +151,7 @@ impl Layers {
                         Ordering::Relaxed,
                     );
                     s.set(LayerPhase::Indexed);
+                    s.set_mode(i.mode);
                 }
                 Arc::new(s)
             })
@@ -166,6 +187,7 @@ impl Layers {
                     }
                 }
                 let idx = Arc::new(self.stream(registry, repo, desc, &st).await?);
+                st.set_mode(idx.mode);
                 let (indexes, to_save) = (self.indexes.clone(), idx.clone());
                 let saved = tokio::task::spawn_blocking(move || indexes.save(&to_save)).await;
                 if let Ok(Err(e)) = saved {
