@@ -1,13 +1,15 @@
 //! Micro-benchmarks of the hot paths, without the kernel or the network:
 //! reading a tar+gzip layer into the content store, merging many layers,
-//! lookups in a merged tree, and content-store read hits.
+//! random reads through a gzip span index, lookups in a merged tree, and
+//! content-store read hits.
 //!
 //! `cargo bench --bench hot_paths`
 
 use std::hint::black_box;
-use std::io::Write;
+use std::io::{Read, Write};
 
 use apt_layer::cas::ObjectStore;
+use apt_layer::layer::gzindex::{IndexingDecoder, SpanDecoder};
 use apt_layer::layer::stream::{Progress, index_layer};
 use apt_layer::layer::{Compression, EntryKind, IndexEntry, LayerIndex};
 use apt_layer::rootfs::merge::MergedTree;
@@ -82,9 +84,11 @@ fn indexes(layers: usize, per: usize) -> Vec<LayerIndex> {
                 version: apt_layer::layer::INDEX_VERSION,
                 digest: format!("sha256:{l:064}"),
                 compression: Compression::Gzip,
+                mode: Default::default(),
                 compressed_size: 0,
                 uncompressed_size: 0,
                 entries,
+                spans: None,
             }
         })
         .collect()
@@ -117,6 +121,37 @@ fn bench(c: &mut Criterion) {
             criterion::BatchSize::PerIteration,
         )
     });
+    g.finish();
+
+    // Span-index random read: resume at a checkpoint and read 64 KiB from
+    // the middle of its span (what refetching an evicted file costs in CPU).
+    let (gz, raw) = layer(1000, 64 << 10);
+    let mut d = IndexingDecoder::new(&gz[..]).unwrap();
+    std::io::copy(&mut d, &mut std::io::sink()).unwrap();
+    let spans = d.into_index();
+    let mut g = c.benchmark_group("span");
+    g.throughput(Throughput::Bytes(64 << 10));
+    g.bench_function(
+        format!(
+            "random 64 KiB read via span index ({} checkpoints, {} MiB)",
+            spans.checkpoints.len(),
+            raw >> 20
+        ),
+        |b| {
+            let mut k = 0u64;
+            b.iter(|| {
+                k = (k + 7919 * 4096) % (raw - (64 << 10));
+                let cp = spans.locate(k);
+                let from = cp.map_or(0, |c| c.fetch_from()) as usize;
+                let mut r = SpanDecoder::new(&gz[from..], cp).unwrap();
+                let at = r.position();
+                std::io::copy(&mut (&mut r).take(k - at), &mut std::io::sink()).unwrap();
+                let mut buf = vec![0u8; 64 << 10];
+                r.read_exact(&mut buf).unwrap();
+                black_box(buf)
+            })
+        },
+    );
     g.finish();
 
     let idx = indexes(20, 5000);

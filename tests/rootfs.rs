@@ -1473,3 +1473,112 @@ fn layer_bytes_failing_digest_are_eio_and_not_cached() {
         "good image after a digest failure",
     );
 }
+
+// ---------------------------------------------------------------------------
+// Gzip span index: evicted content comes back by one span, not the prefix
+// ---------------------------------------------------------------------------
+
+/// One gzip layer of `n` incompressible files of `size` bytes: several
+/// 4 MiB spans, so a refetch from the prefix and one from a checkpoint
+/// differ by megabytes.
+fn span_image(work: &Path, tag: &str, n: usize, size: usize) -> PathBuf {
+    let mut l = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
+    for i in 0..n {
+        l.push(TarEntry::file(
+            format!("f/{i:03}"),
+            pseudo_random(7_000 + i as u64, size),
+        ));
+    }
+    make_tar_image(work, tag, &[l])
+}
+
+#[test]
+fn evicted_file_of_a_gzip_layer_is_refetched_by_one_span() {
+    require_env();
+    let work = tempdir();
+    // 160 × 128 KiB = 20 MiB: five spans.
+    let layout = span_image(work.path(), "sp", 160, 128 << 10);
+    let image = layout_ref(&layout, "sp");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/span:1"), Format::Oci);
+    let layer = manifest_layer_digests(&layout_manifest(&layout, "sp"))[0].clone();
+    let layer_size = layout_blob(&layout, &layer).len() as u64;
+    let cache = tempdir();
+    let m = mount_on_cache(&reg, cache.path(), &["--cache-size", "1m"]);
+    let root = rootfs(&m, &h, "span", "1");
+    assert_trees_equal(&root, &oracle, "first read under a 1m cache");
+    let status: Value =
+        serde_json::from_slice(&read(m.join(format!("{h}/span/1/status"))).unwrap()).unwrap();
+    assert_eq!(
+        status["layers"][0]["mode"], "span-index",
+        "a gzip layer read once has a span index: {status}"
+    );
+    // Files near the end of the layer: the prefix holding them is almost
+    // the whole blob; a span is at most 4 MiB of (incompressible) tar.
+    for name in ["f/150", "f/097"] {
+        let want = fs::read(oracle.join(name)).unwrap();
+        let p = root.join(name);
+        registry_log_barrier(&reg);
+        let off = reg.log_len();
+        evict_page_cache(&p);
+        assert_eq!(read(&p).unwrap(), want, "{name} after eviction");
+        registry_log_barrier(&reg);
+        let got = blob_get_responses_since(&reg, off, &layer);
+        let bytes: u64 = got.iter().map(|(_, b)| b).sum();
+        assert!(
+            !got.is_empty() && got.iter().all(|(s, _)| *s == 206),
+            "{name}: expected Range requests for the evicted file, got {got:?}"
+        );
+        assert!(
+            bytes <= (4 << 20) + (128 << 10) + (256 << 10),
+            "{name}: refetching one 128 KiB file took {bytes} bytes of a {layer_size}-byte layer"
+        );
+    }
+    let cached_objects = object_files(cache.path()).len();
+    assert!(
+        cached_objects < 160,
+        "the 1m cache holds {cached_objects} objects"
+    );
+}
+
+#[test]
+fn registry_ignoring_range_still_serves_evicted_content() {
+    require_env();
+    let work = tempdir();
+    let layout = span_image(work.path(), "ir", 48, 128 << 10);
+    let image = layout_ref(&layout, "ir");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let manifest_digest = layout_digest(&layout, "ir");
+    let manifest = layout_blob(&layout, &manifest_digest);
+    let lay = layout.clone();
+    let md = manifest_digest.clone();
+    // Answers every blob GET with 200 and the whole blob, Range or not.
+    let fault = FaultServer::start(move |_method, target| {
+        let (path, _) = split_target(target);
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+        if path == "/v2/ir/img/manifests/1" || path == format!("/v2/ir/img/manifests/{md}") {
+            FaultReply::bytes(200, mt, layout_blob(&lay, &md))
+                .with_header("Docker-Content-Digest", &md)
+        } else if let Some(d) = path.strip_prefix("/v2/ir/img/blobs/") {
+            FaultReply::bytes(200, "application/octet-stream", layout_blob(&lay, d))
+        } else if path == "/v2/ir/img/tags/list" {
+            FaultReply::json(200, r#"{"name":"ir/img","tags":["1"]}"#)
+        } else {
+            FaultReply::Default
+        }
+    });
+    drop(manifest);
+    let cache = tempdir();
+    let mut m = Mount::builder()
+        .insecure(&fault.host())
+        .cache_dir(cache.path())
+        .arg("--cache-size")
+        .arg("512k")
+        .start();
+    let root = rootfs(&m, &fault.host(), "ir/img", "1");
+    assert_trees_equal(&root, &oracle, "first read");
+    assert_trees_equal(&root, &oracle, "reread with evicted objects, Range ignored");
+    assert!(m.is_running(), "daemon died; log:\n{}", m.log());
+}

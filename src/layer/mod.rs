@@ -6,6 +6,7 @@
 //! <cache-dir>/layers/<64 hex>.idx   postcard-encoded LayerIndex (metadata, never evicted)
 //! ```
 
+pub mod gzindex;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
@@ -151,6 +152,8 @@ pub struct LayerIndex {
     pub uncompressed_size: u64,
     /// Entries in tar order.
     pub entries: Vec<IndexEntry>,
+    /// Gzip checkpoints (mode [`LayerMode::SpanIndex`]).
+    pub spans: Option<gzindex::SpanIndex>,
 }
 
 /// Where layer indexes live.

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, Bytes};
 
-use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex};
+use super::gzindex::{IndexingDecoder, SpanDecoder, SpanIndex};
+use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex, LayerMode};
 use crate::cas::{ObjectId, ObjectStore};
 
 /// Why reading a layer failed.
@@ -148,16 +149,25 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Runs `f` over the decompressed stream of `raw`.
+/// Runs `f` over the decompressed stream of `raw`. With `spans`, a gzip
+/// stream is decoded by the span-indexing decoder and its checkpoints are
+/// stored there.
 fn decoded<R: Read, T>(
     raw: R,
     compression: Compression,
+    spans: Option<&mut Option<SpanIndex>>,
     f: impl FnOnce(&mut dyn Read) -> Result<T, StreamError>,
 ) -> Result<T, StreamError> {
-    match compression {
-        Compression::None => f(&mut { raw }),
-        Compression::Gzip => f(&mut flate2::read::MultiGzDecoder::new(raw)),
-        Compression::Zstd => match zstd::stream::read::Decoder::new(raw) {
+    match (compression, spans) {
+        (Compression::None, _) => f(&mut { raw }),
+        (Compression::Gzip, Some(spans)) => {
+            let mut d = IndexingDecoder::new(raw).map_err(StreamError::Local)?;
+            let r = f(&mut d)?;
+            *spans = Some(d.into_index());
+            Ok(r)
+        }
+        (Compression::Gzip, None) => f(&mut flate2::read::MultiGzDecoder::new(raw)),
+        (Compression::Zstd, _) => match zstd::stream::read::Decoder::new(raw) {
             Ok(mut d) => f(&mut d),
             Err(e) => Err(StreamError::Malformed(format!("zstd: {e}"))),
         },
@@ -274,7 +284,8 @@ pub fn index_layer<R: Read>(
             (made, None)
         });
         let stopped = || StreamError::Interrupted("object writer stopped".into());
-        let walked = decoded(raw, compression, |d| {
+        let mut spans = None;
+        let walked = decoded(raw, compression, Some(&mut spans), |d| {
             walk(d, true, |entry| {
                 let idx = entries.len();
                 let size = entry.size();
@@ -321,10 +332,15 @@ pub fn index_layer<R: Read>(
                     version: INDEX_VERSION,
                     digest: digest.to_string(),
                     compression,
-                    mode: super::LayerMode::Streamed,
+                    mode: if spans.is_some() {
+                        LayerMode::SpanIndex
+                    } else {
+                        LayerMode::Streamed
+                    },
                     compressed_size,
                     uncompressed_size,
                     entries: std::mem::take(&mut entries),
+                    spans: spans.take(),
                 })
             }
             Err(e) => {
@@ -357,12 +373,13 @@ pub fn extract_objects<R: Read>(
     };
     let mut found = 0;
     let mut buf = vec![0u8; 256 << 10];
-    decoded(raw, compression, |d| {
+    decoded(raw, compression, None, |d| {
         walk(d, false, |entry| {
             let Some(id) = wanted.get(&entry.raw_file_position()) else {
                 return Ok(Flow::Continue);
             };
             let size = entry.size();
+            let mut new = false;
             let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
                 let mut w = store.writer().map_err(StreamError::Local)?;
                 loop {
@@ -377,13 +394,17 @@ pub fn extract_objects<R: Read>(
                         "content shorter than its header".into(),
                     ));
                 }
-                Ok(Some(w.finish().map_err(StreamError::Local)?.0))
+                let (id, _, made) = w.finish_new().map_err(StreamError::Local)?;
+                new = made;
+                Ok(Some(id))
             };
             let e = read_entry(entry, &mut content, &counter)?;
             match e.and_then(|e| e.object) {
                 Some(got) if got == *id => found += 1,
                 got => {
-                    if let Some(g) = got {
+                    // Only what this call made goes; an object that was
+                    // already there belongs to another layer.
+                    if let Some(g) = got.filter(|_| new) {
                         store.remove(&g);
                     }
                     return Err(StreamError::Malformed(format!(
@@ -400,6 +421,71 @@ pub fn extract_objects<R: Read>(
         })
     })?;
     Ok(found)
+}
+
+/// Stores one file's content from a decompressed stream positioned at
+/// uncompressed offset `at`: skips to `offset`, takes `size` bytes, and
+/// keeps them only if they hash to `id` (the digest-verified index's id).
+pub fn extract_at(
+    decoded: &mut dyn Read,
+    at: u64,
+    offset: u64,
+    size: u64,
+    id: &ObjectId,
+    store: &ObjectStore,
+) -> Result<(), StreamError> {
+    let skip = offset.checked_sub(at).ok_or_else(|| {
+        StreamError::Malformed(format!("content at {offset} lies before resume point {at}"))
+    })?;
+    let skipped = io::copy(&mut decoded.take(skip), &mut io::sink()).map_err(classify_read)?;
+    if skipped != skip {
+        return Err(StreamError::Malformed(
+            "stream ended before the content".into(),
+        ));
+    }
+    let mut w = store.writer().map_err(StreamError::Local)?;
+    let copied = io::copy(&mut decoded.take(size), &mut w).map_err(|e| {
+        if e.get_ref().is_some_and(|i| i.is::<FetchError>()) {
+            classify_read(e)
+        } else if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof
+        {
+            StreamError::Malformed(e.to_string())
+        } else {
+            StreamError::Local(e)
+        }
+    })?;
+    if copied != size {
+        return Err(StreamError::Malformed(
+            "stream ended inside the content".into(),
+        ));
+    }
+    let (got, _, new) = w.finish_new().map_err(StreamError::Local)?;
+    if got != *id {
+        // Wrong bytes never stay; an object that was already there (of
+        // another layer) is someone else's and stays.
+        if new {
+            store.remove(&got);
+        }
+        return Err(StreamError::Malformed(format!(
+            "content at offset {offset} does not match the layer index"
+        )));
+    }
+    Ok(())
+}
+
+/// [`extract_at`] over the compressed bytes of a gzip layer fetched from
+/// checkpoint `cp` (or from the blob start).
+pub fn extract_gzip_span<R: Read>(
+    raw: R,
+    cp: Option<&super::gzindex::Checkpoint>,
+    offset: u64,
+    size: u64,
+    id: &ObjectId,
+    store: &ObjectStore,
+) -> Result<(), StreamError> {
+    let mut d = SpanDecoder::new(raw, cp).map_err(classify_read)?;
+    let at = d.position();
+    extract_at(&mut d, at, offset, size, id, store)
 }
 
 /// Reads one entry's metadata; a regular file's content goes to `content`,

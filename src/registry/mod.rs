@@ -545,18 +545,11 @@ impl RegistryClient {
                 .await;
             match res {
                 Ok(oci_client::client::BlobResponse::Partial(s)) => return Ok(s.stream),
-                Ok(oci_client::client::BlobResponse::Full(s)) if offset == 0 => {
-                    if len.is_some() {
-                        tracing::warn!(registry = %ep.host, digest, "registry ignored a Range request; reading from the start");
+                Ok(oci_client::client::BlobResponse::Full(s)) => {
+                    if len.is_some() || offset > 0 {
+                        tracing::warn!(registry = %ep.host, digest, offset, "registry ignored a Range request; reading the whole blob and skipping to the range");
                     }
-                    return Ok(s.stream);
-                }
-                Ok(oci_client::client::BlobResponse::Full(_)) => {
-                    last_err = Some(RegistryError::Malformed {
-                        registry: ep.host.clone(),
-                        what: what.clone(),
-                        reason: "registry ignored the Range request".into(),
-                    })
+                    return Ok(skip_take(s.stream, offset, len));
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -1109,6 +1102,32 @@ pub fn classify_manifest(bytes: &[u8]) -> Result<(String, bool), String> {
         .into()
     });
     Ok((media_type, is_index))
+}
+
+/// The bytes `offset..offset+len` (or to the end) of a whole-blob body, for
+/// a registry that answered a Range request with the whole blob.
+fn skip_take(body: BlobBody, offset: u64, len: Option<u64>) -> BlobBody {
+    use futures_util::StreamExt;
+    if offset == 0 && len.is_none() {
+        return body;
+    }
+    let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
+    body.scan(0u64, move |pos, chunk| {
+        let out = match chunk {
+            Err(e) => Some(Err(e)),
+            Ok(_) if *pos >= end => None,
+            Ok(b) => {
+                let (from, to) = (*pos, *pos + b.len() as u64);
+                *pos = to;
+                let lo = offset.clamp(from, to) - from;
+                let hi = end.clamp(from, to) - from;
+                Some(Ok(b.slice(lo as usize..hi as usize)))
+            }
+        };
+        futures_util::future::ready(out)
+    })
+    .filter(|c| futures_util::future::ready(!matches!(c, Ok(b) if b.is_empty())))
+    .boxed()
 }
 
 #[cfg(test)]

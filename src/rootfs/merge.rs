@@ -454,6 +454,7 @@ mod tests {
             compressed_size: 0,
             uncompressed_size: 0,
             entries,
+            spans: None,
         }
     }
 

@@ -250,24 +250,47 @@ impl Layers {
                 ),
                 no_space: false,
             })?;
-        // The decoder may have read up to one buffer past the entry.
-        let end = (entry.compressed_end + (64 << 10)).min(desc.size).max(1);
-        let wanted: HashMap<u64, ObjectId> = HashMap::from([(entry.offset, id)]);
-        tracing::info!(layer = %desc.digest, object = %crate::cas::object_hex(&id), bytes = end, "fetching evicted content again");
+        let name = crate::cas::object_hex(&id);
+        let (offset, size) = (entry.offset, entry.size);
+        // Where the bytes holding the content start and end in the blob,
+        // and how to decode from there.
+        let (start, end, how) = match (compression, &index.spans) {
+            // Uncompressed: exactly the content.
+            (Compression::None, _) => (offset, offset + size, Refetch::Plain),
+            // gzip with a span index: from the checkpoint before the
+            // content (the decoder reads at most one input buffer past it).
+            (Compression::Gzip, Some(spans)) => {
+                let cp = spans.locate(offset).cloned();
+                let start = cp.as_ref().map_or(0, |c| c.fetch_from());
+                (start, entry.compressed_end + (64 << 10), Refetch::Span(cp))
+            }
+            // Otherwise the prefix of the blob up to the content.
+            _ => (0, entry.compressed_end + (64 << 10), Refetch::Prefix),
+        };
+        let end = end.min(desc.size).max(start + 1);
+        tracing::info!(layer = %desc.digest, object = %name, from = start, bytes = end - start, "fetching evicted content again");
         let canonical = crate::registry::name::canonical_repo(registry, repo);
         let body = self
             .client
-            .blob_range(registry, &canonical, &desc.digest, 0, end)
+            .blob_range(registry, &canonical, &desc.digest, start, end - start)
             .await?;
-        let (rx, feeder) = pump(body, None, end);
+        let (rx, feeder) = pump(body, None, end - start);
         let store = self.store.clone();
         let found = tokio::task::spawn_blocking(move || {
-            crate::layer::stream::extract_objects(
-                ChannelReader::new(rx),
-                compression,
-                &wanted,
-                &store,
-            )
+            use crate::layer::stream as s;
+            let raw = ChannelReader::new(rx);
+            match how {
+                Refetch::Plain => {
+                    s::extract_at(&mut { raw }, start, offset, size, &id, &store).map(|_| 1)
+                }
+                Refetch::Span(cp) => {
+                    s::extract_gzip_span(raw, cp.as_ref(), offset, size, &id, &store).map(|_| 1)
+                }
+                Refetch::Prefix => {
+                    let wanted: HashMap<u64, ObjectId> = HashMap::from([(offset, id)]);
+                    s::extract_objects(raw, compression, &wanted, &store)
+                }
+            }
         })
         .await
         .map_err(|e| FsError::Io {
@@ -417,6 +440,16 @@ impl Layers {
             Err(e) => Err(stream_error(e, registry, repo, desc)),
         }
     }
+}
+
+/// How refetched bytes are decoded.
+enum Refetch {
+    /// Uncompressed content, exactly.
+    Plain,
+    /// gzip resumed at a checkpoint (or the start).
+    Span(Option<crate::layer::gzindex::Checkpoint>),
+    /// The blob's prefix, walked as a tar.
+    Prefix,
 }
 
 /// What a failed layer read means for the user.
