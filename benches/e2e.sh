@@ -6,12 +6,19 @@
 #   sudo benches/e2e.sh --smoke --out F # tiny image, 1 round (runs in the test suite so this cannot rot)
 #
 # Measures, per round (page cache dropped before every timed step):
-#   cold:   apt-layer first read of /etc/os-release + `chroot rootfs /bin/true` on an empty cache
+#   cold:   apt-layer first read of /etc/os-release + `chroot rootfs /bin/true` on an empty cache,
+#           for the image as gzip, eStargz and zstd:chunked (converted by containerd's ctr-remote)
 #           vs `skopeo copy` + `umoci unpack` + the same read and chroot
-#   bytes:  bytes the registry served for that cold start (its access log)
+#           vs ratarmount on the downloaded layer (curl of the blob + ratarmount + read + chroot)
+#   bytes:  bytes the registry served for each cold start (its access log)
+#   slow:   the same cold starts with the registry in a network namespace behind a veth pair
+#           shaped with `tc tbf rate 100mbit`
 #   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full) vs the unpacked
 #           tree on local disk vs squashfuse of the same tree
-#   memory: daemon RSS per image entry beyond the RSS right after mount (after the warm runs, and peak)
+#   export: `apt-layer export TREE REF` vs `umoci repack` + `skopeo copy` of the same tree, each
+#           into a repository of its own (nothing to skip)
+#   memory: daemon RSS per image entry beyond the RSS right after mount (after the warm runs, and
+#           peak), and once for a synthetic image of 100k files
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0; ROUNDS=5; OUT=BENCHMARKS.md; SVG=benches/ratios.svg
@@ -28,11 +35,17 @@ BIN=${APT_LAYER_BIN:-$PWD/target/release/apt-layer}
 [ -x "$BIN" ] || cargo build --release --locked
 work=$(mktemp -d /var/tmp/apt-layer-bench.XXXXXX)
 MNT=$work/mnt; mkdir -p "$MNT"
+NS=albench$$
 cleanup() {
     mountpoint -q "$MNT" && umount "$MNT" || true
     mountpoint -q "$work/sqmnt" && umount "$work/sqmnt" || true
+    mountpoint -q "$work/ratmnt" && fusermount -u "$work/ratmnt" || true
     [ -n "${REGPID:-}" ] && kill "$REGPID" 2>/dev/null || true
-    rm -rf "$work"
+    [ -n "${NSREGPID:-}" ] && kill "$NSREGPID" 2>/dev/null || true
+    [ -n "${CTRDPID:-}" ] && kill "$CTRDPID" 2>/dev/null || true
+    ip netns del "$NS" 2>/dev/null || true
+    ip link del "vh$$" 2>/dev/null || true
+    sleep 0.3; rm -rf "$work"
 }
 trap cleanup EXIT
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -74,6 +87,49 @@ umoci repack --image "$work/layout:img" "$work/bundle" >/dev/null
 rm -rf "$work/bundle"
 skopeo copy -q --dest-tls-verify=false "oci:$work/layout:img" "docker://$REG/bench/img:gzip"
 LAYER_SIZE=$(skopeo inspect --tls-verify=false --raw "docker://$REG/bench/img:gzip" | python3 -c 'import json,sys;print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
+# eStargz and zstd:chunked variants, made by containerd's own converter.
+layer_size() {
+    skopeo inspect --tls-verify=false --raw "docker://$REG/bench/img:$1" | python3 -c 'import json,sys;print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))'
+}
+mkdir -p "$work/ctrd"
+cat > "$work/ctrd/config.toml" <<TOML
+version = 2
+root = "$work/ctrd/root"
+state = "$work/ctrd/state"
+[grpc]
+  address = "$work/ctrd/sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable = true
+TOML
+containerd --config "$work/ctrd/config.toml" > "$work/ctrd/log" 2>&1 &
+CTRDPID=$!
+for _ in $(seq 100); do ctr -a "$work/ctrd/sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+ctr -a "$work/ctrd/sock" content fetch --plain-http "$REG/bench/img:gzip" >/dev/null
+for f in estargz zstdchunked; do
+    ctr-remote -a "$work/ctrd/sock" images convert --oci "--$f" "$REG/bench/img:gzip" "$REG/bench/img:$f" >/dev/null
+    ctr -a "$work/ctrd/sock" images push --plain-http "$REG/bench/img:$f" >/dev/null
+done
+kill "$CTRDPID"; wait "$CTRDPID" 2>/dev/null || true; CTRDPID=
+SIZE_estargz=$(layer_size estargz); SIZE_zstdchunked=$(layer_size zstdchunked)
+LAYER_DIGEST=$(skopeo inspect --tls-verify=false --raw "docker://$REG/bench/img:gzip" | python3 -c 'import json,sys;print(json.load(sys.stdin)["layers"][0]["digest"])')
+
+# The same registry storage served from a network namespace behind a
+# 100 Mbit/s link (tbf on both ends of a veth pair).
+SLOW=0
+if ip netns add "$NS" 2>/dev/null; then
+    ip link add "vh$$" type veth peer name vp$$
+    ip link set vp$$ netns "$NS"
+    ip addr add 10.231.0.1/24 dev "vh$$"; ip link set "vh$$" up
+    ip netns exec "$NS" ip addr add 10.231.0.2/24 dev vp$$
+    ip netns exec "$NS" ip link set vp$$ up; ip netns exec "$NS" ip link set lo up
+    tc qdisc add dev "vh$$" root tbf rate 100mbit burst 256kb latency 100ms
+    ip netns exec "$NS" tc qdisc add dev vp$$ root tbf rate 100mbit burst 256kb latency 100ms
+    SREG=10.231.0.2:5000
+    sed "s/addr: $REG/addr: $SREG/" "$work/registry.yml" > "$work/registry-slow.yml"
+    ip netns exec "$NS" docker-registry serve "$work/registry-slow.yml" > "$work/registry-slow.log" 2>&1 &
+    NSREGPID=$!
+    for _ in $(seq 100); do curl -fsS "http://$SREG/v2/" >/dev/null 2>&1 && SLOW=1 && break; sleep 0.1; done
+fi
 ENTRIES=$(find "$SRC" | wc -l)
 UNCOMP=$(du -sb "$SRC" | cut -f1)
 T=$MNT/$REG/bench/img/gzip/rootfs
@@ -90,28 +146,67 @@ print(n)'
 rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
-declare -a C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER
-for r in $(seq "$ROUNDS"); do
-    # baseline: skopeo copy + umoci unpack + read + chroot
-    rm -rf "$work/pull" "$work/pull-bundle"; drop
+declare -a C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
+declare -a W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER
+
+mount_al() {  # mount_al REGISTRY → PID of a daemon on an empty cache
+    rm -rf "$work/cache"
+    "$BIN" mount "$MNT" --cache-dir "$work/cache" --insecure-registry "$1" --registries-conf /dev/null -o timeout=120s >/dev/null
+    pgrep -f -n -- " mount $MNT --cache-dir"
+}
+unmount_al() {
+    umount "$MNT"
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+}
+cold_al() {  # cold_al REGISTRY TAG → seconds for the first read + chroot (daemon left mounted)
+    local root=$MNT/$1/bench/img/$2/rootfs t0 t1
     t0=$(now)
-    skopeo copy -q --src-tls-verify=false "docker://$REG/bench/img:gzip" "oci:$work/pull:img"
+    cat "$root/etc/os-release" >/dev/null
+    chroot "$root" /bin/true
+    t1=$(now); elapsed "$t0" "$t1"
+}
+cold_base() {  # cold_base REGISTRY → seconds for skopeo copy + umoci unpack + read + chroot
+    rm -rf "$work/pull" "$work/pull-bundle"; drop
+    local t0 t1
+    t0=$(now)
+    skopeo copy -q --src-tls-verify=false "docker://$1/bench/img:gzip" "oci:$work/pull:img"
     umoci unpack --image "$work/pull:img" "$work/pull-bundle" >/dev/null
     cat "$work/pull-bundle/rootfs/etc/os-release" >/dev/null
     chroot "$work/pull-bundle/rootfs" /bin/true
-    t1=$(now); C_BASE+=("$(elapsed "$t0" "$t1")")
+    t1=$(now); elapsed "$t0" "$t1"
+}
 
-    # apt-layer, cold cache
-    rm -rf "$work/cache"; drop
-    "$BIN" mount "$MNT" --cache-dir "$work/cache" --insecure-registry "$REG" --registries-conf /dev/null -o timeout=60s
-    PID=$(pgrep -f -n "apt-layer mount $MNT")
+for r in $(seq "$ROUNDS"); do
+    # baseline: skopeo copy + umoci unpack + read + chroot
+    C_BASE+=("$(cold_base "$REG")")
+
+    # ratarmount on the downloaded layer: curl the blob, index it, read, chroot
+    if command -v ratarmount >/dev/null; then
+        rm -rf "$work/rat" "$work/ratmnt"; mkdir -p "$work/rat" "$work/ratmnt"; drop
+        t0=$(now)
+        curl -fsS "http://$REG/v2/bench/img/blobs/$LAYER_DIGEST" -o "$work/rat/layer.tar.gz"
+        ratarmount -P "$(nproc)" --index-file "$work/rat/index.sqlite" "$work/rat/layer.tar.gz" "$work/ratmnt" >/dev/null 2>&1
+        cat "$work/ratmnt/etc/os-release" >/dev/null
+        chroot "$work/ratmnt" /bin/true
+        t1=$(now); C_RAT+=("$(elapsed "$t0" "$t1")")
+        fusermount -u "$work/ratmnt"
+    fi
+
+    # apt-layer, cold cache: eStargz and zstd:chunked first (lazy), then gzip
+    for f in estargz zstdchunked; do
+        drop; PID=$(mount_al "$REG")
+        off=$(stat -c %s "$work/registry.log")
+        t=$(cold_al "$REG" "$f")
+        sleep 0.2; b=$(blob_bytes "$off")
+        case $f in estargz) C_ESZ+=("$t"); B_ESZ+=("$b") ;; zstdchunked) C_ZCH+=("$t"); B_ZCH+=("$b") ;; esac
+        unmount_al "$PID"
+    done
+    drop; PID=$(mount_al "$REG")
     base_rss=$(rss_now_kb "$PID")
     off=$(stat -c %s "$work/registry.log")
-    t0=$(now)
-    cat "$T/etc/os-release" >/dev/null
-    chroot "$T" /bin/true
-    t1=$(now); C_AL+=("$(elapsed "$t0" "$t1")")
+    C_AL+=("$(cold_al "$REG" gzip)")
     sleep 0.2; BYTES+=("$(blob_bytes "$off")")
+    T=$MNT/$REG/bench/img/gzip/rootfs
 
     # warm: apt-layer (cache full) vs local disk vs squashfuse
     NAT=$work/pull-bundle/rootfs
@@ -130,13 +225,60 @@ for r in $(seq "$ROUNDS"); do
     peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
     RSS_PER+=("$(python3 -c "print(f'{($steady-$base_rss)*1024/$ENTRIES:.0f}')")")
     PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
-    umount "$MNT"
-    for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+    unmount_al "$PID"
+
+    # the same cold starts over a 100 Mbit/s link
+    if [ "$SLOW" = 1 ]; then
+        S_BASE+=("$(cold_base "$SREG")")
+        for f in gzip estargz zstdchunked; do
+            drop; PID=$(mount_al "$SREG")
+            t=$(cold_al "$SREG" "$f")
+            case $f in gzip) S_AL+=("$t") ;; estargz) S_ESZ+=("$t") ;; zstdchunked) S_ZCH+=("$t") ;; esac
+            unmount_al "$PID"
+        done
+    fi
+
+    # export: umoci repack + skopeo copy vs apt-layer export, fresh repositories
+    rm -rf "$work/xl" "$work/xb"
+    umoci init --layout "$work/xl" >/dev/null; umoci new --image "$work/xl:img" >/dev/null
+    umoci unpack --image "$work/xl:img" "$work/xb" >/dev/null
+    cp -a "$SRC/." "$work/xb/rootfs/"
+    drop; t0=$(now)
+    umoci repack --image "$work/xl:img" "$work/xb" >/dev/null
+    skopeo copy -q --dest-tls-verify=false "oci:$work/xl:img" "docker://$REG/export/base$r:1"
+    t1=$(now); X_BASE+=("$(elapsed "$t0" "$t1")")
+    drop; t0=$(now)
+    "$BIN" export "$SRC" "$REG/export/al$r:1" --insecure-registry "$REG" --registries-conf /dev/null --tmp-dir "$work" >/dev/null 2>&1
+    t1=$(now); X_AL+=("$(elapsed "$t0" "$t1")")
+    rm -rf "$work/xl" "$work/xb"
 done
 
+# --- memory on a synthetic image of 100k files (once) -----------------------------
+N_SYN=100000; [ "$SMOKE" = 1 ] && N_SYN=2000
+SYN=$work/syn; mkdir -p "$SYN"
+python3 - "$SYN" "$N_SYN" <<'PY'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for d in range(n // 100):
+    os.makedirs(f"{root}/d{d:04}", exist_ok=True)
+for i in range(n):
+    with open(f"{root}/d{i // 100:04}/f{i:06}", "w") as f:
+        f.write(f"file {i}\n")
+PY
+"$BIN" export "$SYN" "$REG/bench/syn:1" --insecure-registry "$REG" --registries-conf /dev/null --tmp-dir "$work" >/dev/null 2>&1
+SYN_ENTRIES=$(find "$SYN" | wc -l)
+PID=$(mount_al "$REG")
+base_rss=$(rss_now_kb "$PID")
+find "$MNT/$REG/bench/syn/1/rootfs" -printf '%p %s\n' > /dev/null
+peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
+SYN_RSS=$(python3 -c "print(f'{($steady-$base_rss)*1024/$SYN_ENTRIES:.0f}')")
+SYN_PEAK=$(python3 -c "print(f'{($peak-$base_rss)*1024/$SYN_ENTRIES:.0f}')")
+unmount_al "$PID"
+rm -rf "$SYN"
+
 # --- report ---------------------------------------------------------------------
-export ROUNDS LAYER_SIZE ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE
-for v in C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
+export ROUNDS LAYER_SIZE SIZE_estargz SIZE_zstdchunked ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE SLOW SYN_ENTRIES SYN_RSS SYN_PEAK
+for v in C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done

@@ -24,6 +24,12 @@ fn e2e_benchmark_smoke_mode_produces_a_report() {
     let report = std::fs::read_to_string(&out).expect("report written");
     for row in [
         "cold first read + `chroot /bin/true`",
+        "same, eStargz image",
+        "same, zstd:chunked image",
+        "bytes fetched for that cold start / layer size, estargz",
+        "cold start over a 100 Mbit/s link (tbf), gzip",
+        "export of the tree",
+        "synthetic",
         "warm `tar cf - rootfs`, vs local disk",
         "warm `find rootfs -printf`, vs local disk",
         "daemon RSS per entry beyond base",
