@@ -660,6 +660,22 @@ fn bad_names_get_clear_errors_and_lose_nothing() {
         "unclear error: {err}"
     );
     assert_eq!(read(o.join(format!("{bad}/data"))).unwrap(), b"keep me\n");
+    // A refusal is not retried blindly (backoff starts at 1 s): it waits
+    // for the tree to change.
+    assert!(
+        st["next_retry"].is_null(),
+        "a refused push is scheduled again: {st}"
+    );
+    thread::sleep(Duration::from_secs(4));
+    let again = status_of(&m, &bad).expect("status stays");
+    assert_eq!(
+        again["attempts"], st["attempts"],
+        "refused push retried: {again}"
+    );
+    assert!(
+        again["error"].is_string(),
+        "error gone without a push: {again}"
+    );
 
     // Tag directories do not move (EXDEV), so mv copies it to a good name.
     mkdir_p(o.join(format!("{host}/good")));

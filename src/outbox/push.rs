@@ -63,6 +63,18 @@ pub enum PushError {
     Superseded(String),
 }
 
+impl PushError {
+    /// Whether retrying the same tree cannot succeed: the registry refused
+    /// the request itself (an invalid name or manifest) or the registry is
+    /// blocked by configuration. Outages, auth and local errors are retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            PushError::Registry(RegistryError::Rejected { .. } | RegistryError::Blocked { .. })
+        )
+    }
+}
+
 /// Finds new tag directories under a staging root, given the known ones.
 pub type ScanFn = Box<dyn Fn(&Path, &BTreeSet<String>) -> ScanResult + Send + Sync>;
 /// Told `(registry, repository)` after each successful push.
@@ -638,6 +650,24 @@ impl Shared {
                     s.note = Some(format!(
                         "the staged tree changed during a push ({why}); it is pushed again once it settles"
                     ));
+                });
+            }
+            Err(e) if e.is_permanent() => {
+                // Retrying cannot help (the registry refused the name or the
+                // manifest): wait for the tree to change instead of knocking
+                // every 30 s. Nothing staged is dropped.
+                t.act.lock().unwrap().done_gen = Some(gen0);
+                let attempts = t.state.lock().unwrap().attempts + 1;
+                tracing::warn!(tag = %t.path, "push refused: {e}; not retried until the tree changes");
+                t.update(true, |s| {
+                    s.phase = Phase::Failed;
+                    s.progress = None;
+                    s.attempts = attempts;
+                    s.error = Some(e.to_string());
+                    s.next_retry = None;
+                    s.note = Some(
+                        "the registry refused this push; it is tried again when the tree changes (or the tag directory is renamed)".into(),
+                    );
                 });
             }
             Err(e) => {

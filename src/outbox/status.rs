@@ -29,7 +29,8 @@ pub enum Phase {
     Pushing,
     /// The registry has the manifest of the staged tree as it is now.
     Pushed,
-    /// The last attempt failed; another follows at `next_retry`.
+    /// The last attempt failed; another follows at `next_retry` (none when
+    /// the registry refused the push: then after the next change).
     Failed,
 }
 
