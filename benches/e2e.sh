@@ -15,6 +15,8 @@
 #           shaped with `tc tbf rate 100mbit`
 #   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full) vs the unpacked
 #           tree on local disk vs squashfuse of the same tree
+#   spans:  size of the layer index (tar entries + gzip checkpoints) / uncompressed size, and bytes
+#           fetched per evicted file read again (20 files, cache bound 1 MiB)
 #   export: `apt-layer export TREE REF` vs `umoci repack` + `skopeo copy` of the same tree, each
 #           into a repository of its own (nothing to skip)
 #   memory: daemon RSS per image entry beyond the RSS right after mount (after the warm runs, and
@@ -146,7 +148,7 @@ print(n)'
 rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
-declare -a C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
+declare -a IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
 declare -a W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER
 
 mount_al() {  # mount_al REGISTRY → PID of a daemon on an empty cache
@@ -227,6 +229,18 @@ for r in $(seq "$ROUNDS"); do
     PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
     unmount_al "$PID"
 
+    # gzip span index: its size, and what refetching an evicted file costs.
+    # The same cache is mounted again with a 1 MiB bound (nearly everything
+    # is evicted); 20 regular files spread over the layer are read.
+    IDX_FRAC+=("$(python3 -c "import glob,os;print(sum(os.path.getsize(f) for f in glob.glob('$work/cache/layers/*.idx'))/$UNCOMP)")")
+    "$BIN" mount "$MNT" --cache-dir "$work/cache" --cache-size 1m --insecure-registry "$REG" --registries-conf /dev/null >/dev/null
+    PID=$(pgrep -f -n -- " mount $MNT --cache-dir")
+    (cd "$NAT" && find . -type f -size +0 -printf '%P\n' | sort | awk 'NR % 97 == 1' | head -20) > "$work/sample"
+    off=$(stat -c %s "$work/registry.log"); n=0
+    while read -r f; do cat "$T/$f" > /dev/null; n=$((n + 1)); done < "$work/sample"
+    sleep 0.2; REFETCH+=("$(( $(blob_bytes "$off") / (n > 0 ? n : 1) ))")
+    unmount_al "$PID"
+
     # the same cold starts over a 100 Mbit/s link
     if [ "$SLOW" = 1 ]; then
         S_BASE+=("$(cold_base "$SREG")")
@@ -278,7 +292,7 @@ rm -rf "$SYN"
 
 # --- report ---------------------------------------------------------------------
 export ROUNDS LAYER_SIZE SIZE_estargz SIZE_zstdchunked ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE SLOW SYN_ENTRIES SYN_RSS SYN_PEAK
-for v in C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
+for v in IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done

@@ -55,6 +55,10 @@ for tag, name in (("ESZ", "estargz"), ("ZCH", "zstdchunked")):
 for tag, name in (("AL", "gzip"), ("ESZ", "eStargz"), ("ZCH", "zstd:chunked")):
     rs = ratios("S_" + tag, "S_BASE")
     rows.append((f"cold start over a 100 Mbit/s link (tbf), {name}, vs skopeo copy + umoci unpack", cell(rs), "—", "—"))
+idx = nums("IDX_FRAC")
+rows.append(("layer index incl. gzip span checkpoints / uncompressed size", f"{med(idx) * 100:.2f}%" if idx else "n/a", "≤ 1% (spans)", "met" if idx and med(idx) <= 0.01 else "**missed**"))
+refetch = nums("REFETCH")
+rows.append(("bytes fetched per evicted file read again (gzip, span index; mean of 20 files)", f"{med(refetch) / 2**20:.2f} MiB" if refetch else "n/a", "≤ 8 MiB", "met" if refetch and med(refetch) <= 8 * 2**20 else "**missed**"))
 tar = ratios("W_TAR_AL", "W_TAR_NAT")
 rows.append(("warm `tar cf - rootfs`, vs local disk", cell(tar), "≤ 1.5x", verdict(tar, 1.5)))
 find = ratios("W_FIND_AL", "W_FIND_NAT")
