@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lru::LruCache;
+use crate::objindex::{Info, ObjIndex};
 
 /// sha256 of an object's content.
 pub type ObjectId = [u8; 32];
@@ -48,6 +48,14 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// A non-zero fingerprint of the stamp (what the index keeps).
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.ino, self.size, self.mtime, self.ctime).hash(&mut h);
+        h.finish().max(1)
+    }
+
     fn of(m: &std::fs::Metadata) -> Stamp {
         Stamp {
             ino: m.ino(),
@@ -58,13 +66,8 @@ impl Stamp {
     }
 }
 
-struct Info {
-    size: u64,
-    verified: Option<Stamp>,
-}
-
 struct State {
-    lru: LruCache<ObjectId, Info>,
+    lru: ObjIndex,
     total: u64,
     pinned: HashMap<ObjectId, u32>,
 }
@@ -126,19 +129,13 @@ impl ObjectStore {
         }
         found.sort();
         let mut state = State {
-            lru: LruCache::unbounded(),
+            lru: ObjIndex::new(),
             total: 0,
             pinned: HashMap::new(),
         };
         for (_, id, size) in found {
             state.total += size;
-            state.lru.put(
-                id,
-                Info {
-                    size,
-                    verified: None,
-                },
-            );
+            state.lru.put(id, Info { size, verified: 0 });
         }
         let store = ObjectStore {
             root: cache_dir.to_path_buf(),
@@ -201,13 +198,13 @@ impl ObjectStore {
             }
         };
         let stamp = Stamp::of(&file.metadata().ok()?);
-        if verified == Some(stamp) {
+        if verified == stamp.fingerprint() {
             return Some(file);
         }
         match hash_file(&file) {
             Ok(actual) if &actual == id => {
                 if let Some(i) = self.state.lock().unwrap().lru.peek_mut(id) {
-                    i.verified = Some(stamp);
+                    i.verified = stamp.fingerprint();
                 }
                 Some(file)
             }
@@ -358,7 +355,7 @@ impl ObjectStore {
                     id,
                     Info {
                         size,
-                        verified: stamp,
+                        verified: stamp.map_or(0, |s| s.fingerprint()),
                     },
                 )
                 .is_none()

@@ -7,6 +7,7 @@
 //! registry  talking to registries: names, auth, mirrors, timeouts, retries, digests
 //! store     what is kept on disk: metadata blobs by digest (never evicted)
 //! cas       the content store: file contents as objects by sha256, LRU-bounded
+//! objindex  the store's compact in-memory index (LRU order, ~60 B per object)
 //! layer     reading a layer once into an index plus objects; indexes on disk
 //! rootfs    merging layer indexes into an image's tree, fetching on demand
 //! inspect   the JSON skopeo prints, computed from manifest + config + tags
@@ -24,6 +25,7 @@ pub mod fuse;
 pub mod inspect;
 pub mod layer;
 pub mod model;
+pub mod objindex;
 pub mod outbox;
 pub mod registry;
 pub mod rootfs;

@@ -18,7 +18,8 @@ use crate::layer::{EntryKind, LayerIndex};
 /// An extended attribute: name, value.
 pub type Xattr = (Box<[u8]>, Box<[u8]>);
 
-/// One inode of the merged tree.
+/// One inode of the merged tree, as callers see it (built on access from
+/// the compact node the tree stores).
 #[derive(Debug, Clone)]
 pub struct FNode {
     /// Entry type (never `Hardlink`: links share their target's node).
@@ -43,19 +44,42 @@ pub struct FNode {
     pub major: u32,
     /// Device minor.
     pub minor: u32,
-    xattr: u32,
-    a: u32,
-    b: u32,
     /// Content object (regular files).
     pub object: ObjectId,
+}
+
+/// What the tree keeps per inode: 72 bytes. Owner, mode and the xattr set
+/// come from a table of the distinct (mode, uid, gid, xattrs) (an image has
+/// few);
+/// `a`/`b` are the children range (dirs), the target in the name arena
+/// (symlinks) or the device numbers (devices).
+#[derive(Debug, Clone)]
+struct CNode {
+    object: ObjectId,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: u32,
+    nlink: u32,
+    attr: u32,
+    a: u32,
+    b: u32,
+    layer: u16,
+    kind: EntryKind,
 }
 
 /// The merged, immutable tree. Node 0 is the root.
 #[derive(Debug, Default)]
 pub struct MergedTree {
-    nodes: Vec<FNode>,
+    nodes: Vec<CNode>,
+    /// Distinct (mode, uid, gid, xattr set: index + 1 into `xattrs`, or 0).
+    attrs: Vec<(u32, u32, u32, u32)>,
+    /// Children's names, back to back in `children` order: a name ends
+    /// where the next child's begins.
     arena: Vec<u8>,
-    children: Vec<(u32, u32, u32)>,
+    /// Symlink targets.
+    links: Vec<u8>,
+    /// (name offset in `arena`, child node), per directory sorted by name.
+    children: Vec<(u32, u32)>,
     xattrs: Vec<Vec<Xattr>>,
 }
 
@@ -76,48 +100,77 @@ impl MergedTree {
     }
 
     /// Node `i`.
-    pub fn node(&self, i: u32) -> Option<&FNode> {
+    pub fn node(&self, i: u32) -> Option<FNode> {
+        let n = self.nodes.get(i as usize)?;
+        let (mode, uid, gid, _) = self.attrs[n.attr as usize];
+        let dev = matches!(n.kind, EntryKind::CharDev | EntryKind::BlockDev);
+        Some(FNode {
+            kind: n.kind,
+            layer: n.layer,
+            mode,
+            uid,
+            gid,
+            mtime: n.mtime,
+            mtime_nsec: n.mtime_nsec,
+            size: n.size,
+            nlink: n.nlink,
+            major: if dev { n.a } else { 0 },
+            minor: if dev { n.b } else { 0 },
+            object: n.object,
+        })
+    }
+
+    fn cnode(&self, i: u32) -> Option<&CNode> {
         self.nodes.get(i as usize)
     }
 
-    fn name(&self, off: u32, len: u32) -> &[u8] {
-        &self.arena[off as usize..(off + len) as usize]
+    /// The name of `children[k]`.
+    fn child_name(&self, k: usize) -> &[u8] {
+        let start = self.children[k].0 as usize;
+        let end = self
+            .children
+            .get(k + 1)
+            .map_or(self.arena.len(), |c| c.0 as usize);
+        &self.arena[start..end]
     }
 
     /// Children of directory `i`, sorted by name.
     pub fn children(&self, i: u32) -> impl Iterator<Item = (&[u8], u32)> + '_ {
-        let (start, len) = match self.node(i) {
+        let (start, len) = match self.cnode(i) {
             Some(n) if n.kind == EntryKind::Dir => (n.a as usize, n.b as usize),
             _ => (0, 0),
         };
-        self.children[start..start + len]
-            .iter()
-            .map(|&(o, l, c)| (self.name(o, l), c))
+        (start..start + len).map(|k| (self.child_name(k), self.children[k].1))
     }
 
     /// The child `name` of directory `i`.
     pub fn lookup(&self, i: u32, name: &[u8]) -> Option<u32> {
-        let n = self.node(i)?;
+        let n = self.cnode(i)?;
         if n.kind != EntryKind::Dir {
             return None;
         }
-        let slice = &self.children[n.a as usize..(n.a + n.b) as usize];
-        slice
-            .binary_search_by(|&(o, l, _)| self.name(o, l).cmp(name))
-            .ok()
-            .map(|k| slice[k].2)
+        let (mut lo, mut hi) = (n.a as usize, (n.a + n.b) as usize);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.child_name(mid).cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(self.children[mid].1),
+            }
+        }
+        None
     }
 
     /// Symlink target of node `i`.
     pub fn readlink(&self, i: u32) -> Option<&[u8]> {
-        let n = self.node(i)?;
-        (n.kind == EntryKind::Symlink).then(|| self.name(n.a, n.b))
+        let n = self.cnode(i)?;
+        (n.kind == EntryKind::Symlink).then(|| &self.links[n.a as usize..(n.a + n.b) as usize])
     }
 
     /// Extended attributes of node `i`.
     pub fn xattrs(&self, i: u32) -> &[Xattr] {
-        match self.node(i) {
-            Some(n) if n.xattr > 0 => &self.xattrs[n.xattr as usize - 1],
+        match self.cnode(i).map(|n| self.attrs[n.attr as usize].3) {
+            Some(x) if x > 0 => &self.xattrs[x as usize - 1],
             _ => &[],
         }
     }
@@ -341,6 +394,7 @@ impl Builder {
             i += 1;
         }
         out.nodes.reserve_exact(order.len());
+        let mut attr_ids: HashMap<(u32, u32, u32, u32), u32> = HashMap::new();
         for (newi, &old) in order.iter().enumerate() {
             let b = &self.nodes[old as usize];
             let (a, len) = match b.kind {
@@ -349,17 +403,19 @@ impl Builder {
                     for (name, &(c, _)) in &b.children {
                         let off = out.arena.len() as u32;
                         out.arena.extend_from_slice(name);
-                        out.children.push((off, name.len() as u32, new_id[&c]));
+                        out.children.push((off, new_id[&c]));
                     }
                     (start, b.children.len() as u32)
                 }
                 EntryKind::Symlink => {
-                    let off = out.arena.len() as u32;
-                    out.arena.extend_from_slice(&b.link);
+                    let off = out.links.len() as u32;
+                    out.links.extend_from_slice(&b.link);
                     (off, b.link.len() as u32)
                 }
+                EntryKind::CharDev | EntryKind::BlockDev => (b.major, b.minor),
                 _ => (0, 0),
             };
+
             let nlink = if b.kind == EntryKind::Dir {
                 2 + b
                     .children
@@ -380,25 +436,26 @@ impl Builder {
                 );
                 out.xattrs.len() as u32
             };
-            out.nodes.push(FNode {
+            let key = (b.mode, b.uid, b.gid, xattr);
+            let attr = *attr_ids.entry(key).or_insert_with(|| {
+                out.attrs.push(key);
+                (out.attrs.len() - 1) as u32
+            });
+            out.nodes.push(CNode {
                 kind: b.kind,
                 layer: b.layer,
-                mode: b.mode,
-                uid: b.uid,
-                gid: b.gid,
+                attr,
                 mtime: b.mtime,
                 mtime_nsec: b.mtime_nsec,
                 size: b.size,
                 nlink,
-                major: b.major,
-                minor: b.minor,
-                xattr,
                 a,
                 b: len,
                 object: b.object.unwrap_or([0; 32]),
             });
         }
         out.arena.shrink_to_fit();
+        out.links.shrink_to_fit();
         out.children.shrink_to_fit();
         out
     }
@@ -422,6 +479,17 @@ fn lossy(b: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn nodes_stay_compact() {
+        // The RSS target (under 200 bytes per entry with the store's index)
+        // depends on it.
+        assert!(
+            std::mem::size_of::<CNode>() <= 72,
+            "{}",
+            std::mem::size_of::<CNode>()
+        );
+    }
     use super::*;
     use crate::layer::{Compression, IndexEntry};
 
