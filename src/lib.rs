@@ -7,8 +7,10 @@
 //! registry  talking to registries: names, auth, mirrors, timeouts, retries, digests
 //! store     what is kept on disk: metadata blobs by digest (never evicted)
 //! cas       the content store: file contents as objects by sha256, LRU-bounded
+//! pins      objects kept for kernel mounts, honoured by every process's eviction
 //! layer     reading a layer once into an index plus objects; indexes on disk
 //! rootfs    merging layer indexes into an image's tree, fetching on demand
+//! cfs       composefs: image.cfs from the merged tree, kernel mounts of it
 //! inspect   the JSON skopeo prints, computed from manifest + config + tags
 //! model     the tree users see: nodes, inodes, TTLs, listings, file contents
 //! outbox    the writable outbox/: staging trees on disk, layers, pushing them
@@ -18,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod cas;
+pub mod cfs;
 pub mod config;
 pub mod daemon;
 pub mod fuse;
@@ -25,6 +28,7 @@ pub mod inspect;
 pub mod layer;
 pub mod model;
 pub mod outbox;
+pub mod pins;
 pub mod registry;
 pub mod rootfs;
 pub mod singleflight;
