@@ -15,8 +15,9 @@
 //!    checked, so no eviction can remove one between check and mount.
 //! 4. Every object is opened through the store, which hashes it in this
 //!    process: a missing or damaged object is fetched again. This is the
-//!    integrity check: without fs-verity overlay does not verify data, it
-//!    would serve a damaged object's bytes (see "fs-verity" below).
+//!    integrity check: without fs-verity overlay does not verify data — an
+//!    object damaged after mounting is served as it is on disk (tested),
+//!    one removed gives `ENOENT` — see "fs-verity" below.
 //! 5. EROFS is mounted on a private helper directory under
 //!    `<cache>/mnt/`, the overlay on DIR, and the helper is detached at
 //!    once (`umount -l`): the overlay keeps its own reference to the erofs
