@@ -10,7 +10,8 @@
 #           vs `skopeo copy` + `umoci unpack` + the same read and chroot
 #   bytes:  bytes the registry served for that cold start (its access log)
 #   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full) vs the unpacked
-#           tree on local disk vs squashfuse of the same tree
+#           tree on local disk vs squashfuse of the same tree vs `apt-layer mount-image` (composefs,
+#           kernel erofs + overlay over the same cache)
 #   memory: daemon RSS per image entry beyond the RSS right after mount (after the warm runs, and peak)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ MNT=$work/mnt; mkdir -p "$MNT"
 cleanup() {
     mountpoint -q "$MNT" && umount "$MNT" || true
     mountpoint -q "$work/sqmnt" && umount "$work/sqmnt" || true
+    mountpoint -q "$work/cfsmnt" && umount "$work/cfsmnt" || true
     [ -n "${REGPID:-}" ] && kill "$REGPID" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -90,7 +92,7 @@ print(n)'
 rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
-declare -a C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER
+declare -a C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER
 for r in $(seq "$ROUNDS"); do
     # baseline: skopeo copy + umoci unpack + read + chroot
     rm -rf "$work/pull" "$work/pull-bundle"; drop
@@ -119,14 +121,20 @@ for r in $(seq "$ROUNDS"); do
         mksquashfs "$NAT" "$work/tree.sqfs" -quiet -noappend >/dev/null 2>&1 || true
         mkdir -p "$work/sqmnt"; squashfuse "$work/tree.sqfs" "$work/sqmnt" 2>/dev/null || true
     fi
-    for kind in AL NAT SQ; do
-        case $kind in AL) dir=$T ;; NAT) dir=$NAT ;; SQ) dir=$work/sqmnt ;; esac
+    # composefs kernel mount of the same image over the same (full) cache
+    mkdir -p "$work/cfsmnt"
+    "$BIN" mount-image "$REG/bench/img:gzip" "$work/cfsmnt" --cache-dir "$work/cache" \
+        --insecure-registry "$REG" --registries-conf /dev/null 2>/dev/null || true
+    for kind in AL NAT SQ CFS; do
+        case $kind in AL) dir=$T ;; NAT) dir=$NAT ;; SQ) dir=$work/sqmnt ;; CFS) dir=$work/cfsmnt ;; esac
         if [ "$kind" = SQ ] && ! mountpoint -q "$work/sqmnt"; then continue; fi
+        if [ "$kind" = CFS ] && ! mountpoint -q "$work/cfsmnt"; then continue; fi
         drop; t0=$(now); tar cf - -C "$dir" . > /dev/null 2>&1 || true; t1=$(now)
         eval "W_TAR_$kind+=(\"$(elapsed "$t0" "$t1")\")"
         drop; t0=$(now); find "$dir" -printf '%p %s %m %u %g %T@\n' > /dev/null; t1=$(now)
         eval "W_FIND_$kind+=(\"$(elapsed "$t0" "$t1")\")"
     done
+    mountpoint -q "$work/cfsmnt" && umount "$work/cfsmnt"
     peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
     RSS_PER+=("$(python3 -c "print(f'{($steady-$base_rss)*1024/$ENTRIES:.0f}')")")
     PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
@@ -136,7 +144,7 @@ done
 
 # --- report ---------------------------------------------------------------------
 export ROUNDS LAYER_SIZE ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE
-for v in C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
+for v in C_BASE C_AL BYTES W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done
