@@ -14,7 +14,9 @@
 #   slow:   the same cold starts with the registry in a network namespace behind a veth pair
 #           shaped with `tc tbf rate 100mbit`
 #   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full) vs the unpacked
-#           tree on local disk vs squashfuse of the same tree
+#           tree on local disk vs squashfuse of the same tree vs `apt-layer mount-image` (composefs,
+#           kernel erofs + overlay over the same cache); tar's output goes through a pipe, since
+#           GNU tar does not read file contents when writing to /dev/null
 #   spans:  size of the layer index (tar entries + gzip checkpoints) / uncompressed size, and bytes
 #           fetched per evicted file read again (20 files, cache bound 1 MiB)
 #   export: `apt-layer export TREE REF` vs `umoci repack` + `skopeo copy` of the same tree, each
@@ -42,6 +44,7 @@ cleanup() {
     mountpoint -q "$MNT" && umount "$MNT" || true
     mountpoint -q "$work/sqmnt" && umount "$work/sqmnt" || true
     mountpoint -q "$work/ratmnt" && fusermount -u "$work/ratmnt" || true
+    mountpoint -q "$work/cfsmnt" && umount "$work/cfsmnt" || true
     [ -n "${REGPID:-}" ] && kill "$REGPID" 2>/dev/null || true
     [ -n "${NSREGPID:-}" ] && kill "$NSREGPID" 2>/dev/null || true
     [ -n "${CTRDPID:-}" ] && kill "$CTRDPID" 2>/dev/null || true
@@ -149,7 +152,7 @@ rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
 declare -a IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
-declare -a W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER
+declare -a W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER
 
 mount_al() {  # mount_al REGISTRY → PID of a daemon on an empty cache
     rm -rf "$work/cache"
@@ -216,14 +219,20 @@ for r in $(seq "$ROUNDS"); do
         mksquashfs "$NAT" "$work/tree.sqfs" -quiet -noappend >/dev/null 2>&1 || true
         mkdir -p "$work/sqmnt"; squashfuse "$work/tree.sqfs" "$work/sqmnt" 2>/dev/null || true
     fi
-    for kind in AL NAT SQ; do
-        case $kind in AL) dir=$T ;; NAT) dir=$NAT ;; SQ) dir=$work/sqmnt ;; esac
+    # composefs kernel mount of the same image over the same (full) cache
+    mkdir -p "$work/cfsmnt"
+    "$BIN" mount-image "$REG/bench/img:gzip" "$work/cfsmnt" --cache-dir "$work/cache" \
+        --insecure-registry "$REG" --registries-conf /dev/null >/dev/null 2>&1 || true
+    for kind in AL NAT SQ CFS; do
+        case $kind in AL) dir=$T ;; NAT) dir=$NAT ;; SQ) dir=$work/sqmnt ;; CFS) dir=$work/cfsmnt ;; esac
         if [ "$kind" = SQ ] && ! mountpoint -q "$work/sqmnt"; then continue; fi
-        drop; t0=$(now); tar cf - -C "$dir" . > /dev/null 2>&1 || true; t1=$(now)
+        if [ "$kind" = CFS ] && ! mountpoint -q "$work/cfsmnt"; then continue; fi
+        drop; t0=$(now); tar cf - -C "$dir" . 2>/dev/null | cat > /dev/null || true; t1=$(now)
         eval "W_TAR_$kind+=(\"$(elapsed "$t0" "$t1")\")"
         drop; t0=$(now); find "$dir" -printf '%p %s %m %u %g %T@\n' > /dev/null; t1=$(now)
         eval "W_FIND_$kind+=(\"$(elapsed "$t0" "$t1")\")"
     done
+    mountpoint -q "$work/cfsmnt" && umount "$work/cfsmnt"
     peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
     RSS_PER+=("$(python3 -c "print(f'{($steady-$base_rss)*1024/$ENTRIES:.0f}')")")
     PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
@@ -292,7 +301,7 @@ rm -rf "$SYN"
 
 # --- report ---------------------------------------------------------------------
 export ROUNDS LAYER_SIZE SIZE_estargz SIZE_zstdchunked ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE SLOW SYN_ENTRIES SYN_RSS SYN_PEAK
-for v in IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_FIND_AL W_FIND_NAT W_FIND_SQ RSS_PER PEAK_PER; do
+for v in IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done

@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the hot paths, without the kernel or the network:
 //! reading a tar+gzip layer into the content store, merging many layers,
-//! random reads through a gzip span index, lookups in a merged tree, and
-//! content-store read hits.
+//! random reads through a gzip span index, lookups in a merged tree,
+//! content-store read hits, and building an `image.cfs` from a merged tree.
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -174,6 +174,31 @@ fn bench(c: &mut Criterion) {
             black_box(cur)
         })
     });
+
+    // image.cfs of a ~7k-entry tree (a Debian minbase has ~7k entries).
+    let idx7k = indexes(1, 7000);
+    let tree7k = MergedTree::build(&[&idx7k[0]]).unwrap();
+    let inline: std::collections::HashMap<_, _> = tree7k
+        .objects()
+        .filter(|o| o.2 <= apt_layer::cfs::build::INLINE_MAX)
+        .map(|(id, _, size)| (id, vec![b'x'; size as usize].into_boxed_slice()))
+        .collect();
+    let mut g = c.benchmark_group("image.cfs");
+    g.throughput(Throughput::Elements(tree7k.len() as u64));
+    g.sample_size(20);
+    g.bench_function("build from a 7k-entry tree", |b| {
+        b.iter(|| {
+            black_box(
+                apt_layer::cfs::build::build_image(
+                    &tree7k,
+                    &inline,
+                    &apt_layer::cfs::build::Verity::Off,
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.finish();
 
     let dir = tempfile::tempdir().unwrap();
     let store = ObjectStore::open(dir.path(), u64::MAX).unwrap();

@@ -67,6 +67,10 @@ tar_sq = ratios("W_TAR_AL", "W_TAR_SQ")
 rows.append(("warm `tar cf -`, vs squashfuse", cell(tar_sq), "—", "—"))
 find_sq = ratios("W_FIND_AL", "W_FIND_SQ")
 rows.append(("warm `find`, vs squashfuse", cell(find_sq), "—", "—"))
+tar_cfs = ratios("W_TAR_CFS", "W_TAR_NAT")
+rows.append(("warm `tar cf -` on `mount-image` (composefs, kernel), vs local disk", cell(tar_cfs), "≤ 1.2x", verdict(tar_cfs, 1.2)))
+find_cfs = ratios("W_FIND_CFS", "W_FIND_NAT")
+rows.append(("warm `find -printf` on `mount-image` (composefs, kernel), vs local disk", cell(find_cfs), "≤ 1.2x", verdict(find_cfs, 1.2)))
 export = ratios("X_AL", "X_BASE")
 rows.append(("export of the tree (`apt-layer export`), vs umoci repack + skopeo copy", cell(export), "≤ 1.2x", verdict(export, 1.2)))
 rss = nums("RSS_PER")
@@ -87,8 +91,8 @@ secs = [
     ("ratarmount download + index + read + chroot", nums("C_RAT")),
     ("100 Mbit/s: skopeo + umoci / apt-layer gzip / eStargz / zstd:chunked", nums("S_BASE") + [float("nan")] + nums("S_AL") + [float("nan")] + nums("S_ESZ") + [float("nan")] + nums("S_ZCH")),
     ("export: umoci repack + skopeo copy / apt-layer export", nums("X_BASE") + [float("nan")] + nums("X_AL")),
-    ("tar cf - (apt-layer / local / squashfuse)", nums("W_TAR_AL") + [float("nan")] + nums("W_TAR_NAT") + [float("nan")] + nums("W_TAR_SQ")),
-    ("find -printf (apt-layer / local / squashfuse)", nums("W_FIND_AL") + [float("nan")] + nums("W_FIND_NAT") + [float("nan")] + nums("W_FIND_SQ")),
+    ("tar cf - | cat (apt-layer / local / squashfuse / composefs)", nums("W_TAR_AL") + [float("nan")] + nums("W_TAR_NAT") + [float("nan")] + nums("W_TAR_SQ") + [float("nan")] + nums("W_TAR_CFS")),
+    ("find -printf (apt-layer / local / squashfuse / composefs)", nums("W_FIND_AL") + [float("nan")] + nums("W_FIND_NAT") + [float("nan")] + nums("W_FIND_SQ") + [float("nan")] + nums("W_FIND_CFS")),
 ]
 
 out = []

@@ -14,9 +14,14 @@
 //!   inode, size, mtime or ctime change (so a damaged or replaced file is
 //!   caught); a bad object is deleted and reported missing, never served.
 //! - **Bound**: the total size of objects stays under the limit by evicting
-//!   the least recently used ones (pinned objects excepted); eviction only
-//!   unlinks, so readers holding an object open keep reading it. The most
-//!   recently used object always stays, even if it alone exceeds the bound.
+//!   the least recently used ones; eviction only unlinks, so readers holding
+//!   an object open keep reading it. The most recently used object always
+//!   stays, even if it alone exceeds the bound.
+//! - **Pins**: objects pinned in this process ([`ObjectStore::pin`]) and
+//!   objects of live persistent pins ([`crate::pins`]: kernel composefs
+//!   mounts, in any process) are never evicted. Eviction holds the pins lock
+//!   from reading the pins until its last unlink. Pinned objects may take
+//!   the store over its bound.
 //! - **Locking**: one `std::sync::Mutex` over the LRU, never held across
 //!   I/O of object contents or an `.await`.
 
@@ -92,6 +97,7 @@ pub struct ObjectStore {
     state: Mutex<State>,
     evicted: AtomicU64,
     tmp_seq: AtomicU64,
+    pins: crate::pins::Pins,
 }
 
 impl ObjectStore {
@@ -143,6 +149,7 @@ impl ObjectStore {
             state: Mutex::new(state),
             evicted: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
+            pins: crate::pins::Pins::open(cache_dir)?,
         };
         store.evict_to(limit);
         Ok(store)
@@ -206,6 +213,8 @@ impl ObjectStore {
                 if let Some(i) = self.state.lock().unwrap().lru.peek_mut(id) {
                     i.verified = stamp.fingerprint();
                 }
+                // Hashing read it to the end; hand it back at the start.
+                io::Seek::seek(&mut &file, io::SeekFrom::Start(0)).ok()?;
                 Some(file)
             }
             Ok(actual) => {
@@ -257,8 +266,25 @@ impl ObjectStore {
         self.evict_to(self.limit);
     }
 
-    /// Evicts least recently used objects until at most `target` bytes remain.
+    /// The persistent pins of this cache directory.
+    pub fn pins(&self) -> &crate::pins::Pins {
+        &self.pins
+    }
+
+    /// Evicts least recently used objects until at most `target` bytes
+    /// remain, sparing pinned ones (see the module contract).
     pub fn evict_to(&self, target: u64) {
+        if self.state.lock().unwrap().total <= target {
+            return;
+        }
+        let lock = match self.pins.lock() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lock the pins; not evicting");
+                return;
+            }
+        };
+        let persistent = self.pins.pinned(&lock);
         let mut victims = Vec::new();
         {
             let mut st = self.state.lock().unwrap();
@@ -267,7 +293,7 @@ impl ObjectStore {
                 let Some((id, info)) = st.lru.pop_lru() else {
                     break;
                 };
-                if st.pinned.contains_key(&id) {
+                if st.pinned.contains_key(&id) || persistent.contains(&id) {
                     keep.push((id, info));
                     continue;
                 }
@@ -282,6 +308,7 @@ impl ObjectStore {
         for id in &victims {
             let _ = std::fs::remove_file(self.path(id));
         }
+        drop(lock);
         if !victims.is_empty() {
             self.evicted
                 .fetch_add(victims.len() as u64, Ordering::Relaxed);
@@ -328,7 +355,10 @@ impl ObjectStore {
 
     /// Removes object `id` (one a failed layer created).
     pub fn remove(&self, id: &ObjectId) {
-        if !self.state.lock().unwrap().pinned.contains_key(id) {
+        let Ok(lock) = self.pins.lock() else { return };
+        if !self.state.lock().unwrap().pinned.contains_key(id)
+            && !self.pins.pinned(&lock).contains(id)
+        {
             let _ = std::fs::remove_file(self.path(id));
             self.forget(id);
         }

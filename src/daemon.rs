@@ -85,12 +85,15 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         crate::cas::ObjectStore::open(&opts.cache_dir, opts.cache_size).map_err(cache_err)?,
     );
     let indexes = crate::layer::IndexStore::open(&opts.cache_dir).map_err(cache_err)?;
+    let images =
+        Arc::new(crate::cfs::images::ImageStore::open(&opts.cache_dir).map_err(cache_err)?);
     let layers = Arc::new(crate::rootfs::Layers::new(client.clone(), objects, indexes));
     let outbox = crate::outbox::Outbox::load(&opts.cache_dir, client.clone(), opts.outbox_settle)
         .map_err(|e| format!("outbox in {}: {e}", opts.cache_dir.display()))?;
     let tree = Arc::new(Tree::new(
         client,
         meta,
+        images,
         layers,
         TreeOptions {
             tag_ttl: opts.tag_ttl,

@@ -8,8 +8,10 @@
 //! store     what is kept on disk: metadata blobs by digest (never evicted)
 //! cas       the content store: file contents as objects by sha256, LRU-bounded
 //! objindex  the store's compact in-memory index (LRU order, ~60 B per object)
+//! pins      objects kept for kernel mounts, honoured by every process's eviction
 //! layer     reading a layer once into an index plus objects; indexes on disk
 //! rootfs    merging layer indexes into an image's tree, fetching on demand
+//! cfs       composefs: image.cfs from the merged tree, kernel mounts of it
 //! inspect   the JSON skopeo prints, computed from manifest + config + tags
 //! model     the tree users see: nodes, inodes, TTLs, listings, file contents
 //! outbox    the writable outbox/: staging trees on disk, layers, pushing them
@@ -19,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod cas;
+pub mod cfs;
 pub mod config;
 pub mod daemon;
 pub mod fuse;
@@ -27,6 +30,7 @@ pub mod layer;
 pub mod model;
 pub mod objindex;
 pub mod outbox;
+pub mod pins;
 pub mod registry;
 pub mod rootfs;
 pub mod singleflight;

@@ -78,6 +78,25 @@ enum Cmd {
         #[command(flatten)]
         reg: RegistryArgs,
     },
+    /// Mount image REF on DIR with the kernel (composefs: its image.cfs as
+    /// EROFS under a read-only overlay whose data comes from the cache's
+    /// objects). Fetches and verifies every object first; `umount DIR`
+    /// undoes it.
+    MountImage {
+        /// Image reference (`registry/repo:tag`, `…@sha256:…`).
+        reference: String,
+        /// Where to mount (an existing directory).
+        dir: PathBuf,
+        /// Cache directory (the one a `mount` uses, to share its objects).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Cache size bound (e.g. 10G); a mounted image's objects are kept
+        /// even beyond it.
+        #[arg(long, value_name = "SIZE")]
+        cache_size: Option<String>,
+        #[command(flatten)]
+        reg: RegistryArgs,
+    },
     /// Inspect or maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -195,6 +214,14 @@ fn main() -> ExitCode {
             reg,
             tmp_dir,
         } => runtime().and_then(|rt| rt.block_on(export(&dir, &reference, &reg, tmp_dir))),
+        Cmd::MountImage {
+            reference,
+            dir,
+            cache_dir,
+            cache_size,
+            reg,
+        } => runtime()
+            .and_then(|rt| rt.block_on(mount_image(&reference, &dir, cache_dir, cache_size, &reg))),
         Cmd::Outbox { cmd, cache_dir } => match cmd {
             OutboxCmd::Status { json } => outbox_status(cache_dir, json),
         },
@@ -224,9 +251,11 @@ fn client(reg: &RegistryArgs) -> Result<apt_layer::registry::RegistryClient, Str
     )
 }
 
-async fn inspect(reference: &str, reg: &RegistryArgs) -> Result<(), String> {
-    let r = ImageRef::parse(reference, Some("latest"))?;
-    let c = client(reg)?;
+/// The image `r` names, for this host's platform.
+async fn resolve_image(
+    c: &apt_layer::registry::RegistryClient,
+    r: &ImageRef,
+) -> Result<Image, String> {
     let e = |e: apt_layer::registry::RegistryError| e.to_string();
     let wanted = r
         .digest
@@ -241,7 +270,14 @@ async fn inspect(reference: &str, reg: &RegistryArgs) -> Result<(), String> {
     } else {
         (None, top)
     };
-    let image = Image::new(index, manifest)?;
+    Image::new(index, manifest)
+}
+
+async fn inspect(reference: &str, reg: &RegistryArgs) -> Result<(), String> {
+    let r = ImageRef::parse(reference, Some("latest"))?;
+    let c = client(reg)?;
+    let e = |e: apt_layer::registry::RegistryError| e.to_string();
+    let image = resolve_image(&c, &r).await?;
     let config = c
         .blob(
             &r.registry,
@@ -302,10 +338,18 @@ fn cache(cmd: CacheCmd, dir: Option<PathBuf>, size: Option<String>) -> Result<()
             "limit": limit,
             "layers": layers.count(),
             "metadata": meta.count(),
+            "pins": o.pins().list().iter().filter(|p| p.2).count(),
         })
     };
     match cmd {
         CacheCmd::Stats | CacheCmd::Gc => {
+            if matches!(cmd, CacheCmd::Gc) {
+                // Drops pins of images no longer mounted (eviction ran at open).
+                let pins = objects.pins();
+                if let Ok(l) = pins.lock() {
+                    pins.pinned(&l);
+                }
+            }
             println!(
                 "{}",
                 serde_json::to_string_pretty(&stats(&objects)).expect("json")
@@ -333,6 +377,78 @@ fn cache(cmd: CacheCmd, dir: Option<PathBuf>, size: Option<String>) -> Result<()
             }
         }
     }
+}
+
+/// `apt-layer mount-image REF DIR`, with a progress bar on stderr.
+async fn mount_image(
+    reference: &str,
+    dir: &std::path::Path,
+    cache_dir: Option<PathBuf>,
+    cache_size: Option<String>,
+    reg: &RegistryArgs,
+) -> Result<(), String> {
+    use apt_layer::cfs::mount::{Progress, check_kernel, mount_image};
+    use indicatif::{ProgressBar, ProgressStyle};
+    use std::sync::Arc;
+
+    struct Bar(ProgressBar);
+    impl Progress for Bar {
+        fn phase(&self, name: &str, total: u64) {
+            self.0.set_message(name.to_string());
+            self.0.set_length(total);
+            self.0.set_position(0);
+        }
+        fn advance(&self, done: u64) {
+            self.0.set_position(done);
+        }
+    }
+
+    check_kernel().map_err(|e| e.to_string())?;
+    let defaults = MountOptions::new(PathBuf::new());
+    let cache = cache_dir.unwrap_or(defaults.cache_dir);
+    let limit = match cache_size {
+        Some(s) => parse_size(&s)?,
+        None => defaults.cache_size,
+    };
+    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let cache_err = |e: std::io::Error| format!("cache dir {}: {e}", cache.display());
+    let r = ImageRef::parse(reference, Some("latest"))?;
+    let c = client(reg)?;
+    let image = Arc::new(resolve_image(&c, &r).await?);
+    let store = Arc::new(apt_layer::cas::ObjectStore::open(&cache, limit).map_err(cache_err)?);
+    let indexes = apt_layer::layer::IndexStore::open(&cache).map_err(cache_err)?;
+    let layers = apt_layer::rootfs::Layers::new(c, store, indexes);
+    let rf = apt_layer::rootfs::Rootfs::new(
+        0,
+        r.registry.as_str().into(),
+        r.repo.as_str().into(),
+        image,
+    );
+    let pb = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{msg:8} [{bar:40.cyan/blue}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let done = mount_image(&cache, &layers, &rf, dir, &Bar(pb.clone())).await;
+    pb.finish_and_clear();
+    let m = done.map_err(|e| e.to_string())?;
+    eprintln!(
+        "mounted {}@{} on {}: {} entries, {} objects ({} fetched again), {}",
+        r.name(),
+        m.manifest,
+        dir.display(),
+        m.entries,
+        m.objects,
+        m.refetched,
+        if m.verity {
+            "fs-verity required"
+        } else {
+            "without fs-verity (the cache's filesystem has none): objects were verified before mounting"
+        }
+    );
+    Ok(())
 }
 
 /// `apt-layer export DIR REF`: the outbox's push, from the command line,

@@ -89,6 +89,15 @@ pub enum Node {
         /// Top-level manifest digest.
         top: Arc<str>,
     },
+    /// `image.cfs` of an image: its composefs (EROFS) image.
+    Cfs {
+        /// Registry host.
+        registry: Arc<str>,
+        /// Repository path.
+        repo: Arc<str>,
+        /// Top-level manifest digest.
+        top: Arc<str>,
+    },
     /// `status` of an image.
     Status {
         /// Registry host.

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use super::image::{Image, select_platform};
 use super::node::{Inodes, MetaKind, Node, ROOT_INO};
 use super::{Content, DirEntry, Entry, FsError, IMMUTABLE_TTL, Kind, OpenFile, Stat};
+use crate::cfs::images::ImageStore;
 use crate::inspect::{InspectInput, inspect_json};
 use crate::layer::EntryKind;
 use crate::registry::name::{
@@ -37,6 +38,8 @@ type RepoKey = (Arc<str>, Arc<str>);
 /// (registry, repository, tag or digest).
 type RefKey = (Arc<str>, Arc<str>, Arc<str>);
 type Catalog = Option<Arc<Vec<String>>>;
+/// An opened, verified `image.cfs` and its size.
+type CfsFile = (Arc<std::fs::File>, u64);
 
 /// A cached answer and when it was fetched.
 struct Timed<T> {
@@ -118,6 +121,10 @@ pub struct Tree {
     /// Rootfs by slot (inode range), and by platform manifest digest.
     rootfs_slots: RwLock<Vec<Arc<Rootfs>>>,
     rootfs_by_manifest: Mutex<HashMap<Arc<str>, Arc<Rootfs>>>,
+    /// Built `image.cfs` files on disk.
+    cfs_store: Arc<ImageStore>,
+    /// One build per image (by platform manifest digest).
+    cfs_flights: Flights<Arc<str>, Res<CfsFile>>,
     /// The entry of `outbox/`, when the writable outbox serves it.
     outbox_root: std::sync::OnceLock<OutboxRoot>,
 }
@@ -130,10 +137,12 @@ fn arc(s: &str) -> Arc<str> {
 }
 
 impl Tree {
-    /// A tree over `client`, keeping metadata in `meta`.
+    /// A tree over `client`, keeping metadata in `meta` and composefs
+    /// images in `images`.
     pub fn new(
         client: RegistryClient,
         meta: MetaStore,
+        images: Arc<ImageStore>,
         layers: Arc<Layers>,
         opts: TreeOptions,
     ) -> Tree {
@@ -158,6 +167,8 @@ impl Tree {
             layers,
             rootfs_slots: RwLock::new(Vec::new()),
             rootfs_by_manifest: Mutex::new(HashMap::new()),
+            cfs_store: images,
+            cfs_flights: Flights::default(),
             outbox_root: std::sync::OnceLock::new(),
         }
     }
@@ -282,6 +293,78 @@ impl Tree {
                 }
             }
         }
+    }
+
+    // ----- image.cfs --------------------------------------------------
+
+    /// The `image.cfs` of an image: built on first lookup or open (which
+    /// streams the layers if needed), then kept in the cache by manifest
+    /// digest. Lookup builds so that the size `stat` shows is always exact
+    /// and `cp` gets every byte; listings never build (see
+    /// [`Tree::cfs_listed_entry`]).
+    async fn cfs_image(&self, registry: &Arc<str>, repo: &Arc<str>, top: &str) -> Res<CfsFile> {
+        let image = self.pinned_image(registry, repo, top).await?;
+        let rf = self.rootfs_for(registry, repo, &image);
+        let key: Arc<str> = arc(&image.manifest.digest);
+        self.cfs_flights
+            .run(key, || async {
+                match crate::cfs::image(&rf, &self.layers, &self.cfs_store).await {
+                    Ok((file, size)) => Ok((Arc::new(file), size)),
+                    Err(e) => {
+                        tracing::error!(image = %format!("{registry}/{repo}@{top}"), error = %e, "cannot make image.cfs");
+                        Err(e.into())
+                    }
+                }
+            })
+            .await
+    }
+
+    /// The entry of `image.cfs` in a listing: the real size if the image
+    /// was built before, else size 0 with a name and attributes the kernel
+    /// must not cache, so `stat` looks it up again (and builds). Listing a
+    /// tag must not stream its layers.
+    fn cfs_listed_entry(&self, node: Node, pinned: bool) -> Entry {
+        let Node::Cfs {
+            registry,
+            repo,
+            top,
+        } = &node
+        else {
+            unreachable!("only image.cfs nodes");
+        };
+        let manifest = self
+            .images_known(registry, repo, top)
+            .and_then(|m| self.cfs_store.size(&m));
+        let ino = self.inodes.ino(node.clone());
+        let entry_ttl = if pinned {
+            IMMUTABLE_TTL
+        } else {
+            self.opts.tag_ttl
+        };
+        match manifest {
+            Some(size) => Entry {
+                stat: self.file_stat(ino, size),
+                entry_ttl,
+                attr_ttl: IMMUTABLE_TTL,
+            },
+            // readdirplus gives the kernel one TTL for name and attributes:
+            // both zero, so the next `stat` is a lookup, which builds.
+            None => Entry {
+                stat: self.file_stat(ino, 0),
+                entry_ttl: Duration::ZERO,
+                attr_ttl: Duration::ZERO,
+            },
+        }
+    }
+
+    /// The platform manifest digest of a resolved image, if in memory.
+    fn images_known(&self, registry: &Arc<str>, repo: &Arc<str>, top: &Arc<str>) -> Option<String> {
+        let key = (registry.clone(), repo.clone(), top.clone());
+        self.images
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map(|i| i.manifest.digest.to_string())
     }
 
     /// `readlink`.
@@ -413,6 +496,12 @@ impl Tree {
                 IMMUTABLE_TTL,
             ),
             Node::Inspect { .. } | Node::Status { .. } => (false, 0, mutable, Duration::ZERO),
+            Node::Cfs { .. } => (
+                false,
+                0,
+                if pinned { IMMUTABLE_TTL } else { mutable },
+                IMMUTABLE_TTL,
+            ),
         };
         let ino = self.inodes.ino(node.clone());
         let stat = if kind_dir {
@@ -426,6 +515,11 @@ impl Tree {
                 Node::Inspect { .. } | Node::Status { .. } => {
                     self.generate(ino, &node).await?.len() as u64
                 }
+                Node::Cfs {
+                    registry,
+                    repo,
+                    top,
+                } => self.cfs_image(registry, repo, top).await?.1,
                 _ => size,
             };
             self.file_stat(ino, size)
@@ -517,7 +611,7 @@ impl Tree {
                 let image = self.pinned_image(registry, repo, digest).await?;
                 (self.image_child(registry, repo, None, &image, name)?, true)
             }
-            Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } => {
+            Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } | Node::Cfs { .. } => {
                 return Err(FsError::NotDir);
             }
         };
@@ -681,6 +775,11 @@ impl Tree {
                 repo: repo.clone(),
                 top: image.top_digest.clone(),
             },
+            "image.cfs" => Node::Cfs {
+                registry: registry.clone(),
+                repo: repo.clone(),
+                top: image.top_digest.clone(),
+            },
             _ => return Err(FsError::NotFound),
         })
     }
@@ -696,7 +795,13 @@ impl Tree {
         if image.index.is_some() {
             names.push("index.json");
         }
-        names.extend(["config.json", "digest", "inspect.json", "status"]);
+        names.extend([
+            "config.json",
+            "digest",
+            "inspect.json",
+            "status",
+            "image.cfs",
+        ]);
         names
             .into_iter()
             .filter_map(|n| {
@@ -806,15 +911,19 @@ impl Tree {
                 }
                 rootfs = Some((self.rootfs_for(registry, repo, &image), IMMUTABLE_TTL));
             }
-            Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } => {
+            Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } | Node::Cfs { .. } => {
                 return Err(FsError::NotDir);
             }
         }
         let mut out = Vec::with_capacity(children.len());
         for (name, node) in children {
+            let entry = match &node {
+                Node::Cfs { .. } => self.cfs_listed_entry(node, pinned),
+                _ => self.entry_of(node, pinned).await?,
+            };
             out.push(DirEntry {
                 name: OsString::from(name),
-                entry: self.entry_of(node, pinned).await?,
+                entry,
             });
         }
         if let Some((rf, ttl)) = rootfs {
@@ -900,6 +1009,18 @@ impl Tree {
                 };
                 Ok(OpenFile {
                     content: Content::Bytes(data),
+                    keep_cache: true,
+                    direct_io: false,
+                })
+            }
+            Node::Cfs {
+                registry,
+                repo,
+                top,
+            } => {
+                let (file, _) = self.cfs_image(registry, repo, top).await?;
+                Ok(OpenFile {
+                    content: Content::File(file),
                     keep_cache: true,
                     direct_io: false,
                 })

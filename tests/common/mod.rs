@@ -17,6 +17,8 @@
 //! bounded time instead of hanging the whole suite.
 #![allow(dead_code)]
 
+pub mod edge;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
