@@ -368,65 +368,56 @@ impl RegistryClient {
         self.check(registry, repo)?;
         let by_digest = name::is_sha256_digest(reference);
         let what = format!("manifest {repo}:{reference}");
-        let mut last_err = None;
-        for ep in self.inner.conf.pull_endpoints(registry, repo) {
-            let r = if by_digest {
-                Reference::with_digest(ep.host.clone(), ep.repo.clone(), reference.into())
-            } else {
-                Reference::with_tag(ep.host.clone(), ep.repo.clone(), reference.into())
-            };
-            let auth = self.registry_auth(&ep.host);
-            let res = self
-                .retrying(&ep.host, &what, || async {
-                    self.inner
-                        .oci
-                        .pull_manifest_raw(&r, &auth, MANIFEST_ACCEPT)
-                        .await
-                })
-                .await;
-            match res {
-                Ok((bytes, _header_digest)) => {
-                    let digest = sha256_digest(&bytes);
-                    if by_digest && digest != reference {
-                        return Err(RegistryError::DigestMismatch {
-                            registry: ep.host,
-                            what,
-                            expected: reference.into(),
-                            actual: digest,
-                        });
-                    }
-                    if bytes.len() as u64 > MAX_METADATA_SIZE {
-                        return Err(RegistryError::Malformed {
-                            registry: ep.host,
-                            what,
-                            reason: "manifest too large".into(),
-                        });
-                    }
-                    let (media_type, is_index) =
-                        classify_manifest(&bytes).map_err(|reason| RegistryError::Malformed {
-                            registry: ep.host.clone(),
-                            what: what.clone(),
-                            reason,
-                        })?;
-                    return Ok(RawManifest {
-                        bytes,
-                        digest,
-                        media_type,
-                        is_index,
+        // A digest mismatch from a mirror is worth trying the next endpoint
+        // (the primary) for, so the check is part of the per-endpoint step.
+        let w = &what;
+        let (ep, (bytes, digest)) = self
+            .pull(registry, repo, w, |ep| async move {
+                let r = if by_digest {
+                    Reference::with_digest(ep.host.clone(), ep.repo.clone(), reference.into())
+                } else {
+                    Reference::with_tag(ep.host.clone(), ep.repo.clone(), reference.into())
+                };
+                let auth = self.registry_auth(&ep.host);
+                let (bytes, _header_digest) = self
+                    .retrying(&ep.host, w, || async {
+                        self.inner
+                            .oci
+                            .pull_manifest_raw(&r, &auth, MANIFEST_ACCEPT)
+                            .await
+                    })
+                    .await?;
+                let digest = sha256_digest(&bytes);
+                if by_digest && digest != reference {
+                    return Err(RegistryError::DigestMismatch {
+                        registry: ep.host.clone(),
+                        what: w.clone(),
+                        expected: reference.into(),
+                        actual: digest,
                     });
                 }
-                Err(e) => {
-                    if ep.host != registry
-                        || self.inner.conf.pull_endpoints(registry, repo).len() > 1
-                    {
-                        tracing::debug!(endpoint = %ep.host, error = %e, "manifest read failed on endpoint");
-                    }
-                    // A digest mismatch from a mirror is worth trying the primary for.
-                    last_err = Some(e);
-                }
-            }
+                Ok((bytes, digest))
+            })
+            .await?;
+        if bytes.len() as u64 > MAX_METADATA_SIZE {
+            return Err(RegistryError::Malformed {
+                registry: ep.host,
+                what,
+                reason: "manifest too large".into(),
+            });
         }
-        Err(last_err.expect("at least the primary endpoint"))
+        let (media_type, is_index) =
+            classify_manifest(&bytes).map_err(|reason| RegistryError::Malformed {
+                registry: ep.host.clone(),
+                what: what.clone(),
+                reason,
+            })?;
+        Ok(RawManifest {
+            bytes,
+            digest,
+            media_type,
+            is_index,
+        })
     }
 
     /// A whole small blob (a config), verified against `digest`, at most
@@ -440,12 +431,14 @@ impl RegistryClient {
     ) -> Result<Bytes, RegistryError> {
         self.check(registry, repo)?;
         let what = format!("blob {digest} of {repo}");
-        let mut last_err = None;
-        for ep in self.inner.conf.pull_endpoints(registry, repo) {
-            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
-            let auth = self.registry_auth(&ep.host);
-            let res = self
-                .retrying(&ep.host, &what, || async {
+        let w = &what;
+        let (ep, bytes) = self
+            .pull(registry, repo, w, |ep| async move {
+                let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
+                let auth = self.registry_auth(&ep.host);
+                // The whole body is part of each attempt: a cut connection
+                // mid-body is retried like one that failed to start.
+                self.retrying(&ep.host, w, || async {
                     self.inner
                         .oci
                         .store_auth_if_needed(r.resolve_registry(), &auth)
@@ -463,24 +456,19 @@ impl RegistryClient {
                     }
                     Ok(Bytes::from(buf))
                 })
-                .await;
-            match res {
-                Ok(bytes) => {
-                    let actual = sha256_digest(&bytes);
-                    if actual != digest {
-                        return Err(RegistryError::DigestMismatch {
-                            registry: ep.host,
-                            what,
-                            expected: digest.into(),
-                            actual,
-                        });
-                    }
-                    return Ok(bytes);
-                }
-                Err(e) => last_err = Some(e),
-            }
+                .await
+            })
+            .await?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                registry: ep.host,
+                what,
+                expected: digest.into(),
+                actual,
+            });
         }
-        Err(last_err.expect("at least the primary endpoint"))
+        Ok(bytes)
     }
 
     /// A streaming body of blob `digest` (a layer). The caller verifies the
@@ -527,12 +515,12 @@ impl RegistryClient {
             Some(len) => format!("range {offset}+{len} of blob {digest} of {repo}"),
             None => format!("blob {digest} of {repo}"),
         };
-        let mut last_err = None;
-        for ep in self.inner.conf.pull_endpoints(registry, repo) {
-            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
-            let auth = self.registry_auth(&ep.host);
-            let res = self
-                .retrying(&ep.host, &what, || async {
+        let w = &what;
+        let (ep, res) = self
+            .pull(registry, repo, w, |ep| async move {
+                let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
+                let auth = self.registry_auth(&ep.host);
+                self.retrying(&ep.host, w, || async {
                     self.inner
                         .oci
                         .store_auth_if_needed(r.resolve_registry(), &auth)
@@ -542,16 +530,45 @@ impl RegistryClient {
                         .pull_blob_stream_partial(&r, digest, offset, len)
                         .await
                 })
-                .await;
-            match res {
-                Ok(oci_client::client::BlobResponse::Partial(s)) => return Ok(s.stream),
-                Ok(oci_client::client::BlobResponse::Full(s)) => {
-                    if len.is_some() || offset > 0 {
-                        tracing::warn!(registry = %ep.host, digest, offset, "registry ignored a Range request; reading the whole blob and skipping to the range");
-                    }
-                    return Ok(skip_take(s.stream, offset, len));
+                .await
+            })
+            .await?;
+        Ok(match res {
+            oci_client::client::BlobResponse::Partial(s) => s.stream,
+            oci_client::client::BlobResponse::Full(s) => {
+                if len.is_some() || offset > 0 {
+                    tracing::warn!(registry = %ep.host, digest, offset, "registry ignored a Range request; reading the whole blob and skipping to the range");
                 }
-                Err(e) => last_err = Some(e),
+                skip_take(s.stream, offset, len)
+            }
+        })
+    }
+
+    /// Runs `step` on each pull endpoint of `registry/repo` (mirrors first,
+    /// the primary last) until one succeeds; the endpoint that answered and
+    /// its value, or the last endpoint's error.
+    async fn pull<T, Fut>(
+        &self,
+        registry: &str,
+        repo: &str,
+        what: &str,
+        mut step: impl FnMut(Endpoint) -> Fut,
+    ) -> Result<(Endpoint, T), RegistryError>
+    where
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let endpoints = self.inner.conf.pull_endpoints(registry, repo);
+        let several = endpoints.len() > 1;
+        let mut last_err = None;
+        for ep in endpoints {
+            match step(ep.clone()).await {
+                Ok(v) => return Ok((ep, v)),
+                Err(e) => {
+                    if several {
+                        tracing::debug!(endpoint = %ep.host, %what, error = %e, "read failed on endpoint");
+                    }
+                    last_err = Some(e);
+                }
             }
         }
         Err(last_err.expect("at least the primary endpoint"))
