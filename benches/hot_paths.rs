@@ -82,6 +82,7 @@ fn indexes(layers: usize, per: usize) -> Vec<LayerIndex> {
                 version: apt_layer::layer::INDEX_VERSION,
                 digest: format!("sha256:{l:064}"),
                 compression: Compression::Gzip,
+                mode: Default::default(),
                 compressed_size: 0,
                 uncompressed_size: 0,
                 entries,

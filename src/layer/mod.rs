@@ -6,6 +6,7 @@
 //! <cache-dir>/layers/<64 hex>.idx   postcard-encoded LayerIndex (metadata, never evicted)
 //! ```
 
+pub mod seekable;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
@@ -75,6 +76,11 @@ impl LayerMode {
             LayerMode::Estargz => "estargz",
             LayerMode::ZstdChunked => "zstd:chunked",
         }
+    }
+
+    /// Whether files are fetched on demand from a TOC ([`seekable`]).
+    pub fn is_lazy(self) -> bool {
+        matches!(self, LayerMode::Estargz | LayerMode::ZstdChunked)
     }
 }
 
@@ -165,6 +171,11 @@ impl IndexStore {
         let dir = cache_dir.join("layers");
         std::fs::create_dir_all(&dir)?;
         Ok(IndexStore { dir })
+    }
+
+    /// The directory (sidecars such as [`seekable::ChunkStore`] live here too).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn path(&self, digest: &str) -> PathBuf {

@@ -11,6 +11,7 @@
 //! - **Refetch**: an object evicted (or found damaged) is fetched again by
 //!   re-reading its layer, once for all readers waiting on that layer.
 
+pub mod lazy;
 pub mod merge;
 
 use std::collections::HashMap;
@@ -116,12 +117,15 @@ pub struct Layers {
     states: Mutex<HashMap<String, Arc<LayerState>>>,
     flights: Flights<String, Res<Arc<LayerIndex>>>,
     refetch_flights: Flights<String, Res<()>>,
+    lazy: lazy::Lazy,
 }
 
 impl Layers {
     /// Layers fetched with `client`, stored in `store`, indexed in `indexes`.
     pub fn new(client: RegistryClient, store: Arc<ObjectStore>, indexes: IndexStore) -> Layers {
+        let chunks = crate::layer::seekable::ChunkStore::new(indexes.dir());
         Layers {
+            lazy: lazy::Lazy::new(client.clone(), store.clone(), chunks),
             client,
             store,
             indexes,
@@ -143,9 +147,13 @@ impl Layers {
             .or_insert_with(|| {
                 let s = LayerState::default();
                 if let Some(i) = self.indexes.load(digest) {
-                    s.progress
-                        .bytes_fetched
-                        .store(i.compressed_size, Ordering::Relaxed);
+                    // A lazy layer was fetched only in part; counting starts again.
+                    let fetched = if i.mode.is_lazy() {
+                        0
+                    } else {
+                        i.compressed_size
+                    };
+                    s.progress.bytes_fetched.store(fetched, Ordering::Relaxed);
                     s.progress.objects.store(
                         i.entries.iter().filter(|e| e.object.is_some()).count() as u64,
                         Ordering::Relaxed,
@@ -186,7 +194,10 @@ impl Layers {
                         return Ok(i);
                     }
                 }
-                let idx = Arc::new(self.stream(registry, repo, desc, &st).await?);
+                let idx = match self.lazy.index(registry, repo, desc, &st).await? {
+                    Some(i) => Arc::new(i),
+                    None => Arc::new(self.stream(registry, repo, desc, &st).await?),
+                };
                 st.set_mode(idx.mode);
                 let (indexes, to_save) = (self.indexes.clone(), idx.clone());
                 let saved = tokio::task::spawn_blocking(move || indexes.save(&to_save)).await;
@@ -225,6 +236,10 @@ impl Layers {
         desc: &Descriptor,
         id: ObjectId,
     ) -> Res<()> {
+        let st = self.state(&desc.digest);
+        if st.mode().is_lazy() {
+            return self.lazy.fetch(registry, repo, desc, id, &st).await;
+        }
         let compression = layer_compression(registry, repo, desc)?;
         let (indexes, digest) = (self.indexes.clone(), desc.digest.clone());
         let index = tokio::task::spawn_blocking(move || indexes.load(&digest))
