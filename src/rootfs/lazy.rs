@@ -92,6 +92,21 @@ fn claim(desc: &Descriptor) -> Option<Claim> {
     None
 }
 
+/// Drops what a seekable converter adds at the layer root (the eStargz TOC
+/// entry, the prefetch landmarks) from a layer that had to be streamed:
+/// they are not part of the image (`umoci unpack` of the original has
+/// none), and a lazily read layer never shows them either.
+pub(super) fn drop_artifacts(desc: &Descriptor, index: &mut LayerIndex) {
+    if claim(desc).is_none() {
+        return;
+    }
+    index.entries.retain(|e| {
+        !(e.path == estargz::TOC_NAME.as_bytes()
+            || e.path == seekable::PREFETCH_LANDMARK
+            || e.path == seekable::NO_PREFETCH_LANDMARK)
+    });
+}
+
 /// Where a fetch goes.
 #[derive(Debug, Clone)]
 struct Ctx {
@@ -436,6 +451,7 @@ impl Lazy {
     fn toc_error(&self, ctx: &Ctx, e: SeekError) -> LazyError {
         match e {
             SeekError::Footer(reason) => LazyError::Fallback(reason),
+            e @ SeekError::Lossy(_) => LazyError::Fallback(e.to_string()),
             e => LazyError::Fail(ctx.seek_error(e)),
         }
     }

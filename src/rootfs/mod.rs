@@ -196,7 +196,11 @@ impl Layers {
                 }
                 let idx = match self.lazy.index(registry, repo, desc, &st).await? {
                     Some(i) => Arc::new(i),
-                    None => Arc::new(self.stream(registry, repo, desc, &st).await?),
+                    None => {
+                        let mut i = self.stream(registry, repo, desc, &st).await?;
+                        lazy::drop_artifacts(desc, &mut i);
+                        Arc::new(i)
+                    }
                 };
                 st.set_mode(idx.mode);
                 let (indexes, to_save) = (self.indexes.clone(), idx.clone());

@@ -93,7 +93,9 @@ mod tests {
 
     /// A footer as containerd's converter writes it (stored empty block).
     fn footer(off: u64) -> Vec<u8> {
-        let mut f = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
+        let mut f = vec![
+            0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+        ];
         f.extend_from_slice(format!("{off:016x}STARGZ").as_bytes());
         f.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
         f

@@ -53,6 +53,11 @@ pub enum SeekError {
     /// still be streamed (its digest verifies it).
     #[error("unusable footer: {0}")]
     Footer(String),
+    /// The TOC lost information the layer has: JSON cannot carry names
+    /// that are not UTF-8 (converters write U+FFFD instead). The layer can
+    /// still be streamed.
+    #[error("the TOC cannot represent {0}")]
+    Lossy(String),
     /// The TOC bytes do not match the digest the manifest pins.
     #[error("TOC digest mismatch: expected {expected}, got {actual}")]
     TocDigest {
@@ -393,6 +398,14 @@ pub fn build(toc: Toc, layout: &Layout) -> Result<(LayerIndex, ChunkTable), Seek
             continue;
         }
         close(&mut open, &mut entries, &mut files, &mut by_object)?;
+        let lossy = |s: &str| s.contains(char::REPLACEMENT_CHARACTER);
+        if lossy(&e.name) || lossy(&e.link_name) || e.xattrs.iter().flatten().any(|(k, _)| lossy(k))
+        {
+            return Err(SeekError::Lossy(format!(
+                "the name {:?} (not UTF-8 in the layer?)",
+                e.name
+            )));
+        }
         let path = normalize(e.name.as_bytes()).map_err(SeekError::Toc)?;
         if path == PREFETCH_LANDMARK {
             prefetch_end = Some(e.offset);
