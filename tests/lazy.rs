@@ -320,7 +320,7 @@ fn reading_one_file_fetches_a_small_fraction_of_the_layer() {
         let digest = layer["digest"].as_str().unwrap().to_string();
         let layer_size = layer["size"].as_u64().unwrap();
         assert!(layer_size > 9 << 20, "{layer}");
-        let m = Mount::builder().insecure(&h).start();
+        let m = Mount::builder().insecure(&h).option("nobackground").start();
         registry_log_barrier(&reg);
         let since = reg.log_len();
         let root = rootfs(&m, &h, &repo, &tag);
@@ -400,7 +400,7 @@ fn prefetch_landmark_region_arrives_in_one_background_request() {
         toc.iter().any(|e| e["name"] == ".prefetch.landmark"),
         "converter made no landmark"
     );
-    let m = Mount::builder().insecure(&h).start();
+    let m = Mount::builder().insecure(&h).option("nobackground").start();
     registry_log_barrier(&reg);
     let since = reg.log_len();
     let root = rootfs(&m, &h, "pf", &tag);
@@ -453,11 +453,19 @@ fn restart_keeps_the_toc_and_fetched_files() {
         .to_string();
     let cache = work.path().join("cache");
     {
-        let m = Mount::builder().insecure(&h).cache_dir(&cache).start();
+        let m = Mount::builder()
+            .insecure(&h)
+            .cache_dir(&cache)
+            .option("nobackground")
+            .start();
         let root = rootfs(&m, &h, "rs", &tag);
         assert!(read(root.join("data/d1/f0001")).unwrap() == file_content(1, size));
     }
-    let m = Mount::builder().insecure(&h).cache_dir(&cache).start();
+    let m = Mount::builder()
+        .insecure(&h)
+        .cache_dir(&cache)
+        .option("nobackground")
+        .start();
     registry_log_barrier(&reg);
     let since = reg.log_len();
     let root = rootfs(&m, &h, "rs", &tag);
@@ -469,6 +477,49 @@ fn restart_keeps_the_toc_and_fetched_files() {
     let (bytes, requests) = blob_bytes_since(&reg, since, &digest);
     assert_eq!(requests, 1);
     assert!(bytes < 2 * size as u64, "{bytes}");
+}
+
+/// After the first on-demand read the rest of the layer arrives in the
+/// background (every file's object appears without being read);
+/// `-o nobackground` turns that off.
+#[test]
+fn background_fill_completes_a_layer_after_first_use() {
+    require_env();
+    let work = tempdir();
+    let (n, size) = (96, 16 << 10);
+    let layout = make_tar_image(work.path(), "fill", &many_files(n, size));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    let tag = push_converted(&ctd, &reg, &layout, "fill", "fill", Seekable::Estargz, None);
+    let hexes: Vec<String> = (0..n).map(|i| sha256_hex(&file_content(i, size))).collect();
+    let present = |m: &Mount| {
+        hexes
+            .iter()
+            .filter(|x| object_path(m.cache_dir(), x).exists())
+            .count()
+    };
+    {
+        let m = Mount::builder().insecure(&h).option("nobackground").start();
+        let root = rootfs(&m, &h, "fill", &tag);
+        assert!(read(root.join("data/d0/f0000")).unwrap() == file_content(0, size));
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(present(&m), 1, "nobackground still filled");
+    }
+    let m = Mount::builder().insecure(&h).start();
+    let root = rootfs(&m, &h, "fill", &tag);
+    assert!(read(root.join("data/d0/f0000")).unwrap() == file_content(0, size));
+    assert!(
+        wait_until(Duration::from_secs(30), || present(&m) == n),
+        "{} of {n} files after 30 s; log:\n{}",
+        present(&m),
+        m.log()
+    );
+    assert!(m.log().contains("background fill complete"));
+    for i in [5usize, 50, 95] {
+        let p = root.join(format!("data/d{}/f{i:04}", i % 8));
+        assert!(read(p).unwrap() == file_content(i, size));
+    }
 }
 
 // ---------------------------------------------------------------------------

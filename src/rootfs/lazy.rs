@@ -17,13 +17,17 @@
 //!   background on its own request, so on-demand reads never wait behind it.
 //! - **Amplification**: a file is fetched whole, its chunks merged into as
 //!   few Range requests as possible (at most [`MAX_SPAN`] each).
+//! - **Background fill**: after a lazy layer's first on-demand fetch, the
+//!   rest of it is fetched in the background (unless `nobackground`), one
+//!   layer at a time, in small groups, pausing while on-demand fetches run;
+//!   a layer larger than half the cache bound is not filled.
 //! - **Accounting**: every byte received by Range counts in the layer's
 //!   `bytes_fetched`.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
@@ -45,6 +49,9 @@ pub const MERGE_GAP: u64 = 64 << 10;
 /// Bytes read from the end of an eStargz blob at first: the footer and,
 /// for small layers, the whole TOC in one request.
 pub const TAIL: u64 = 64 << 10;
+/// Compressed bytes per background request (small, so on-demand reads
+/// never queue behind a long one).
+pub const FILL_SPAN: u64 = 4 << 20;
 
 /// Why a lazy layer could not be indexed.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +181,13 @@ struct Inner {
     store: Arc<ObjectStore>,
     chunks: ChunkStore,
     tables: Mutex<HashMap<String, Arc<ChunkTable>>>,
+    background: AtomicBool,
+    /// Layers whose background fill was started.
+    filling: Mutex<HashSet<String>>,
+    /// One layer filled at a time.
+    fill_gate: tokio::sync::Semaphore,
+    /// On-demand fetches running now (the fill waits while any are).
+    on_demand: AtomicUsize,
 }
 
 impl Lazy {
@@ -185,8 +199,17 @@ impl Lazy {
                 store,
                 chunks,
                 tables: Mutex::new(HashMap::new()),
+                background: AtomicBool::new(true),
+                filling: Mutex::new(HashSet::new()),
+                fill_gate: tokio::sync::Semaphore::new(1),
+                on_demand: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// Turns the background fill on or off.
+    pub fn set_background(&self, on: bool) {
+        self.inner.background.store(on, Ordering::Relaxed);
     }
 
     /// The index of `desc` built from its TOC, or `None` when the layer is
@@ -278,7 +301,82 @@ impl Lazy {
             });
         };
         tracing::debug!(layer = %desc.digest, object = %crate::cas::object_hex(&id), "fetching file chunks");
-        self.fetch_files(ctx, table, vec![f], st.clone()).await
+        self.inner.on_demand.fetch_add(1, Ordering::SeqCst);
+        let r = self
+            .fetch_files(ctx.clone(), table.clone(), vec![f], st.clone())
+            .await;
+        self.inner.on_demand.fetch_sub(1, Ordering::SeqCst);
+        self.spawn_fill(ctx, table, st.clone());
+        r
+    }
+
+    /// Fills the rest of a layer in the background, once per layer.
+    fn spawn_fill(&self, ctx: Ctx, table: Arc<ChunkTable>, st: Arc<LayerState>) {
+        if !self.inner.background.load(Ordering::Relaxed)
+            || !self
+                .inner
+                .filling
+                .lock()
+                .unwrap()
+                .insert(ctx.digest.clone())
+        {
+            return;
+        }
+        let total: u64 = table.files.iter().map(|f| f.size).sum();
+        let limit = self.inner.store.stats().limit;
+        if total > limit / 2 {
+            tracing::info!(layer = %ctx.digest, bytes = total, cache_limit = limit, "layer too large for the cache to fill in the background; files stay on demand");
+            return;
+        }
+        let lazy = self.clone();
+        tokio::spawn(async move {
+            let Ok(_gate) = lazy.inner.fill_gate.acquire().await else {
+                return;
+            };
+            let missing: Vec<usize> = (0..table.files.len())
+                .filter(|&i| !lazy.inner.store.contains(&table.files[i].object))
+                .collect();
+            let n = missing.len();
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            let mut span_start = u64::MAX;
+            for i in missing {
+                let f = &table.files[i];
+                let (a, b) = f
+                    .chunks
+                    .iter()
+                    .filter(|c| !c.zeros)
+                    .fold((u64::MAX, 0), |(a, b), c| (a.min(c.offset), b.max(c.end)));
+                match groups.last_mut() {
+                    Some(g) if b.saturating_sub(span_start) <= FILL_SPAN && a >= span_start => {
+                        g.push(i)
+                    }
+                    _ => {
+                        span_start = a;
+                        groups.push(vec![i]);
+                    }
+                }
+            }
+            for g in groups {
+                while lazy.inner.on_demand.load(Ordering::SeqCst) > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                let g: Vec<usize> = g
+                    .into_iter()
+                    .filter(|&i| !lazy.inner.store.contains(&table.files[i].object))
+                    .collect();
+                if g.is_empty() {
+                    continue;
+                }
+                if let Err(e) = lazy
+                    .fetch_files(ctx.clone(), table.clone(), g, st.clone())
+                    .await
+                {
+                    tracing::warn!(layer = %ctx.digest, error = %e, "background fill stopped; files stay on demand");
+                    return;
+                }
+            }
+            tracing::info!(layer = %ctx.digest, files = n, "background fill complete");
+        });
     }
 
     /// The chunk table: from memory, from its sidecar, or from the TOC again.

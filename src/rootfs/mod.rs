@@ -135,6 +135,11 @@ impl Layers {
         }
     }
 
+    /// Whether lazy layers are filled in the background after first use.
+    pub fn set_background(&self, on: bool) {
+        self.lazy.set_background(on);
+    }
+
     /// The object store.
     pub fn store(&self) -> &Arc<ObjectStore> {
         &self.store
