@@ -607,3 +607,150 @@ pub fn decode_chunk(format: Format, data: &[u8], chunk: &Chunk) -> Result<Vec<u8
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const D: &str = "sha256:8e3b219d0f2b71146d2b90b497fb3e68de8a21488ca93c9657b228430e1909a6";
+
+    fn layout() -> Layout {
+        Layout {
+            digest: "sha256:layer".into(),
+            format: Format::Estargz,
+            compressed_size: 10_000,
+            uncompressed_size: 0,
+            data_end: 9_000,
+        }
+    }
+
+    fn build_json(entries: &str) -> Result<(LayerIndex, ChunkTable), SeekError> {
+        let toc = parse_toc(format!(r#"{{"version":1,"entries":[{entries}]}}"#).as_bytes())?;
+        build(toc, &layout())
+    }
+
+    #[test]
+    fn builds_entries_and_chunks() {
+        let (idx, t) = build_json(&format!(
+            r#"{{"name":"etc/","type":"dir","mode":493,"modtime":"2020-01-02T03:04:05Z"}},
+               {{"name":"etc/a","type":"reg","size":10,"offset":100,"digest":"{D}","chunkSize":6,"mode":2541,"uid":7,"xattrs":{{"user.x":"YmFy"}}}},
+               {{"name":"etc/a","type":"chunk","offset":200,"chunkOffset":6,"digest":"{D}"}},
+               {{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"digest":"{D}"}},
+               {{"name":"etc/.wh.gone","type":"reg","size":0}},
+               {{"name":"etc/l","type":"hardlink","linkName":"/etc/a"}},
+               {{"name":"dev/null","type":"char","devMajor":1,"devMinor":3}}"#
+        ))
+        .unwrap();
+        let paths: Vec<&[u8]> = idx.entries.iter().map(|e| &e.path[..]).collect();
+        assert_eq!(
+            paths,
+            [
+                &b"etc"[..],
+                b"etc/a",
+                b"etc/.wh.gone",
+                b"etc/l",
+                b"dev/null"
+            ]
+        );
+        let a = &idx.entries[1];
+        assert_eq!((a.mode, a.uid, a.size), (0o4755, 7, 10));
+        assert_eq!(a.xattrs, vec![(b"user.x".to_vec(), b"bar".to_vec())]);
+        assert_eq!(idx.entries[0].mtime, 1_577_934_245);
+        assert_eq!(idx.entries[2].object, Some(empty_object()));
+        assert_eq!(idx.entries[3].link, b"etc/a");
+        assert_eq!(idx.entries[4].major, 1);
+        assert_eq!(idx.mode, LayerMode::Estargz);
+        assert_eq!(t.prefetch_end, Some(300));
+        let c = &t.files[0].chunks;
+        assert_eq!((c[0].offset, c[0].end, c[0].size), (100, 200, 6));
+        assert_eq!((c[1].offset, c[1].end, c[1].size), (200, 300, 4));
+    }
+
+    #[test]
+    fn rejects_lying_tocs() {
+        let reg = |extra: &str| {
+            format!(r#"{{"name":"f","type":"reg","size":10,"digest":"{D}",{extra}}}"#)
+        };
+        for (what, entries) in [
+            ("offset past the data", reg(r#""offset":9000"#)),
+            (
+                "path escape",
+                r#"{"name":"../../etc/x","type":"dir"}"#.to_string(),
+            ),
+            (
+                "hard link escape",
+                r#"{"name":"l","type":"hardlink","linkName":"../../x"}"#.to_string(),
+            ),
+            (
+                "negative size",
+                r#"{"name":"f","type":"reg","size":-1}"#.to_string(),
+            ),
+            ("huge chunk", reg(r#""offset":1,"chunkSize":999999999999"#)),
+            (
+                "chunks short of the size",
+                reg(r#""offset":1,"chunkSize":4"#),
+            ),
+            (
+                "chunk gap",
+                reg(
+                    r#""offset":1,"chunkSize":4},{"name":"f","type":"chunk","offset":50,"chunkOffset":5"#,
+                ),
+            ),
+            (
+                "chunks going backwards",
+                reg(
+                    r#""offset":100,"chunkSize":4},{"name":"f","type":"chunk","offset":50,"chunkOffset":4"#,
+                ),
+            ),
+            ("end past the data", reg(r#""offset":1,"endOffset":99999"#)),
+            (
+                "no digest",
+                r#"{"name":"f","type":"reg","size":3,"offset":1}"#.to_string(),
+            ),
+            (
+                "bad mtime",
+                r#"{"name":"d","type":"dir","modtime":"yesterday"}"#.to_string(),
+            ),
+            (
+                "unknown type",
+                r#"{"name":"d","type":"socket"}"#.to_string(),
+            ),
+        ] {
+            let r = build_json(&entries);
+            assert!(matches!(r, Err(SeekError::Toc(_))), "{what}: {r:?}");
+        }
+        let r = build_json(r#"{"name":"caf\ufffd","type":"dir"}"#);
+        assert!(matches!(r, Err(SeekError::Lossy(_))), "{r:?}");
+    }
+
+    #[test]
+    fn chunk_digest_is_checked() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"xxhello").unwrap();
+        let data = gz.finish().unwrap();
+        let mut h = Sha256::new();
+        h.update(b"hello");
+        let mut c = Chunk {
+            offset: 0,
+            end: data.len() as u64,
+            inner_offset: 2,
+            chunk_offset: 0,
+            size: 5,
+            digest: Some(h.finish()),
+            zeros: false,
+        };
+        assert_eq!(decode_chunk(Format::Estargz, &data, &c).unwrap(), b"hello");
+        c.digest = Some([0; 32]);
+        assert!(matches!(
+            decode_chunk(Format::Estargz, &data, &c),
+            Err(SeekError::ChunkDigest { .. })
+        ));
+        c.size = 50;
+        c.digest = None;
+        assert!(matches!(
+            decode_chunk(Format::Estargz, &data, &c),
+            Err(SeekError::Chunk { .. })
+        ));
+    }
+}
