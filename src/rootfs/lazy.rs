@@ -16,7 +16,9 @@
 //!   [`super::Layers::refetch`]; the landmark prefetch runs in the
 //!   background on its own request, so on-demand reads never wait behind it.
 //! - **Amplification**: a file is fetched whole, its chunks merged into as
-//!   few Range requests as possible (at most [`MAX_SPAN`] each).
+//!   few Range requests as possible (at most [`MAX_SPAN`] each); tiny
+//!   uncached files stored right around it ride along (a few KiB more). A
+//!   neighbour that fails verification is skipped (logged), never stored.
 //! - **Background fill**: after a lazy layer's first on-demand fetch, the
 //!   rest of it is fetched in the background (unless `nobackground`), one
 //!   layer at a time, in small groups, pausing while on-demand fetches run;
@@ -49,6 +51,11 @@ pub const MERGE_GAP: u64 = 64 << 10;
 /// Bytes read from the end of an eStargz blob at first: the footer and,
 /// for small layers, the whole TOC in one request.
 pub const TAIL: u64 = 64 << 10;
+/// Compressed bytes around an opened file within which tiny neighbours
+/// ride along.
+pub const RIDE_ALONG: u64 = 16 << 10;
+/// Largest file that rides along.
+pub const RIDE_ALONG_FILE: u64 = 4 << 10;
 /// Compressed bytes per background request (small, so on-demand reads
 /// never queue behind a long one).
 pub const FILL_SPAN: u64 = 4 << 20;
@@ -301,13 +308,38 @@ impl Lazy {
             });
         };
         tracing::debug!(layer = %desc.digest, object = %crate::cas::object_hex(&id), "fetching file chunks");
+        let files = self.with_neighbours(&table, f);
         self.inner.on_demand.fetch_add(1, Ordering::SeqCst);
         let r = self
-            .fetch_files(ctx.clone(), table.clone(), vec![f], st.clone())
+            .fetch_files(ctx.clone(), table.clone(), files, Some(f), st.clone())
             .await;
         self.inner.on_demand.fetch_sub(1, Ordering::SeqCst);
         self.spawn_fill(ctx, table, st.clone());
         r
+    }
+
+    /// File `f` plus the tiny files stored right around it that are not
+    /// cached yet: they ride along in the same request for a few KiB.
+    fn with_neighbours(&self, table: &ChunkTable, f: usize) -> Vec<usize> {
+        let span = |fc: &seekable::FileChunks| {
+            fc.chunks
+                .iter()
+                .filter(|c| !c.zeros)
+                .fold((u64::MAX, 0), |(a, b), c| (a.min(c.offset), b.max(c.end)))
+        };
+        let (a, b) = span(&table.files[f]);
+        let (lo, hi) = (a.saturating_sub(RIDE_ALONG), b + RIDE_ALONG);
+        let mut out = vec![f];
+        out.extend(table.files.iter().enumerate().filter_map(|(i, fc)| {
+            let (s, e) = span(fc);
+            (i != f
+                && fc.size <= RIDE_ALONG_FILE
+                && s >= lo
+                && e <= hi
+                && !self.inner.store.contains(&fc.object))
+            .then_some(i)
+        }));
+        out
     }
 
     /// Fills the rest of a layer in the background, once per layer.
@@ -368,7 +400,7 @@ impl Lazy {
                     continue;
                 }
                 if let Err(e) = lazy
-                    .fetch_files(ctx.clone(), table.clone(), g, st.clone())
+                    .fetch_files(ctx.clone(), table.clone(), g, None, st.clone())
                     .await
                 {
                     tracing::warn!(layer = %ctx.digest, error = %e, "background fill stopped; files stay on demand");
@@ -445,7 +477,7 @@ impl Lazy {
         tokio::spawn(async move {
             let n = files.len();
             let digest = ctx.digest.clone();
-            match lazy.fetch_files(ctx, table, files, st).await {
+            match lazy.fetch_files(ctx, table, files, None, st).await {
                 Ok(()) => {
                     tracing::info!(layer = %digest, files = n, "prefetched the prioritised region")
                 }
@@ -640,20 +672,25 @@ impl Lazy {
 
     /// Fetches files `files` of `table` (indexes) into the store: chunks in
     /// blob order, neighbours merged into one request, each chunk and file
-    /// verified. Runs on a blocking thread; network reads go back to the
-    /// runtime.
+    /// verified. A file that fails verification is never stored; it is an
+    /// error only if it is `must` (the one a reader waits for), else it is
+    /// logged and skipped. Runs on a blocking thread; network reads go back
+    /// to the runtime.
     async fn fetch_files(
         &self,
         ctx: Ctx,
         table: Arc<ChunkTable>,
         files: Vec<usize>,
+        must: Option<usize>,
         st: Arc<LayerState>,
     ) -> Res<()> {
         let lazy = self.clone();
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || lazy.fetch_blocking(&rt, &ctx, &table, files, &st))
-            .await
-            .map_err(joined)?
+        tokio::task::spawn_blocking(move || {
+            lazy.fetch_blocking(&rt, &ctx, &table, files, must, &st)
+        })
+        .await
+        .map_err(joined)?
     }
 
     fn fetch_blocking(
@@ -662,6 +699,7 @@ impl Lazy {
         ctx: &Ctx,
         table: &ChunkTable,
         mut files: Vec<usize>,
+        must: Option<usize>,
         st: &LayerState,
     ) -> Res<()> {
         let store = &self.inner.store;
@@ -679,6 +717,7 @@ impl Lazy {
             .flat_map(|&f| (0..table.files[f].chunks.len()).map(move |c| (f, c)))
             .collect();
         let mut writers: HashMap<usize, crate::cas::ObjectWriter<'_>> = HashMap::new();
+        let mut failed: HashSet<usize> = HashSet::new();
         let mut i = 0;
         while i < items.len() {
             let (mut start, mut end) = (u64::MAX, 0u64);
@@ -704,6 +743,9 @@ impl Lazy {
                 rt.block_on(self.range_bytes(ctx, start, end - start, st))?
             };
             for &(f, ci) in &items[i..j] {
+                if failed.contains(&f) {
+                    continue;
+                }
                 let file = &table.files[f];
                 let c = &file.chunks[ci];
                 let piece = if c.zeros {
@@ -711,11 +753,19 @@ impl Lazy {
                 } else {
                     &data[(c.offset - start) as usize..(c.end - start) as usize]
                 };
-                let bytes = seekable::decode_chunk(table.format, piece, c).map_err(|e| {
-                    let e = ctx.seek_error(e);
-                    tracing::error!(layer = %ctx.digest, error = %e, "chunk rejected; nothing of its file was kept");
-                    e
-                })?;
+                let bytes = match seekable::decode_chunk(table.format, piece, c) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let e = ctx.seek_error(e);
+                        tracing::error!(layer = %ctx.digest, error = %e, "chunk rejected; nothing of its file was kept");
+                        if must == Some(f) {
+                            return Err(e);
+                        }
+                        writers.remove(&f);
+                        failed.insert(f);
+                        continue;
+                    }
+                };
                 let w = match writers.entry(f) {
                     Entry::Occupied(o) => o.into_mut(),
                     Entry::Vacant(v) => v.insert(store.writer().map_err(local)?),
@@ -736,12 +786,19 @@ impl Lazy {
                         }
                         .into();
                         tracing::error!(layer = %ctx.digest, error = %e, "file rejected; nothing kept");
-                        return Err(e);
+                        if must == Some(f) {
+                            return Err(e);
+                        }
+                        failed.insert(f);
+                        continue;
                     }
                     st.progress.objects.fetch_add(1, Ordering::Relaxed);
                 }
             }
             i = j;
+        }
+        if !failed.is_empty() {
+            tracing::warn!(layer = %ctx.digest, files = failed.len(), "files failed verification and were skipped; reading them is EIO");
         }
         Ok(())
     }

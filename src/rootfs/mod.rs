@@ -159,10 +159,12 @@ impl Layers {
                         i.compressed_size
                     };
                     s.progress.bytes_fetched.store(fetched, Ordering::Relaxed);
-                    s.progress.objects.store(
-                        i.entries.iter().filter(|e| e.object.is_some()).count() as u64,
-                        Ordering::Relaxed,
-                    );
+                    let objects = if i.mode.is_lazy() {
+                        0
+                    } else {
+                        i.entries.iter().filter(|e| e.object.is_some()).count() as u64
+                    };
+                    s.progress.objects.store(objects, Ordering::Relaxed);
                     s.set(LayerPhase::Indexed);
                     s.set_mode(i.mode);
                 }
