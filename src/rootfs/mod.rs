@@ -10,6 +10,9 @@
 //!   again. A failed layer leaves no index and removes the objects it made.
 //! - **Refetch**: an object evicted (or found damaged) is fetched again by
 //!   re-reading its layer, once for all readers waiting on that layer.
+//! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
+//!   from the verified TOC and persisted at once; file contents arrive per
+//!   file on first open (the same refetch path), single-flighted per object.
 
 pub mod lazy;
 pub mod merge;
