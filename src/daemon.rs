@@ -88,6 +88,7 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     let images =
         Arc::new(crate::cfs::images::ImageStore::open(&opts.cache_dir).map_err(cache_err)?);
     let layers = Arc::new(crate::rootfs::Layers::new(client.clone(), objects, indexes));
+    layers.set_background(opts.background);
     let outbox = crate::outbox::Outbox::load(&opts.cache_dir, client.clone(), opts.outbox_settle)
         .map_err(|e| format!("outbox in {}: {e}", opts.cache_dir.display()))?;
     let tree = Arc::new(Tree::new(

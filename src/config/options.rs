@@ -37,6 +37,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// Let the kernel read cached objects directly (FUSE passthrough).
     pub passthrough: bool,
+    /// Fill the rest of a lazy (eStargz, zstd:chunked) layer in the
+    /// background after its first use (`nobackground` turns it off).
+    pub background: bool,
     /// Log file when daemonised (default `<cache_dir>/apt-layer.log`).
     pub log_file: Option<PathBuf>,
 }
@@ -60,6 +63,7 @@ impl MountOptions {
             threads: 4,
             log_file: None,
             passthrough: true,
+            background: true,
         }
     }
 
@@ -91,6 +95,8 @@ impl MountOptions {
                 }
                 "passthrough" => self.passthrough = true,
                 "nopassthrough" => self.passthrough = false,
+                "background" => self.background = true,
+                "nobackground" => self.background = false,
                 "log" | "log_file" => self.log_file = Some(PathBuf::from(need(v)?)),
                 // Generic options mount(8) and fstab hand to every helper.
                 "rw"

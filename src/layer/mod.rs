@@ -7,6 +7,7 @@
 //! ```
 
 pub mod gzindex;
+pub mod seekable;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
@@ -76,6 +77,11 @@ impl LayerMode {
             LayerMode::Estargz => "estargz",
             LayerMode::ZstdChunked => "zstd:chunked",
         }
+    }
+
+    /// Whether files are fetched on demand from a TOC ([`seekable`]).
+    pub fn is_lazy(self) -> bool {
+        matches!(self, LayerMode::Estargz | LayerMode::ZstdChunked)
     }
 }
 
@@ -168,6 +174,11 @@ impl IndexStore {
         let dir = cache_dir.join("layers");
         std::fs::create_dir_all(&dir)?;
         Ok(IndexStore { dir })
+    }
+
+    /// The directory (sidecars such as [`seekable::ChunkStore`] live here too).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn path(&self, digest: &str) -> PathBuf {

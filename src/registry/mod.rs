@@ -482,13 +482,15 @@ impl RegistryClient {
     ) -> Result<BlobBody, RegistryError> {
         // "Range: bytes=0-": the registry answers 206 and oci-client does
         // not hash the stream a second time.
-        self.blob_from(registry, repo, digest, 0, None).await
+        self.blob_from(registry, repo, digest, 0, None, true).await
     }
 
     /// Bytes `offset..offset+len` of blob `digest`, by a Range request. The
     /// caller verifies them against an index pinned by the blob's digest.
-    /// A registry that ignores Range sends the whole blob from offset 0;
-    /// with `offset == 0` that is still a correct stream (logged).
+    /// A registry that ignores Range sends the whole blob: from offset 0
+    /// that is still a correct stream (logged); from elsewhere it is a
+    /// `Malformed` error naming Range, so lazy readers can choose to stream
+    /// the layer once instead of downloading it for every file.
     pub async fn blob_range(
         &self,
         registry: &str,
@@ -497,11 +499,28 @@ impl RegistryClient {
         offset: u64,
         len: u64,
     ) -> Result<BlobBody, RegistryError> {
-        self.blob_from(registry, repo, digest, offset, Some(len))
+        self.blob_from(registry, repo, digest, offset, Some(len), false)
             .await
     }
 
-    /// Blob `digest` from `offset` (to the end, or `len` bytes).
+    /// [`Self::blob_range`], but from a registry that ignores Range the
+    /// whole blob is read and skipped to the range (logged): for a one-off
+    /// read such as refetching one evicted file.
+    pub async fn blob_range_or_skip(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<BlobBody, RegistryError> {
+        self.blob_from(registry, repo, digest, offset, Some(len), true)
+            .await
+    }
+
+    /// Blob `digest` from `offset` (to the end, or `len` bytes); `skip`:
+    /// whether a whole-blob answer to a Range from `offset > 0` is skipped
+    /// to the range rather than refused.
     async fn blob_from(
         &self,
         registry: &str,
@@ -509,6 +528,7 @@ impl RegistryClient {
         digest: &str,
         offset: u64,
         len: Option<u64>,
+        skip: bool,
     ) -> Result<BlobBody, RegistryError> {
         self.check(registry, repo)?;
         let what = match len {
@@ -533,15 +553,22 @@ impl RegistryClient {
                 .await
             })
             .await?;
-        Ok(match res {
-            oci_client::client::BlobResponse::Partial(s) => s.stream,
+        match res {
+            oci_client::client::BlobResponse::Partial(s) => Ok(s.stream),
+            oci_client::client::BlobResponse::Full(_) if offset > 0 && !skip => {
+                Err(RegistryError::Malformed {
+                    registry: ep.host,
+                    what,
+                    reason: "registry ignored the Range request".into(),
+                })
+            }
             oci_client::client::BlobResponse::Full(s) => {
                 if len.is_some() || offset > 0 {
                     tracing::warn!(registry = %ep.host, digest, offset, "registry ignored a Range request; reading the whole blob and skipping to the range");
                 }
-                skip_take(s.stream, offset, len)
+                Ok(skip_take(s.stream, offset, len))
             }
-        })
+        }
     }
 
     /// Runs `step` on each pull endpoint of `registry/repo` (mirrors first,

@@ -10,7 +10,11 @@
 //!   again. A failed layer leaves no index and removes the objects it made.
 //! - **Refetch**: an object evicted (or found damaged) is fetched again by
 //!   re-reading its layer, once for all readers waiting on that layer.
+//! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
+//!   from the verified TOC and persisted at once; file contents arrive per
+//!   file on first open (the same refetch path), single-flighted per object.
 
+pub mod lazy;
 pub mod merge;
 
 use std::collections::HashMap;
@@ -116,12 +120,15 @@ pub struct Layers {
     states: Mutex<HashMap<String, Arc<LayerState>>>,
     flights: Flights<String, Res<Arc<LayerIndex>>>,
     refetch_flights: Flights<String, Res<()>>,
+    lazy: lazy::Lazy,
 }
 
 impl Layers {
     /// Layers fetched with `client`, stored in `store`, indexed in `indexes`.
     pub fn new(client: RegistryClient, store: Arc<ObjectStore>, indexes: IndexStore) -> Layers {
+        let chunks = crate::layer::seekable::ChunkStore::new(indexes.dir());
         Layers {
+            lazy: lazy::Lazy::new(client.clone(), store.clone(), chunks),
             client,
             store,
             indexes,
@@ -129,6 +136,11 @@ impl Layers {
             flights: Flights::default(),
             refetch_flights: Flights::default(),
         }
+    }
+
+    /// Whether lazy layers are filled in the background after first use.
+    pub fn set_background(&self, on: bool) {
+        self.lazy.set_background(on);
     }
 
     /// The object store.
@@ -143,13 +155,19 @@ impl Layers {
             .or_insert_with(|| {
                 let s = LayerState::default();
                 if let Some(i) = self.indexes.load(digest) {
-                    s.progress
-                        .bytes_fetched
-                        .store(i.compressed_size, Ordering::Relaxed);
-                    s.progress.objects.store(
-                        i.entries.iter().filter(|e| e.object.is_some()).count() as u64,
-                        Ordering::Relaxed,
-                    );
+                    // A lazy layer was fetched only in part; counting starts again.
+                    let fetched = if i.mode.is_lazy() {
+                        0
+                    } else {
+                        i.compressed_size
+                    };
+                    s.progress.bytes_fetched.store(fetched, Ordering::Relaxed);
+                    let objects = if i.mode.is_lazy() {
+                        0
+                    } else {
+                        i.entries.iter().filter(|e| e.object.is_some()).count() as u64
+                    };
+                    s.progress.objects.store(objects, Ordering::Relaxed);
                     s.set(LayerPhase::Indexed);
                     s.set_mode(i.mode);
                 }
@@ -186,7 +204,14 @@ impl Layers {
                         return Ok(i);
                     }
                 }
-                let idx = Arc::new(self.stream(registry, repo, desc, &st).await?);
+                let idx = match self.lazy.index(registry, repo, desc, &st).await? {
+                    Some(i) => Arc::new(i),
+                    None => {
+                        let mut i = self.stream(registry, repo, desc, &st).await?;
+                        lazy::drop_artifacts(desc, &mut i);
+                        Arc::new(i)
+                    }
+                };
                 st.set_mode(idx.mode);
                 let (indexes, to_save) = (self.indexes.clone(), idx.clone());
                 let saved = tokio::task::spawn_blocking(move || indexes.save(&to_save)).await;
@@ -199,9 +224,11 @@ impl Layers {
             .await
     }
 
-    /// Fetches object `id` of layer `desc` again (evicted or damaged): one
-    /// Range request for the prefix of the blob that holds it, located by
-    /// the layer's persisted index, and the content checked against `id`.
+    /// Fetches object `id` of layer `desc` (evicted, damaged, or never
+    /// fetched in a lazy layer): one Range request, located by the layer's
+    /// persisted index — the file's chunks (eStargz, zstd:chunked), the span
+    /// from the gzip checkpoint before it, its exact bytes (plain tar), or
+    /// the blob's prefix (zstd) — and the content checked against `id`.
     /// One flight per object, however many readers wait for it.
     pub async fn refetch(
         &self,
@@ -225,6 +252,10 @@ impl Layers {
         desc: &Descriptor,
         id: ObjectId,
     ) -> Res<()> {
+        let st = self.state(&desc.digest);
+        if st.mode().is_lazy() {
+            return self.lazy.fetch(registry, repo, desc, id, &st).await;
+        }
         let compression = layer_compression(registry, repo, desc)?;
         let (indexes, digest) = (self.indexes.clone(), desc.digest.clone());
         let index = tokio::task::spawn_blocking(move || indexes.load(&digest))
@@ -272,7 +303,7 @@ impl Layers {
         let canonical = crate::registry::name::canonical_repo(registry, repo);
         let body = self
             .client
-            .blob_range(registry, &canonical, &desc.digest, start, end - start)
+            .blob_range_or_skip(registry, &canonical, &desc.digest, start, end - start)
             .await?;
         let (rx, feeder) = pump(body, None, end - start);
         let store = self.store.clone();

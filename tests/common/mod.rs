@@ -3084,3 +3084,196 @@ pub fn blob_gets_since(reg: &Registry, offset: usize, digest: &str) -> usize {
         .filter(|r| r.starts_with("GET ") && r.contains(&format!("/blobs/{digest}")))
         .count()
 }
+
+// ---------------------------------------------------------------------------
+// Seekable layers: a private containerd for ctr-remote's converter
+// ---------------------------------------------------------------------------
+
+/// The seekable layer formats ctr-remote converts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seekable {
+    /// `--estargz`: gzip members per chunk, TOC + 51-byte footer.
+    Estargz,
+    /// `--zstdchunked`: zstd frames per chunk, manifest in a skippable frame.
+    ZstdChunked,
+}
+
+impl Seekable {
+    /// The converter flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Seekable::Estargz => "--estargz",
+            Seekable::ZstdChunked => "--zstdchunked",
+        }
+    }
+    /// What `status` shows as the layer mode.
+    pub fn mode(self) -> &'static str {
+        match self {
+            Seekable::Estargz => "estargz",
+            Seekable::ZstdChunked => "zstd:chunked",
+        }
+    }
+}
+
+/// A containerd of the test's own (root, state, socket under a temp dir,
+/// CRI off), for `ctr content fetch`, `ctr-remote image convert` and
+/// `ctr image push`. Killed on drop.
+pub struct Containerd {
+    dir: TempDir,
+    child: Option<Child>,
+    sock: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd and waits until it answers.
+    pub fn start() -> Containerd {
+        require_env();
+        for tool in ["containerd", "ctr", "ctr-remote"] {
+            assert!(which(tool).is_some(), "{tool} is not installed");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("apt-layer-ctd-")
+            .tempdir()
+            .expect("tempdir");
+        let sock = dir.path().join("ctd.sock");
+        let config = dir.path().join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = sock.display()
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn containerd");
+        let c = Containerd {
+            dir,
+            child: Some(child),
+            sock,
+        };
+        let up = wait_until(Duration::from_secs(20), || {
+            Command::new("ctr")
+                .arg("-a")
+                .arg(&c.sock)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(
+            up,
+            "containerd did not answer; log:\n{}",
+            tail(
+                &fs::read_to_string(c.dir.path().join("containerd.log")).unwrap_or_default(),
+                30
+            )
+        );
+        c
+    }
+
+    /// Runs `tool -a SOCK args…` (tool is `ctr` or `ctr-remote`); panics
+    /// with its output on failure.
+    pub fn run(&self, tool: &str, args: &[&str]) -> Vec<u8> {
+        run(Command::new(tool).arg("-a").arg(&self.sock).args(args))
+    }
+
+    /// Fetches `src` (`HOST/REPO:TAG`, plain HTTP) into containerd's
+    /// content store, converts it to `kind` as `dst` and pushes `dst`.
+    /// `record` is a `--estargz-record-in` file (prioritised files).
+    pub fn convert_and_push(&self, src: &str, dst: &str, kind: Seekable, record: Option<&Path>) {
+        self.run("ctr", &["content", "fetch", "--plain-http", src]);
+        let mut args = vec!["image", "convert", "--oci", kind.flag()];
+        let rec;
+        if let Some(r) = record {
+            rec = r.display().to_string();
+            args.extend(["--estargz-record-in", rec.as_str()]);
+        }
+        args.extend([src, dst]);
+        self.run("ctr-remote", &args);
+        self.run("ctr", &["image", "push", "--plain-http", dst]);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sum of the bytes the registry sent for `GET`s of blob `digest` since
+/// access-log `offset`, and how many such requests there were.
+pub fn blob_bytes_since(reg: &Registry, offset: usize, digest: &str) -> (u64, usize) {
+    let blob = format!("/blobs/{digest} ");
+    let mut total = (0u64, 0usize);
+    for l in reg.log_since(offset).lines() {
+        let Some(start) = l.find('"').map(|s| s + 1) else {
+            continue;
+        };
+        let rest = &l[start..];
+        let Some(end) = rest.find('"') else { continue };
+        let req = &rest[..end];
+        if !(req.starts_with("GET ") && req.contains(&blob) && req.contains(" HTTP/")) {
+            continue;
+        }
+        let mut it = rest[end + 1..].split_whitespace();
+        let _status = it.next();
+        if let Some(n) = it.next().and_then(|n| n.parse::<u64>().ok()) {
+            total.0 += n;
+            total.1 += 1;
+        }
+    }
+    total
+}
+
+/// Where the registry keeps blob `digest` on disk.
+pub fn registry_blob_path(reg: &Registry, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    reg.storage_dir()
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+/// The layer descriptors of the manifest `HOST/REPO:TAG`.
+pub fn manifest_layers(host: &str, repo: &str, tag: &str) -> Vec<Value> {
+    let (bytes, _) = get_manifest(host, repo, tag, None);
+    let m: Value = serde_json::from_slice(&bytes).unwrap();
+    m["layers"].as_array().unwrap().clone()
+}
+
+/// The TOC entries of a seekable layer blob (`desc` is its descriptor):
+/// eStargz from its footer, zstd:chunked from its position annotation.
+pub fn seekable_toc(blob: &[u8], desc: &Value) -> Vec<Value> {
+    let json: Vec<u8> = if let Some(pos) =
+        desc["annotations"]["io.containers.zstd-chunked.manifest-position"].as_str()
+    {
+        let n: Vec<usize> = pos.split(':').map(|p| p.parse().unwrap()).collect();
+        zstd::bulk::decompress(&blob[n[0]..n[0] + n[1]], n[2]).unwrap()
+    } else {
+        let footer = &blob[blob.len() - 51..];
+        let off = u64::from_str_radix(std::str::from_utf8(&footer[16..32]).unwrap(), 16).unwrap();
+        let gz = flate2::read::GzDecoder::new(&blob[off as usize..]);
+        let mut ar = tar::Archive::new(gz);
+        let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+        let mut j = Vec::new();
+        e.read_to_end(&mut j).unwrap();
+        j
+    };
+    let v: Value = serde_json::from_slice(&json).unwrap();
+    v["entries"].as_array().unwrap().clone()
+}

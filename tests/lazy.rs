@@ -1,0 +1,697 @@
+//! Lazy layers (DESIGN.md §2, issue 5): eStargz and zstd:chunked images
+//! made by containerd's own converter (`ctr-remote image convert`, run
+//! against a private containerd), served through a real FUSE mount.
+//!
+//! - the merged tree equals `umoci unpack` of the ORIGINAL image;
+//! - reading one file fetches a small fraction of the layer (bytes counted
+//!   from the registry's access log);
+//! - the prefetch landmark's region arrives in one background request;
+//! - a TOC or chunk that fails its digest is EIO with nothing cached;
+//! - a registry that ignores Range gets the layer streamed, with a log
+//!   line saying why;
+//! - a restart keeps the TOC and what was fetched.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("apt-layer-lazy-")
+        .tempdir()
+        .unwrap()
+}
+
+fn rootfs(m: &Mount, host: &str, repo: &str, tag: &str) -> PathBuf {
+    m.join(format!("{host}/{repo}/{tag}/rootfs"))
+}
+
+fn status(m: &Mount, host: &str, repo: &str, tag: &str) -> Value {
+    let s = read(m.join(format!("{host}/{repo}/{tag}/status"))).unwrap();
+    serde_json::from_slice(&s).unwrap()
+}
+
+/// Pushes `layout:tag` as `HOST/REPO:orig` and converts it to `kind` as
+/// `HOST/REPO:<kind>`; returns that tag.
+fn push_converted(
+    ctd: &Containerd,
+    reg: &Registry,
+    layout: &Path,
+    tag: &str,
+    repo: &str,
+    kind: Seekable,
+    record: Option<&Path>,
+) -> String {
+    let h = reg.host();
+    push(
+        &layout_ref(layout, tag),
+        &format!("{h}/{repo}:orig"),
+        Format::Oci,
+    );
+    let dst = match kind {
+        Seekable::Estargz => "esgz",
+        Seekable::ZstdChunked => "zstdchunked",
+    };
+    ctd.convert_and_push(
+        &format!("{h}/{repo}:orig"),
+        &format!("{h}/{repo}:{dst}"),
+        kind,
+        record,
+    );
+    for l in manifest_layers(&h, repo, dst) {
+        let a = &l["annotations"];
+        match kind {
+            Seekable::Estargz => assert!(
+                a["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+                "not eStargz: {l}"
+            ),
+            Seekable::ZstdChunked => assert!(
+                a["io.containers.zstd-chunked.manifest-position"].is_string(),
+                "not zstd:chunked: {l}"
+            ),
+        }
+    }
+    dst.to_string()
+}
+
+// The edge-case image
+// ---------------------------------------------------------------------------
+
+/// `security.capability` v2: cap_net_bind_service (bit 10) permitted.
+const CAP_NET_BIND_SERVICE: &[u8] = &[
+    0x00, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00,
+];
+
+fn long_file_name() -> String {
+    format!("long/{}", "n".repeat(150))
+}
+
+/// Three layers covering the OCI layer semantics and tar features umoci
+/// unpacks. Every directory has a tar entry (umoci gives implicit parents
+/// the time of the unpack). Layer 1 uses plain names, layer 2 `./` names,
+/// layer 3 absolute names. (The recipe of tests/rootfs.rs, less what a TOC
+/// cannot carry: see the comment in layer 1.)
+fn edge_layers() -> Vec<Vec<TarEntry>> {
+    let long_dir = format!("long/{}/", "d".repeat(120));
+    let long_in_dir = format!("long/{}/{}", "d".repeat(120), "f".repeat(60));
+    let long_target = format!("/{}/target", "t".repeat(130));
+    let l1 = vec![
+        TarEntry::dir("./").mtime(1_000_000_000),
+        TarEntry::dir("etc/").mtime(1_000_000_001),
+        TarEntry::file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n").mtime(1_000_000_002),
+        TarEntry::file("etc/shadow", "root:*:18000:0:99999:7:::\n").mode(0o600),
+        TarEntry::file("etc/nomode", "no permission bits at all\n").mode(0o000),
+        TarEntry::symlink("etc/abs", "/usr/bin/tool").mtime(1_000_000_003),
+        TarEntry::symlink("etc/dangling", "/nonexistent/target"),
+        TarEntry::symlink("etc/up", "../../../etc/passwd"),
+        TarEntry::symlink("etc/longlink", &long_target),
+        TarEntry::symlink("bin", "usr/bin"),
+        TarEntry::dir("usr/"),
+        TarEntry::dir("usr/bin/").mtime(1_000_000_004),
+        TarEntry::file("usr/bin/tool", "#!/bin/sh\necho tool\n")
+            .mode(0o755)
+            .xattr("security.capability", CAP_NET_BIND_SERVICE)
+            .xattr("user.comment", "hello")
+            .xattr("trusted.overlay.test", b"\x00\x01binary\xff".to_vec()),
+        TarEntry::file("usr/bin/tool2", "tool2 v1\n").xattr("user.a", "1"),
+        TarEntry::file("usr/bin/su", "setuid binary\n").mode(0o4755),
+        TarEntry::file("usr/bin/wall", "setgid binary\n")
+            .mode(0o2755)
+            .owner(0, 5),
+        TarEntry::dir("usr/lib/").mtime(1_000_000_010),
+        // Larger than the ~4 MiB gzip checkpoint spacing, twice over.
+        TarEntry::file("usr/lib/big.bin", pseudo_random(1, 9 << 20)),
+        TarEntry::dir("tmp/").mode(0o1777),
+        TarEntry::dir("shared/").mode(0o2775).owner(1000, 1000),
+        TarEntry::dir("home/"),
+        TarEntry::dir("home/user/")
+            .mode(0o700)
+            .owner(1000, 1000)
+            .mtime(1_100_000_000),
+        TarEntry::file("home/user/.profile", "export PS1='$ '\n")
+            .mode(0o640)
+            .owner(1000, 1000),
+        TarEntry::dir("var/"),
+        TarEntry::file("var/lowerfile", "lower layer file\n")
+            .mode(0o640)
+            .owner(7, 8)
+            .xattr("user.lower", "1"),
+        TarEntry::file("var/hl_a", "hard-link group\n"),
+        TarEntry::hardlink("var/hl_b", "var/hl_a"),
+        TarEntry::hardlink("var/hl_c", "var/hl_a"),
+        TarEntry::file("var/hl_keep", "another group\n"),
+        TarEntry::hardlink("var/hl_keep2", "var/hl_keep"),
+        TarEntry::dir("gone/"),
+        TarEntry::file("gone/a", "a\n"),
+        TarEntry::dir("gone/sub/"),
+        TarEntry::file("gone/sub/b", "b\n"),
+        TarEntry::dir("gone2/"),
+        TarEntry::file("gone2/x", "x\n"),
+        TarEntry::dir("gone3/"),
+        TarEntry::file("gone3/old", "old\n"),
+        TarEntry::dir("opq/").mtime(1_200_000_000),
+        TarEntry::file("opq/a", "a\n"),
+        TarEntry::dir("opq/sub/"),
+        TarEntry::file("opq/sub/b", "b\n"),
+        TarEntry::dir("wh/").mtime(1_300_000_000),
+        TarEntry::file("wh/keep", "keep\n"),
+        TarEntry::file("wh/del", "del\n"),
+        TarEntry::symlink("wh/del_link", "keep"),
+        TarEntry::file("swap_f2d", "a file that becomes a directory\n"),
+        TarEntry::dir("swap_d2f/"),
+        TarEntry::file("swap_d2f/child", "child\n"),
+        TarEntry::dir("dev/"),
+        TarEntry::chardev("dev/null", 1, 3),
+        TarEntry::chardev("dev/tty0", 4, 0).mode(0o620).owner(0, 5),
+        TarEntry::blockdev("dev/sda", 8, 0).owner(0, 6),
+        TarEntry::blockdev("dev/loop300", 7, 300),
+        TarEntry::fifo("dev/initctl").mode(0o600),
+        TarEntry::dir("long/"),
+        TarEntry::file(long_file_name(), "GNU long name\n"),
+        TarEntry::dir(&long_dir).pax_long_names(),
+        TarEntry::file(&long_in_dir, "PAX long name\n").pax_long_names(),
+        TarEntry::hardlink(format!("long/hl-to-{}", "h".repeat(110)), long_file_name()),
+        TarEntry::symlink("long/pax-link", &long_target).pax_long_names(),
+        TarEntry::dir("names/"),
+        TarEntry::file("names/ünïcødé-日本語.txt", "unicode\n"),
+        TarEntry::file("names/emoji-🦀", "crab\n"),
+        TarEntry::file(b"names/latin1-\xe9t\xe9-\xff\xfe", "not utf-8\n"),
+        TarEntry::file("names/with space", "space\n"),
+        TarEntry::file("names/new\nline", "newline\n"),
+        TarEntry::dir("pax/"),
+        // Not here: a PAX mtime with a fraction. The eStargz writer rounds
+        // TOC modtimes to whole seconds (1600000000.75 becomes ...01), so
+        // a lazy tree cannot equal umoci's for it.
+        TarEntry::file("pax/big-owner", "big ids\n")
+            .pax("uid", "3000000")
+            .pax("gid", "3000001"),
+        TarEntry::file("empty", ""),
+        TarEntry::dir("xdir/").xattr("user.dir", "on a directory"),
+    ];
+    let l2 = vec![
+        TarEntry::whiteout(".", "gone"),
+        TarEntry::whiteout("./wh", "del"),
+        TarEntry::whiteout("./wh", "del_link"),
+        TarEntry::dir("./opq/").mtime(1_250_000_000),
+        TarEntry::opaque("./opq"),
+        TarEntry::file("./opq/new", "new\n"),
+        // Hard link to a file of the layer below.
+        TarEntry::hardlink("./var/link2lower", "./var/lowerfile"),
+        TarEntry::whiteout(".", "gone2"),
+        // Whiteout and re-creation in the same layer.
+        TarEntry::whiteout(".", "gone3"),
+        TarEntry::dir("./gone3/").mtime(1_400_000_000),
+        TarEntry::file("./gone3/fresh", "fresh\n"),
+        TarEntry::dir("./swap_f2d/"),
+        TarEntry::file("./swap_f2d/child", "child of a former file\n"),
+        TarEntry::file("./swap_d2f", "a directory became this file\n"),
+        TarEntry::file("./etc/passwd", "root:x:0:0:root:/root:/bin/ash\n").mtime(1_000_000_500),
+        // Replaced: xattrs and mode of the lower file do not survive.
+        TarEntry::file("./usr/bin/tool2", "tool2 v2\n")
+            .mode(0o700)
+            .xattr("user.b", "2"),
+        // The group's first name goes; the other two stay linked.
+        TarEntry::whiteout("./var", "hl_a"),
+    ];
+    let l3 = vec![
+        // A directory recreated one layer after its whiteout.
+        TarEntry::dir("/gone2/").mtime(1_450_000_000),
+        TarEntry::file("/gone2/y", "y\n"),
+        // New file in a lower directory: its mtime stays the lower one.
+        TarEntry::file("/usr/lib/added", "added later\n"),
+        // Hard link across two layers to a setuid file.
+        TarEntry::hardlink("/usr/bin/su-link", "/usr/bin/su"),
+        // Replacing one name of a hard-link group splits the group.
+        TarEntry::file("/var/hl_keep", "replaced\n"),
+        // A directory entry over an existing directory: new metadata, old
+        // children.
+        TarEntry::dir("/etc/").mode(0o751).mtime(1_000_000_600),
+    ];
+    vec![l1, l2, l3]
+}
+
+// ---------------------------------------------------------------------------
+// The tree
+// ---------------------------------------------------------------------------
+
+/// Both converted forms of the edge-case image read lazily and equal
+/// `umoci unpack` of the original.
+#[test]
+fn converted_edge_image_equals_umoci_unpack_of_the_original() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "edge", &edge_layers());
+    let oracle = umoci_unpack(&layout_ref(&layout, "edge"), &work.path().join("bundle"));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    let m = Mount::builder().insecure(&h).start();
+    for kind in [Seekable::Estargz, Seekable::ZstdChunked] {
+        let repo = format!("edge/{}", kind.flag().trim_start_matches("--"));
+        let tag = push_converted(&ctd, &reg, &layout, "edge", &repo, kind, None);
+        let since = m.log().len();
+        assert_trees_equal(&rootfs(&m, &h, &repo, &tag), &oracle, kind.mode());
+        // Layer 1 has a name that is not UTF-8: its TOC (JSON) holds U+FFFD
+        // instead, so that layer is streamed, and the log says why.
+        let s = status(&m, &h, &repo, &tag);
+        let modes: Vec<&str> = s["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["mode"].as_str().unwrap())
+            .collect();
+        // Streamed, with a span index when the layer is gzip (eStargz).
+        let fallback = match kind {
+            Seekable::Estargz => "span-index",
+            Seekable::ZstdChunked => "streamed",
+        };
+        assert_eq!(modes, [fallback, kind.mode(), kind.mode()], "{s}");
+        let log = m.log()[since..].to_string();
+        assert!(
+            log.contains("cannot represent") && log.contains("streaming it instead"),
+            "no fallback reason in the log:\n{log}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Laziness, counted in the registry's access log
+// ---------------------------------------------------------------------------
+
+/// One layer of `n` files of `size` random bytes (so nothing compresses
+/// away) under a few directories.
+fn many_files(n: usize, size: usize) -> Vec<Vec<TarEntry>> {
+    let mut l = vec![TarEntry::dir("./"), TarEntry::dir("data/")];
+    for d in 0..8 {
+        l.push(TarEntry::dir(format!("data/d{d}/")));
+    }
+    for i in 0..n {
+        l.push(TarEntry::file(
+            format!("data/d{}/f{i:04}", i % 8),
+            pseudo_random(1000 + i as u64, size),
+        ));
+    }
+    l.push(TarEntry::dir("etc/"));
+    l.push(TarEntry::file("etc/small", "a small file\n"));
+    vec![l]
+}
+
+fn file_content(i: usize, size: usize) -> Vec<u8> {
+    pseudo_random(1000 + i as u64, size)
+}
+
+/// Reading one file of a 10 MB layer fetches the TOC and that file: a
+/// small fraction of the layer, counted by the registry; `status` counts
+/// the same bytes.
+#[test]
+fn reading_one_file_fetches_a_small_fraction_of_the_layer() {
+    require_env();
+    let work = tempdir();
+    let (n, size) = (320, 32 << 10);
+    let layout = make_tar_image(work.path(), "many", &many_files(n, size));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    for kind in [Seekable::Estargz, Seekable::ZstdChunked] {
+        let repo = format!("many/{}", kind.flag().trim_start_matches("--"));
+        let tag = push_converted(&ctd, &reg, &layout, "many", &repo, kind, None);
+        let layer = manifest_layers(&h, &repo, &tag).remove(0);
+        let digest = layer["digest"].as_str().unwrap().to_string();
+        let layer_size = layer["size"].as_u64().unwrap();
+        assert!(layer_size > 9 << 20, "{layer}");
+        let m = Mount::builder().insecure(&h).option("nobackground").start();
+        registry_log_barrier(&reg);
+        let since = reg.log_len();
+        let root = rootfs(&m, &h, &repo, &tag);
+        assert_eq!(list(root.join("data/d3")).unwrap().len(), n / 8);
+        let got = read(root.join("data/d3/f0123")).unwrap();
+        assert!(got == file_content(123, size), "{kind:?}: wrong content");
+        registry_log_barrier(&reg);
+        let (bytes, requests) = blob_bytes_since(&reg, since, &digest);
+        eprintln!(
+            "{kind:?}: {bytes} of {layer_size} bytes in {requests} requests for one {size}-byte file"
+        );
+        assert!(
+            bytes < layer_size / 20 && bytes >= size as u64,
+            "{kind:?}: {bytes} of {layer_size} bytes fetched"
+        );
+        let s = status(&m, &h, &repo, &tag);
+        let l = &s["layers"][0];
+        assert_eq!(l["mode"], kind.mode(), "{s}");
+        assert_eq!(l["bytes_fetched"], bytes, "{s}");
+        // Reading it again costs nothing.
+        let since = reg.log_len();
+        drop_caches();
+        assert!(read(root.join("data/d3/f0123")).unwrap() == got);
+        registry_log_barrier(&reg);
+        assert_eq!(blob_bytes_since(&reg, since, &digest).1, 0);
+    }
+}
+
+/// `--estargz-record-in` puts files before the prefetch landmark: after
+/// the TOC, that region arrives in one background request and its files
+/// are stored without being read; reading them then fetches nothing.
+/// Landmark files are not part of the tree.
+#[test]
+fn prefetch_landmark_region_arrives_in_one_background_request() {
+    require_env();
+    let work = tempdir();
+    let (n, size) = (64, 32 << 10);
+    let layout = make_tar_image(work.path(), "pf", &many_files(n, size));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    let orig_digest = {
+        push(
+            &layout_ref(&layout, "pf"),
+            &format!("{h}/pf:orig"),
+            Format::Oci,
+        );
+        let (bytes, _) = get_manifest(&h, "pf", "orig", None);
+        sha256_digest(&bytes)
+    };
+    let wanted = [3usize, 17, 40];
+    let record = work.path().join("record.json");
+    let lines: Vec<String> = wanted
+        .iter()
+        .map(|i| {
+            format!(
+                r#"{{"path":"data/d{}/f{i:04}","manifestDigest":"{orig_digest}","layerIndex":0}}"#,
+                i % 8
+            )
+        })
+        .collect();
+    fs::write(&record, lines.join("\n") + "\n").unwrap();
+    let tag = push_converted(
+        &ctd,
+        &reg,
+        &layout,
+        "pf",
+        "pf",
+        Seekable::Estargz,
+        Some(&record),
+    );
+    let layer = manifest_layers(&h, "pf", &tag).remove(0);
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    let blob = fs::read(registry_blob_path(&reg, &digest)).unwrap();
+    let toc = seekable_toc(&blob, &layer);
+    assert!(
+        toc.iter().any(|e| e["name"] == ".prefetch.landmark"),
+        "converter made no landmark"
+    );
+    let m = Mount::builder().insecure(&h).option("nobackground").start();
+    registry_log_barrier(&reg);
+    let since = reg.log_len();
+    let root = rootfs(&m, &h, "pf", &tag);
+    let names = list(&root).unwrap();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("landmark") || n.contains("stargz")),
+        "{names:?}"
+    );
+    let hexes: Vec<String> = wanted
+        .iter()
+        .map(|&i| sha256_hex(&file_content(i, size)))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || hexes
+            .iter()
+            .all(|x| object_path(m.cache_dir(), x).exists())),
+        "prioritised files never arrived; log:\n{}",
+        m.log()
+    );
+    registry_log_barrier(&reg);
+    let (_, requests) = blob_bytes_since(&reg, since, &digest);
+    // the footer+TOC tail, then the region
+    assert_eq!(requests, 2, "{}", reg.log_since(since));
+    let since = reg.log_len();
+    for &i in &wanted {
+        let p = root.join(format!("data/d{}/f{i:04}", i % 8));
+        assert!(read(&p).unwrap() == file_content(i, size));
+    }
+    registry_log_barrier(&reg);
+    assert_eq!(blob_bytes_since(&reg, since, &digest).1, 0);
+}
+
+/// A restart keeps the TOC (no TOC request again) and the files fetched;
+/// another file costs only its own range.
+#[test]
+fn restart_keeps_the_toc_and_fetched_files() {
+    require_env();
+    let work = tempdir();
+    let (n, size) = (64, 32 << 10);
+    let layout = make_tar_image(work.path(), "rs", &many_files(n, size));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    let tag = push_converted(&ctd, &reg, &layout, "rs", "rs", Seekable::ZstdChunked, None);
+    let digest = manifest_layers(&h, "rs", &tag)[0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cache = work.path().join("cache");
+    {
+        let m = Mount::builder()
+            .insecure(&h)
+            .cache_dir(&cache)
+            .option("nobackground")
+            .start();
+        let root = rootfs(&m, &h, "rs", &tag);
+        assert!(read(root.join("data/d1/f0001")).unwrap() == file_content(1, size));
+    }
+    let m = Mount::builder()
+        .insecure(&h)
+        .cache_dir(&cache)
+        .option("nobackground")
+        .start();
+    registry_log_barrier(&reg);
+    let since = reg.log_len();
+    let root = rootfs(&m, &h, "rs", &tag);
+    assert!(read(root.join("data/d1/f0001")).unwrap() == file_content(1, size));
+    registry_log_barrier(&reg);
+    assert_eq!(blob_bytes_since(&reg, since, &digest), (0, 0));
+    assert!(read(root.join("data/d2/f0002")).unwrap() == file_content(2, size));
+    registry_log_barrier(&reg);
+    let (bytes, requests) = blob_bytes_since(&reg, since, &digest);
+    assert_eq!(requests, 1);
+    assert!(bytes < 2 * size as u64, "{bytes}");
+}
+
+/// After the first on-demand read the rest of the layer arrives in the
+/// background (every file's object appears without being read);
+/// `-o nobackground` turns that off.
+#[test]
+fn background_fill_completes_a_layer_after_first_use() {
+    require_env();
+    let work = tempdir();
+    let (n, size) = (96, 16 << 10);
+    let layout = make_tar_image(work.path(), "fill", &many_files(n, size));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    let tag = push_converted(&ctd, &reg, &layout, "fill", "fill", Seekable::Estargz, None);
+    let hexes: Vec<String> = (0..n).map(|i| sha256_hex(&file_content(i, size))).collect();
+    let present = |m: &Mount| {
+        hexes
+            .iter()
+            .filter(|x| object_path(m.cache_dir(), x).exists())
+            .count()
+    };
+    {
+        let m = Mount::builder().insecure(&h).option("nobackground").start();
+        let root = rootfs(&m, &h, "fill", &tag);
+        assert!(read(root.join("data/d0/f0000")).unwrap() == file_content(0, size));
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(present(&m), 1, "nobackground still filled");
+    }
+    let m = Mount::builder().insecure(&h).start();
+    let root = rootfs(&m, &h, "fill", &tag);
+    assert!(read(root.join("data/d0/f0000")).unwrap() == file_content(0, size));
+    assert!(
+        wait_until(Duration::from_secs(30), || present(&m) == n),
+        "{} of {n} files after 30 s; log:\n{}",
+        present(&m),
+        m.log()
+    );
+    assert!(m.log().contains("background fill complete"));
+    for i in [5usize, 50, 95] {
+        let p = root.join(format!("data/d{}/f{i:04}", i % 8));
+        assert!(read(p).unwrap() == file_content(i, size));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bytes that lie
+// ---------------------------------------------------------------------------
+
+/// A TOC that fails the digest its manifest pins (the annotation is
+/// changed) makes the image EIO, logged with both digests; nothing of the
+/// layer is kept (no index, no chunk table, no object).
+#[test]
+fn toc_failing_its_digest_is_eio_and_nothing_is_kept() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "bad", &many_files(8, 4096));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    for (kind, key) in [
+        (
+            Seekable::Estargz,
+            "containerd.io/snapshot/stargz/toc.digest",
+        ),
+        (
+            Seekable::ZstdChunked,
+            "io.containers.zstd-chunked.manifest-checksum",
+        ),
+    ] {
+        let repo = format!("bad/{}", kind.flag().trim_start_matches("--"));
+        let tag = push_converted(&ctd, &reg, &layout, "bad", &repo, kind, None);
+        let (bytes, ct) = get_manifest(&h, &repo, &tag, None);
+        let mut man: Value = serde_json::from_slice(&bytes).unwrap();
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        man["layers"][0]["annotations"][key] = Value::String(wrong.clone());
+        put_manifest(
+            &h,
+            &repo,
+            "lying",
+            &ct,
+            &serde_json::to_vec(&man).unwrap(),
+            None,
+        );
+        let digest = man["layers"][0]["digest"].as_str().unwrap().to_string();
+        let m = Mount::builder().insecure(&h).start();
+        let root = rootfs(&m, &h, &repo, "lying");
+        assert_errno(
+            fs::read_dir(&root).map(|_| ()),
+            libc::EIO,
+            "rootfs of a lying TOC",
+        );
+        let log = m.log();
+        assert!(
+            log.contains(&wrong) && log.contains("TOC of layer"),
+            "{log}"
+        );
+        let hex = digest.trim_start_matches("sha256:");
+        assert!(!m.cache_dir().join(format!("layers/{hex}.idx")).exists());
+        assert!(!m.cache_dir().join(format!("layers/{hex}.chunks")).exists());
+        assert!(object_files(m.cache_dir()).is_empty());
+        let s = status(&m, &h, &repo, "lying");
+        assert_eq!(s["layers"][0]["state"], "failed", "{s}");
+    }
+}
+
+/// A chunk whose bytes were changed in the registry's storage is EIO for
+/// that file (logged), nothing is cached for it, and reading it again is
+/// EIO again; other files of the layer still read.
+#[test]
+fn chunk_failing_its_digest_is_eio_and_nothing_is_cached() {
+    require_env();
+    let work = tempdir();
+    let size = 64 << 10;
+    let layout = make_tar_image(work.path(), "chunk", &many_files(16, size));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    for kind in [Seekable::Estargz, Seekable::ZstdChunked] {
+        let repo = format!("chunk/{}", kind.flag().trim_start_matches("--"));
+        let tag = push_converted(&ctd, &reg, &layout, "chunk", &repo, kind, None);
+        let layer = manifest_layers(&h, &repo, &tag).remove(0);
+        let digest = layer["digest"].as_str().unwrap().to_string();
+        let path = registry_blob_path(&reg, &digest);
+        let blob = fs::read(&path).unwrap();
+        let toc = seekable_toc(&blob, &layer);
+        let victim = toc
+            .iter()
+            .find(|e| e["name"] == "data/d5/f0005")
+            .expect("victim in TOC");
+        // Random content is stored uncompressed inside the member/frame:
+        // a byte well inside it is file content.
+        flip_byte(&path, victim["offset"].as_u64().unwrap() + 1000);
+        let m = Mount::builder().insecure(&h).start();
+        let root = rootfs(&m, &h, &repo, &tag);
+        assert_errno(read(root.join("data/d5/f0005")), libc::EIO, "corrupt chunk");
+        assert!(
+            !object_path(m.cache_dir(), &sha256_hex(&file_content(5, size))).exists(),
+            "a corrupt file was cached"
+        );
+        assert_errno(
+            read(root.join("data/d5/f0005")),
+            libc::EIO,
+            "corrupt chunk, again",
+        );
+        let log = m.log();
+        assert!(log.contains("chunk"), "{log}");
+        assert!(read(root.join("data/d6/f0006")).unwrap() == file_content(6, size));
+    }
+}
+
+/// A registry that ignores Range (answers 200 with the whole blob): the
+/// eStargz layer is streamed instead (the tree is still right), `status`
+/// says `streamed`, and the log says why.
+#[test]
+fn registry_ignoring_range_gets_the_layer_streamed_with_a_reason() {
+    require_env();
+    let work = tempdir();
+    let (n, size) = (16, 8 << 10);
+    let layout = make_tar_image(work.path(), "nr", &many_files(n, size));
+    let oracle = umoci_unpack(&layout_ref(&layout, "nr"), &work.path().join("bundle"));
+    let reg = Registry::start();
+    let ctd = Containerd::start();
+    let h = reg.host();
+    let tag = push_converted(&ctd, &reg, &layout, "nr", "nr", Seekable::Estargz, None);
+    let (man, ct) = get_manifest(&h, "nr", &tag, None);
+    let mv: Value = serde_json::from_slice(&man).unwrap();
+    let mut blobs = std::collections::HashMap::new();
+    let cfg = mv["config"]["digest"].as_str().unwrap().to_string();
+    blobs.insert(
+        cfg.clone(),
+        fs::read(registry_blob_path(&reg, &cfg)).unwrap(),
+    );
+    for l in mv["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap().to_string();
+        blobs.insert(d.clone(), fs::read(registry_blob_path(&reg, &d)).unwrap());
+    }
+    let man_digest = sha256_digest(&man);
+    let tag2 = tag.clone();
+    let fault = FaultServer::start(move |method, target| {
+        let path = target.split('?').next().unwrap_or_default();
+        if path.starts_with("/v2/nr/manifests/") {
+            return FaultReply::bytes(200, &ct, man.clone())
+                .with_header("Docker-Content-Digest", &man_digest);
+        }
+        if path == "/v2/nr/tags/list" {
+            return FaultReply::json(200, &format!(r#"{{"name":"nr","tags":["{tag2}"]}}"#));
+        }
+        if let Some(d) = path.strip_prefix("/v2/nr/blobs/")
+            && let Some(b) = blobs.get(d)
+        {
+            let body = if method == "HEAD" {
+                Vec::new()
+            } else {
+                b.clone()
+            };
+            return FaultReply::bytes(200, "application/octet-stream", body)
+                .with_header("Docker-Content-Digest", d);
+        }
+        FaultReply::Default
+    });
+    let fh = fault.host();
+    let m = Mount::builder().insecure(&fh).start();
+    assert_trees_equal(&rootfs(&m, &fh, "nr", &tag), &oracle, "Range ignored");
+    let s = status(&m, &fh, "nr", &tag);
+    // Streamed once (a gzip layer, so with a span index), not lazily.
+    assert_eq!(s["layers"][0]["mode"], "span-index", "{s}");
+    let log = m.log();
+    assert!(
+        log.contains("ignores Range") && log.contains("streaming it instead"),
+        "{log}"
+    );
+}
