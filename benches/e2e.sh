@@ -154,9 +154,10 @@ rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 declare -a IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
 declare -a W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER
 
-mount_al() {  # mount_al REGISTRY → PID of a daemon on an empty cache
+mount_al() {  # mount_al REGISTRY [-o OPTS] → PID of a daemon on an empty cache
     rm -rf "$work/cache"
-    "$BIN" mount "$MNT" --cache-dir "$work/cache" --insecure-registry "$1" --registries-conf /dev/null -o timeout=120s >/dev/null
+    local reg=$1; shift
+    "$BIN" mount "$MNT" --cache-dir "$work/cache" --insecure-registry "$reg" --registries-conf /dev/null -o timeout=120s "$@" >/dev/null
     pgrep -f -n -- " mount $MNT --cache-dir"
 }
 unmount_al() {
@@ -198,8 +199,9 @@ for r in $(seq "$ROUNDS"); do
     fi
 
     # apt-layer, cold cache: eStargz and zstd:chunked first (lazy), then gzip
+    # (without the background fill, so the bytes are what the cold start needs)
     for f in estargz zstdchunked; do
-        drop; PID=$(mount_al "$REG")
+        drop; PID=$(mount_al "$REG" -o nobackground)
         off=$(stat -c %s "$work/registry.log")
         t=$(cold_al "$REG" "$f")
         sleep 0.2; b=$(blob_bytes "$off")
@@ -254,7 +256,7 @@ for r in $(seq "$ROUNDS"); do
     if [ "$SLOW" = 1 ]; then
         S_BASE+=("$(cold_base "$SREG")")
         for f in gzip estargz zstdchunked; do
-            drop; PID=$(mount_al "$SREG")
+            drop; PID=$(mount_al "$SREG" -o nobackground)
             t=$(cold_al "$SREG" "$f")
             case $f in gzip) S_AL+=("$t") ;; estargz) S_ESZ+=("$t") ;; zstdchunked) S_ZCH+=("$t") ;; esac
             unmount_al "$PID"

@@ -191,23 +191,44 @@ impl ObjectStore {
     /// Opens object `id` for reading, verified; `None` when it is absent
     /// or was damaged (then it is removed).
     pub fn get(&self, id: &ObjectId) -> Option<File> {
+        match self.get_verified(id) {
+            Ok(f) => f,
+            Err(file) => self.check(id, file),
+        }
+    }
+
+    /// [`ObjectStore::get`] without hashing: `Ok(Some(file))` when the file
+    /// on disk is the one this process verified (an open and an fstat —
+    /// cheap enough for a FUSE thread), `Ok(None)` when absent, and
+    /// `Err(file)` when it must be hashed first ([`ObjectStore::check`],
+    /// on a blocking thread).
+    pub fn get_verified(&self, id: &ObjectId) -> Result<Option<File>, File> {
         let known = {
             let mut st = self.state.lock().unwrap();
             st.lru.get(id).map(|i| i.verified)
         };
-        let verified = known?;
-        let path = self.path(id);
-        let file = match File::open(&path) {
+        let Some(verified) = known else {
+            return Ok(None);
+        };
+        let file = match File::open(self.path(id)) {
             Ok(f) => f,
             Err(_) => {
                 self.forget(id);
-                return None;
+                return Ok(None);
             }
         };
-        let stamp = Stamp::of(&file.metadata().ok()?);
-        if verified == stamp.fingerprint() {
-            return Some(file);
+        match file.metadata() {
+            Ok(m) if Stamp::of(&m).fingerprint() == verified => Ok(Some(file)),
+            Ok(_) => Err(file),
+            Err(_) => Ok(None),
         }
+    }
+
+    /// Hashes object `id`'s open `file`: the file (at its start) if it is
+    /// intact, else `None` (a damaged file is removed).
+    pub fn check(&self, id: &ObjectId, file: File) -> Option<File> {
+        let path = self.path(id);
+        let stamp = Stamp::of(&file.metadata().ok()?);
         match hash_file(&file) {
             Ok(actual) if &actual == id => {
                 if let Some(i) = self.state.lock().unwrap().lru.peek_mut(id) {

@@ -1365,3 +1365,97 @@ fn registry_ignoring_range_still_serves_evicted_content() {
     assert_trees_equal(&root, &oracle, "reread with evicted objects, Range ignored");
     assert!(m.is_running(), "daemon died; log:\n{}", m.log());
 }
+
+#[test]
+fn span_failing_its_object_digest_is_eio_and_nothing_is_cached() {
+    require_env();
+    let work = tempdir();
+    let layout = span_image(work.path(), "sf", 48, 128 << 10);
+    let image = layout_ref(&layout, "sf");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let manifest_digest = layout_digest(&layout, "sf");
+    let layer = manifest_layer_digests(&layout_manifest(&layout, "sf"))[0].clone();
+    let good = layout_blob(&layout, &layer);
+    // Same length, different bytes in the last quarter (files f/036 on):
+    // the first read of the layer gets the real blob (it passes its
+    // digest); every later request (the refetch of evicted content) gets
+    // the tampered one.
+    let mut bad = good.clone();
+    let (from, to) = (bad.len() * 3 / 4, bad.len() - 4096);
+    for b in &mut bad[from..to] {
+        *b ^= 0x5a;
+    }
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (lay, md, ld, s2) = (
+        layout.clone(),
+        manifest_digest.clone(),
+        layer.clone(),
+        served.clone(),
+    );
+    let fault = FaultServer::start(move |_method, target| {
+        let (path, _) = split_target(target);
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+        if path == "/v2/sf/img/manifests/1" || path == format!("/v2/sf/img/manifests/{md}") {
+            FaultReply::bytes(200, mt, layout_blob(&lay, &md))
+                .with_header("Docker-Content-Digest", &md)
+        } else if path == format!("/v2/sf/img/blobs/{ld}") {
+            let n = s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            FaultReply::bytes(
+                200,
+                "application/octet-stream",
+                if n == 0 { good.clone() } else { bad.clone() },
+            )
+        } else if let Some(d) = path.strip_prefix("/v2/sf/img/blobs/") {
+            FaultReply::bytes(200, "application/octet-stream", layout_blob(&lay, d))
+        } else if path == "/v2/sf/img/tags/list" {
+            FaultReply::json(200, r#"{"name":"sf/img","tags":["1"]}"#)
+        } else {
+            FaultReply::Default
+        }
+    });
+    let cache = tempdir();
+    // First mount, unbounded: the layer is read once (the real blob).
+    let mut m1 = Mount::builder()
+        .insecure(&fault.host())
+        .cache_dir(cache.path())
+        .start();
+    let root = rootfs(&m1, &fault.host(), "sf/img", "1");
+    assert_trees_equal(&root, &oracle, "first read (the real blob)");
+    m1.stop();
+    drop(m1);
+    // Again with a 512k bound: opening the cache evicts nearly everything.
+    let mut m = Mount::builder()
+        .insecure(&fault.host())
+        .cache_dir(cache.path())
+        .arg("--cache-size")
+        .arg("512k")
+        .start();
+    let root = rootfs(&m, &fault.host(), "sf/img", "1");
+    // Content before the tampered quarter still comes back right.
+    assert_eq!(
+        read(root.join("f/003")).unwrap(),
+        fs::read(oracle.join("f/003")).unwrap(),
+        "an untampered span"
+    );
+    // A file in the tampered quarter whose object was evicted.
+    let name = "f/040";
+    let o = object_path(
+        cache.path(),
+        &sha256_hex(&fs::read(oracle.join(name)).unwrap()),
+    );
+    assert!(!o.exists(), "{name} still cached under a 512k bound");
+    let p = root.join(name);
+    evict_page_cache(&p);
+    assert_errno(
+        read(&p),
+        EIO,
+        "reading content whose refetched span fails its digest",
+    );
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "no refetch happened"
+    );
+    assert!(!o.exists(), "content cached from a span that failed");
+    assert_objects_well_formed(cache.path());
+    assert!(m.is_running(), "daemon died; log:\n{}", m.log());
+}

@@ -377,7 +377,9 @@ impl Filesystem for Fs {
         self.run(async move {
             match tree.open(ino.0).await {
                 Ok(f) => {
-                    let mut flags = FopenFlags::empty();
+                    // Read-only: nothing to flush on close, so spare every
+                    // close() a round trip to the daemon.
+                    let mut flags = FopenFlags::FOPEN_NOFLUSH;
                     if f.keep_cache {
                         flags |= FopenFlags::FOPEN_KEEP_CACHE;
                     }

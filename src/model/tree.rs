@@ -400,13 +400,21 @@ impl Tree {
         let id = n.object;
         let store = self.layers.store().clone();
         for attempt in 0..2 {
-            let s = store.clone();
-            let file = tokio::task::spawn_blocking(move || s.get(&id))
-                .await
-                .map_err(|e| FsError::Io {
-                    reason: e.to_string(),
-                    no_space: false,
-                })?;
+            // Verified before in this process: answer on this thread. Only
+            // hashing (first open after a start, or a changed file) moves to
+            // a blocking thread.
+            let file = match store.get_verified(&id) {
+                Ok(f) => f,
+                Err(unverified) => {
+                    let s = store.clone();
+                    tokio::task::spawn_blocking(move || s.check(&id, unverified))
+                        .await
+                        .map_err(|e| FsError::Io {
+                            reason: e.to_string(),
+                            no_space: false,
+                        })?
+                }
+            };
             if let Some(f) = file {
                 return Ok(OpenFile {
                     content: Content::File(Arc::new(f)),

@@ -42,8 +42,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::cas::Sha256;
 use flate2::{Compress, Compression, FlushCompress, Status};
-use sha2::{Digest as _, Sha256};
 
 /// Prefix of the extended attributes apt-layer keeps for itself on staged
 /// directories; never part of a layer and never shown to users.
@@ -791,7 +791,7 @@ impl<W: Write> HashWriter<W> {
     fn finish(self) -> (W, String, u64) {
         (
             self.inner,
-            format!("sha256:{}", hex::encode(self.hash.finalize())),
+            format!("sha256:{}", hex::encode(self.hash.finish())),
             self.count,
         )
     }
