@@ -174,6 +174,16 @@ fn bench(c: &mut Criterion) {
             black_box(cur)
         })
     });
+    // What a FUSE getattr of a rootfs inode costs the daemon (the node view
+    // with owner, mode and device numbers resolved), without the kernel.
+    let n = tree.len() as u32;
+    c.bench_function("getattr: node view of a merged-tree inode", |b| {
+        let mut i = 0u32;
+        b.iter(|| {
+            i = (i + 7919) % n;
+            black_box(tree.node(black_box(i)))
+        })
+    });
 
     // image.cfs of a ~7k-entry tree (a Debian minbase has ~7k entries).
     let idx7k = indexes(1, 7000);
