@@ -126,6 +126,20 @@ fn mounted(reg: &Registry, reference: &str, work: &Path, name: &str, cache: &Pat
     guard
 }
 
+/// The edge-case image pushed as `HOST/edge:1` to a fresh registry: the
+/// registry, its host and the `umoci unpack` oracle.
+fn edge_in_registry(work: &Path) -> (Registry, String, PathBuf) {
+    let (layout, oracle) = edge_image(work);
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "edge"),
+        &format!("{h}/edge:1"),
+        Format::Oci,
+    );
+    (reg, h, oracle)
+}
+
 fn pin_files(cache: &Path) -> Vec<PathBuf> {
     fs::read_dir(cache.join("pins"))
         .map(|rd| {
@@ -145,18 +159,11 @@ fn hex_of(digest: &str) -> &str {
 fn mount_image_of_edge_and_busybox_equals_umoci_unpack_and_umount_leaves_nothing() {
     require_env();
     let work = tempdir();
-    let (layout, oracle) = edge_image(work.path());
+    let (reg, h, oracle) = edge_in_registry(work.path());
     let bb_layout = busybox_image(&work.path().join("bb"), "bb");
     let bb_oracle = umoci_unpack(
         &layout_ref(&bb_layout, "bb"),
         &work.path().join("bundle-bb"),
-    );
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "edge"),
-        &format!("{h}/edge:1"),
-        Format::Oci,
     );
     push(
         &layout_ref(&bb_layout, "bb"),
@@ -215,14 +222,7 @@ fn mount_image_of_edge_and_busybox_equals_umoci_unpack_and_umount_leaves_nothing
 fn image_cfs_copied_from_fuse_mounts_by_hand_and_is_built_once() {
     require_env();
     let work = tempdir();
-    let (layout, oracle) = edge_image(work.path());
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "edge"),
-        &format!("{h}/edge:1"),
-        Format::Oci,
-    );
+    let (_reg, h, oracle) = edge_in_registry(work.path());
     let cache = work.path().join("cache");
     let digest;
     let copied = work.path().join("edge.cfs");
@@ -360,14 +360,7 @@ fn two_images_sharing_files_use_the_same_objects() {
 fn damaged_object_is_refetched_before_mounting_and_missing_one_is_an_error() {
     require_env();
     let work = tempdir();
-    let (layout, oracle) = edge_image(work.path());
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "edge"),
-        &format!("{h}/edge:1"),
-        Format::Oci,
-    );
+    let (reg, h, oracle) = edge_in_registry(work.path());
     let cache = work.path().join("cache");
     let mut m = mounted(&reg, &format!("{h}/edge:1"), work.path(), "edge", &cache);
     m.umount();
@@ -427,14 +420,7 @@ fn damaged_object_is_refetched_before_mounting_and_missing_one_is_an_error() {
 fn a_mounted_images_objects_are_not_evicted_until_unmounted() {
     require_env();
     let work = tempdir();
-    let (layout, oracle) = edge_image(work.path());
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "edge"),
-        &format!("{h}/edge:1"),
-        Format::Oci,
-    );
+    let (reg, h, oracle) = edge_in_registry(work.path());
     let cache = work.path().join("cache");
     let mut m = mounted(&reg, &format!("{h}/edge:1"), work.path(), "edge", &cache);
     // Every content the mounted tree has (objects of files that upper
