@@ -238,6 +238,22 @@ struct Core<R> {
 }
 
 impl<R: Read> Core<R> {
+    /// A core reading `src`, whose first byte is blob offset `at` and
+    /// uncompressed offset `out`.
+    fn new(src: R, z: Inflater, at: u64, out: u64, phase: Phase) -> Core<R> {
+        Core {
+            src,
+            z,
+            buf: vec![0u8; IN_BUF].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            buf_at: at,
+            out,
+            phase,
+            src_eof: false,
+        }
+    }
+
     /// Blob offset of the next unconsumed byte.
     fn consumed(&self) -> u64 {
         self.buf_at + self.pos as u64
@@ -357,17 +373,7 @@ impl<R: Read> IndexingDecoder<R> {
     /// Same with a chosen span (tests use small ones).
     pub fn with_span(src: R, span: u64) -> io::Result<IndexingDecoder<R>> {
         Ok(IndexingDecoder {
-            core: Core {
-                src,
-                z: Inflater::new(GZIP_BITS)?,
-                buf: vec![0u8; IN_BUF].into_boxed_slice(),
-                pos: 0,
-                len: 0,
-                buf_at: 0,
-                out: 0,
-                phase: Phase::Member,
-                src_eof: false,
-            },
+            core: Core::new(src, Inflater::new(GZIP_BITS)?, 0, 0, Phase::Member),
             span,
             last: 0,
             checkpoints: Vec::new(),
@@ -413,17 +419,7 @@ impl<R: Read> SpanDecoder<R> {
     pub fn new(mut src: R, cp: Option<&Checkpoint>) -> io::Result<SpanDecoder<R>> {
         let Some(cp) = cp else {
             return Ok(SpanDecoder {
-                core: Core {
-                    src,
-                    z: Inflater::new(GZIP_BITS)?,
-                    buf: vec![0u8; IN_BUF].into_boxed_slice(),
-                    pos: 0,
-                    len: 0,
-                    buf_at: 0,
-                    out: 0,
-                    phase: Phase::Member,
-                    src_eof: false,
-                },
+                core: Core::new(src, Inflater::new(GZIP_BITS)?, 0, 0, Phase::Member),
             });
         };
         let mut z = Inflater::new(RAW_BITS)?;
@@ -434,17 +430,7 @@ impl<R: Read> SpanDecoder<R> {
         }
         z.prime(cp.bits, first[0], &window)?;
         Ok(SpanDecoder {
-            core: Core {
-                src,
-                z,
-                buf: vec![0u8; IN_BUF].into_boxed_slice(),
-                pos: 0,
-                len: 0,
-                buf_at: cp.compressed,
-                out: cp.uncompressed,
-                phase: Phase::RawMember,
-                src_eof: false,
-            },
+            core: Core::new(src, z, cp.compressed, cp.uncompressed, Phase::RawMember),
         })
     }
 

@@ -55,17 +55,18 @@ impl Compression {
 /// How a layer's content is reached after its index is known; `status`
 /// shows it per layer, so a fallback is never silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[repr(u8)]
 pub enum LayerMode {
     /// Read once from start to end; evicted content is fetched again by a
     /// Range for the prefix that holds it.
     #[default]
-    Streamed,
+    Streamed = 0,
     /// Plain gzip with a span index: evicted content is one Range per span.
-    SpanIndex,
+    SpanIndex = 1,
     /// eStargz: the TOC was read by Range, files are fetched on demand.
-    Estargz,
+    Estargz = 2,
     /// zstd:chunked: the manifest was read by Range, files on demand.
-    ZstdChunked,
+    ZstdChunked = 3,
 }
 
 impl LayerMode {

@@ -98,13 +98,7 @@ impl LayerState {
         }
     }
     fn set_mode(&self, m: LayerMode) {
-        let v = match m {
-            LayerMode::Streamed => 0,
-            LayerMode::SpanIndex => 1,
-            LayerMode::Estargz => 2,
-            LayerMode::ZstdChunked => 3,
-        };
-        self.mode.store(v, Ordering::Relaxed);
+        self.mode.store(m as u8, Ordering::Relaxed);
     }
     /// The last error, if the last attempt failed.
     pub fn error(&self) -> Option<String> {
