@@ -15,7 +15,8 @@ pub fn errno(e: &FsError) -> Errno {
             RegistryError::Denied { .. } | RegistryError::Blocked { .. } => Errno::EACCES,
             RegistryError::Unavailable { .. }
             | RegistryError::DigestMismatch { .. }
-            | RegistryError::Malformed { .. } => Errno::EIO,
+            | RegistryError::Malformed { .. }
+            | RegistryError::RangeIgnored { .. } => Errno::EIO,
             RegistryError::Rejected { .. } => Errno::EINVAL,
         },
         FsError::BadImage { .. } => Errno::EIO,

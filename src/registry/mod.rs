@@ -103,6 +103,16 @@ pub enum RegistryError {
         /// What was wrong.
         reason: String,
     },
+    /// The registry answered a Range request from a non-zero offset with
+    /// the whole blob. Callers that fetch many ranges (lazy layers) stream
+    /// the layer once instead. Shown as `EIO`.
+    #[error("registry {registry} ignored the Range request for {what}")]
+    RangeIgnored {
+        /// Registry host asked.
+        registry: String,
+        /// What was asked for.
+        what: String,
+    },
     /// The registry refused what we sent it (a push): an invalid repository
     /// name or tag, a manifest or blob it will not take (HTTP 4xx other than
     /// 401/403/429). Retrying the same request will not help. Shown as
@@ -488,8 +498,8 @@ impl RegistryClient {
     /// Bytes `offset..offset+len` of blob `digest`, by a Range request. The
     /// caller verifies them against an index pinned by the blob's digest.
     /// A registry that ignores Range sends the whole blob: from offset 0
-    /// that is still a correct stream (logged); from elsewhere it is a
-    /// `Malformed` error naming Range, so lazy readers can choose to stream
+    /// that is still a correct stream (logged); from elsewhere it is
+    /// [`RegistryError::RangeIgnored`], so lazy readers can choose to stream
     /// the layer once instead of downloading it for every file.
     pub async fn blob_range(
         &self,
@@ -556,10 +566,9 @@ impl RegistryClient {
         match res {
             oci_client::client::BlobResponse::Partial(s) => Ok(s.stream),
             oci_client::client::BlobResponse::Full(_) if offset > 0 && !skip => {
-                Err(RegistryError::Malformed {
+                Err(RegistryError::RangeIgnored {
                     registry: ep.host,
                     what,
-                    reason: "registry ignored the Range request".into(),
                 })
             }
             oci_client::client::BlobResponse::Full(s) => {

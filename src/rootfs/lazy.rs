@@ -623,10 +623,8 @@ impl Lazy {
         self.range_bytes(ctx, offset, len, st)
             .await
             .map_err(|e| match e {
-                FsError::Registry(RegistryError::Malformed { reason, .. })
-                    if reason.contains("Range") =>
-                {
-                    LazyError::Fallback(format!("the registry ignores Range requests ({reason})"))
+                FsError::Registry(e @ RegistryError::RangeIgnored { .. }) => {
+                    LazyError::Fallback(format!("the registry ignores Range requests ({e})"))
                 }
                 e => LazyError::Fail(e),
             })
