@@ -1275,6 +1275,34 @@ fn span_image(work: &Path, tag: &str, n: usize, size: usize) -> PathBuf {
     make_tar_image(work, tag, &[l])
 }
 
+/// Serves tag `tag` of OCI layout `layout` as `<name>/img:1` the way no
+/// real registry does: every blob GET is answered 200 with the whole blob,
+/// Range or not. `blob(digest)` may answer a blob instead of the layout.
+fn layout_server(
+    layout: &Path,
+    tag: &str,
+    name: &'static str,
+    blob: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static,
+) -> FaultServer {
+    let (lay, md) = (layout.to_path_buf(), layout_digest(layout, tag));
+    FaultServer::start(move |_method, target| {
+        let (path, _) = split_target(target);
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+        let repo = format!("/v2/{name}/img");
+        if path == format!("{repo}/manifests/1") || path == format!("{repo}/manifests/{md}") {
+            FaultReply::bytes(200, mt, layout_blob(&lay, &md))
+                .with_header("Docker-Content-Digest", &md)
+        } else if let Some(d) = path.strip_prefix(&format!("{repo}/blobs/")) {
+            let bytes = blob(d).unwrap_or_else(|| layout_blob(&lay, d));
+            FaultReply::bytes(200, "application/octet-stream", bytes)
+        } else if path == format!("{repo}/tags/list") {
+            FaultReply::json(200, &format!(r#"{{"name":"{name}/img","tags":["1"]}}"#))
+        } else {
+            FaultReply::Default
+        }
+    })
+}
+
 #[test]
 fn evicted_file_of_a_gzip_layer_is_refetched_by_one_span() {
     require_env();
@@ -1333,26 +1361,7 @@ fn registry_ignoring_range_still_serves_evicted_content() {
     let layout = span_image(work.path(), "ir", 48, 128 << 10);
     let image = layout_ref(&layout, "ir");
     let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let manifest_digest = layout_digest(&layout, "ir");
-    let manifest = layout_blob(&layout, &manifest_digest);
-    let lay = layout.clone();
-    let md = manifest_digest.clone();
-    // Answers every blob GET with 200 and the whole blob, Range or not.
-    let fault = FaultServer::start(move |_method, target| {
-        let (path, _) = split_target(target);
-        let mt = "application/vnd.oci.image.manifest.v1+json";
-        if path == "/v2/ir/img/manifests/1" || path == format!("/v2/ir/img/manifests/{md}") {
-            FaultReply::bytes(200, mt, layout_blob(&lay, &md))
-                .with_header("Docker-Content-Digest", &md)
-        } else if let Some(d) = path.strip_prefix("/v2/ir/img/blobs/") {
-            FaultReply::bytes(200, "application/octet-stream", layout_blob(&lay, d))
-        } else if path == "/v2/ir/img/tags/list" {
-            FaultReply::json(200, r#"{"name":"ir/img","tags":["1"]}"#)
-        } else {
-            FaultReply::Default
-        }
-    });
-    drop(manifest);
+    let fault = layout_server(&layout, "ir", "ir", |_| None);
     let cache = tempdir();
     let mut m = Mount::builder()
         .insecure(&fault.host())
@@ -1373,7 +1382,6 @@ fn span_failing_its_object_digest_is_eio_and_nothing_is_cached() {
     let layout = span_image(work.path(), "sf", 48, 128 << 10);
     let image = layout_ref(&layout, "sf");
     let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let manifest_digest = layout_digest(&layout, "sf");
     let layer = manifest_layer_digests(&layout_manifest(&layout, "sf"))[0].clone();
     let good = layout_blob(&layout, &layer);
     // Same length, different bytes in the last quarter (files f/036 on):
@@ -1386,32 +1394,12 @@ fn span_failing_its_object_digest_is_eio_and_nothing_is_cached() {
         *b ^= 0x5a;
     }
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (lay, md, ld, s2) = (
-        layout.clone(),
-        manifest_digest.clone(),
-        layer.clone(),
-        served.clone(),
-    );
-    let fault = FaultServer::start(move |_method, target| {
-        let (path, _) = split_target(target);
-        let mt = "application/vnd.oci.image.manifest.v1+json";
-        if path == "/v2/sf/img/manifests/1" || path == format!("/v2/sf/img/manifests/{md}") {
-            FaultReply::bytes(200, mt, layout_blob(&lay, &md))
-                .with_header("Docker-Content-Digest", &md)
-        } else if path == format!("/v2/sf/img/blobs/{ld}") {
+    let s2 = served.clone();
+    let fault = layout_server(&layout, "sf", "sf", move |d| {
+        (d == layer).then(|| {
             let n = s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            FaultReply::bytes(
-                200,
-                "application/octet-stream",
-                if n == 0 { good.clone() } else { bad.clone() },
-            )
-        } else if let Some(d) = path.strip_prefix("/v2/sf/img/blobs/") {
-            FaultReply::bytes(200, "application/octet-stream", layout_blob(&lay, d))
-        } else if path == "/v2/sf/img/tags/list" {
-            FaultReply::json(200, r#"{"name":"sf/img","tags":["1"]}"#)
-        } else {
-            FaultReply::Default
-        }
+            if n == 0 { good.clone() } else { bad.clone() }
+        })
     });
     let cache = tempdir();
     // First mount, unbounded: the layer is read once (the real blob).
