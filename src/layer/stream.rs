@@ -219,12 +219,17 @@ fn walk(
 /// another thread stores it later.
 type ContentFn<'a> = dyn FnMut(&mut dyn Read) -> Result<Option<ObjectId>, StreamError> + 'a;
 
+/// Size of the pieces file contents travel in to the writer thread.
+const PIECE: usize = 256 << 10;
+
 /// A message to the writer thread of [`index_layer`].
 enum Msg {
     /// Content of entry `idx` follows; it must be `size` bytes.
     Start { idx: usize, size: u64 },
-    /// The next piece of it.
-    Data(Vec<u8>),
+    /// The next piece of it: the first `.1` bytes of the buffer, which
+    /// goes back to the reader afterwards (no allocation or zeroing per
+    /// piece: measured 6% of a cold start before).
+    Data(Vec<u8>, usize),
     /// That was all of it.
     End,
 }
@@ -248,6 +253,7 @@ pub fn index_layer<R: Read>(
     let mut entries = Vec::new();
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
+        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         // The writer hashes and stores contents; it reports what it made
         // (to undo on failure) and the first error it met.
         let writer = scope.spawn(move || {
@@ -256,10 +262,14 @@ pub fn index_layer<R: Read>(
             for m in rx {
                 let step = match m {
                     Msg::Start { idx, size } => store.writer().map(|w| cur = Some((idx, size, w))),
-                    Msg::Data(d) => match cur.as_mut() {
-                        Some((_, _, w)) => w.write_all(&d),
-                        None => Ok(()),
-                    },
+                    Msg::Data(d, n) => {
+                        let r = match cur.as_mut() {
+                            Some((_, _, w)) => w.write_all(&d[..n]),
+                            None => Ok(()),
+                        };
+                        let _ = give_back.send(d);
+                        r
+                    }
                     Msg::End => match cur.take() {
                         Some((idx, size, w)) if w.len() != size => {
                             return (
@@ -293,14 +303,14 @@ pub fn index_layer<R: Read>(
                     tx.send(Msg::Start { idx, size }).map_err(|_| stopped())?;
                     let mut left = size;
                     while left > 0 {
-                        let mut chunk = vec![0u8; left.min(256 << 10) as usize];
-                        let n = r.read(&mut chunk).map_err(classify_read)?;
+                        let mut chunk = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
+                        let want = left.min(PIECE as u64) as usize;
+                        let n = r.read(&mut chunk[..want]).map_err(classify_read)?;
                         if n == 0 {
                             break;
                         }
-                        chunk.truncate(n);
                         left -= n as u64;
-                        tx.send(Msg::Data(chunk)).map_err(|_| stopped())?;
+                        tx.send(Msg::Data(chunk, n)).map_err(|_| stopped())?;
                     }
                     tx.send(Msg::End).map_err(|_| stopped())?;
                     Ok(None)
