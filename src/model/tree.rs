@@ -399,6 +399,7 @@ impl Tree {
         }
         let id = n.object;
         let store = self.layers.store().clone();
+        rf.ahead.opened(&tree, &store, i);
         for attempt in 0..2 {
             // Verified before in this process: answer on this thread. Only
             // hashing (first open after a start, or a changed file) moves to
@@ -628,7 +629,11 @@ impl Tree {
 
     async fn lookup_root(&self, name: &str) -> Res<Node> {
         if name == "outbox" {
-            return Ok(Node::Outbox);
+            // Only a mount with an outbox (not `ro`) has one.
+            return match self.outbox_root.get() {
+                Some(_) => Ok(Node::Outbox),
+                None => Err(FsError::NotFound),
+            };
         }
         if !is_registry(name) {
             return Err(FsError::NotFound);
@@ -846,7 +851,9 @@ impl Tree {
                 for r in regs {
                     children.push((r.to_string(), Node::Registry { registry: r }));
                 }
-                children.push(("outbox".into(), Node::Outbox));
+                if self.outbox_root.get().is_some() {
+                    children.push(("outbox".into(), Node::Outbox));
+                }
             }
             Node::Outbox => {}
             Node::Registry { registry } => {

@@ -14,6 +14,7 @@
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.
 
+pub mod ahead;
 pub mod lazy;
 pub mod merge;
 
@@ -573,6 +574,8 @@ pub struct Rootfs {
     pub image: Arc<Image>,
     tree: Mutex<Option<Arc<MergedTree>>>,
     flight: Flights<(), Res<Arc<MergedTree>>>,
+    /// Inode readahead of the objects of files opened one after another.
+    pub ahead: ahead::Ahead,
 }
 
 impl Rootfs {
@@ -585,6 +588,7 @@ impl Rootfs {
             image,
             tree: Mutex::new(None),
             flight: Flights::default(),
+            ahead: ahead::Ahead::default(),
         }
     }
 
