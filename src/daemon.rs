@@ -89,8 +89,14 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         Arc::new(crate::cfs::images::ImageStore::open(&opts.cache_dir).map_err(cache_err)?);
     let layers = Arc::new(crate::rootfs::Layers::new(client.clone(), objects, indexes));
     layers.set_background(opts.background);
-    let outbox = crate::outbox::Outbox::load(&opts.cache_dir, client.clone(), opts.outbox_settle)
-        .map_err(|e| format!("outbox in {}: {e}", opts.cache_dir.display()))?;
+    let outbox = if opts.read_only {
+        None
+    } else {
+        Some(
+            crate::outbox::Outbox::load(&opts.cache_dir, client.clone(), opts.outbox_settle)
+                .map_err(|e| format!("outbox in {}: {e}", opts.cache_dir.display()))?,
+        )
+    };
     let tree = Arc::new(Tree::new(
         client,
         meta,
@@ -109,17 +115,19 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
 
-    // outbox/ is served by the outbox; a push makes the registry view
-    // forget its cached tag list of that repository.
-    let ob = outbox.clone();
-    tree.set_outbox_root(Box::new(move || ob.root_entry()));
-    let weak_tree = Arc::downgrade(&tree);
-    outbox.on_pushed(Box::new(move |registry, repo| {
-        if let Some(t) = weak_tree.upgrade() {
-            t.forget_tags(registry, repo);
-        }
-    }));
-    outbox.start(rt.handle());
+    if let Some(outbox) = &outbox {
+        // outbox/ is served by the outbox; a push makes the registry view
+        // forget its cached tag list of that repository.
+        let ob = outbox.clone();
+        tree.set_outbox_root(Box::new(move || ob.root_entry()));
+        let weak_tree = Arc::downgrade(&tree);
+        outbox.on_pushed(Box::new(move |registry, repo| {
+            if let Some(t) = weak_tree.upgrade() {
+                t.forget_tags(registry, repo);
+            }
+        }));
+        outbox.start(rt.handle());
+    }
 
     let mut cfg = Config::default();
     cfg.mount_options = vec![
@@ -128,6 +136,9 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
+    if opts.read_only {
+        cfg.mount_options.push(MountOption::RO);
+    }
     cfg.mount_options.push(if opts.suid {
         MountOption::Suid
     } else {
@@ -147,7 +158,10 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     cfg.clone_fd = true;
 
     std::fs::create_dir_all(&opts.mountpoint).ok();
-    let mut fs = Fs::new(tree, rt.handle().clone()).with_outbox(outbox);
+    let mut fs = Fs::new(tree, rt.handle().clone());
+    if let Some(outbox) = outbox {
+        fs = fs.with_outbox(outbox);
+    }
     if !opts.passthrough {
         fs = fs.without_passthrough();
     }

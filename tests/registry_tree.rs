@@ -867,6 +867,39 @@ fn unknown_registry_repository_and_tag_are_enoent() {
 }
 
 #[test]
+fn ro_option_mounts_a_read_only_superblock_without_outbox() {
+    require_env();
+    let reg = Registry::start();
+    let h = reg.host();
+    let work = tempfile::tempdir().unwrap();
+    push_simple(work.path(), &format!("{h}/app:t1"), Format::Oci);
+    let m = Mount::builder().insecure(&h).option("ro").start();
+    let opts = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(m.path().to_str().unwrap()))
+        .map(|l| l.split(' ').nth(5).unwrap_or("").to_string())
+        .expect("mount listed in mountinfo");
+    assert!(
+        opts.split(',').next() == Some("ro"),
+        "mount options {opts:?}"
+    );
+    assert_eq!(list(m.path()).expect("ls MNT"), vec![h.clone()]);
+    let tag = m.join(format!("{h}/app/t1"));
+    let manifest = read(tag.join("manifest.json")).expect("read manifest");
+    assert_eq!(
+        read_string(tag.join("digest")).unwrap().trim(),
+        sha256_digest(&manifest)
+    );
+    let out = m.join("outbox");
+    assert_errno(
+        within(FS_GUARD, "mkdir outbox", move || fs::create_dir(&out)),
+        EROFS,
+        "mkdir MNT/outbox",
+    );
+}
+
+#[test]
 fn writes_outside_outbox_are_erofs() {
     require_env();
     let reg = Registry::start();

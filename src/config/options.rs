@@ -40,6 +40,10 @@ pub struct MountOptions {
     /// Fill the rest of a lazy (eStargz, zstd:chunked) layer in the
     /// background after its first use (`nobackground` turns it off).
     pub background: bool,
+    /// Read-only superblock and no `outbox/` (`ro`). The kernel then keeps
+    /// file attributes across reads instead of asking again after each
+    /// one (it invalidates atime on a writable mount).
+    pub read_only: bool,
     /// Log file when daemonised (default `<cache_dir>/apt-layer.log`).
     pub log_file: Option<PathBuf>,
 }
@@ -64,6 +68,7 @@ impl MountOptions {
             log_file: None,
             passthrough: true,
             background: true,
+            read_only: false,
         }
     }
 
@@ -98,10 +103,10 @@ impl MountOptions {
                 "background" => self.background = true,
                 "nobackground" => self.background = false,
                 "log" | "log_file" => self.log_file = Some(PathBuf::from(need(v)?)),
+                "ro" => self.read_only = true,
+                "rw" => self.read_only = false,
                 // Generic options mount(8) and fstab hand to every helper.
-                "rw"
-                | "ro"
-                | "defaults"
+                "defaults"
                 | "auto"
                 | "noauto"
                 | "user"
