@@ -44,25 +44,13 @@ fn layer(files: usize, size: usize) -> (Vec<u8>, u64) {
 
 fn entry(path: String, kind: EntryKind, n: u64) -> IndexEntry {
     IndexEntry {
-        path: path.into_bytes(),
-        kind,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        mtime_nsec: 0,
         size: n,
-        link: Vec::new(),
-        major: 0,
-        minor: 0,
-        xattrs: Vec::new(),
         object: (kind == EntryKind::File).then(|| {
             let mut id = [0u8; 32];
             id[..8].copy_from_slice(&n.to_le_bytes());
             id
         }),
-        offset: 0,
-        compressed_end: 0,
+        ..IndexEntry::new(path, kind)
     }
 }
 

@@ -89,6 +89,7 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         Arc::new(crate::cfs::images::ImageStore::open(&opts.cache_dir).map_err(cache_err)?);
     let layers = Arc::new(crate::rootfs::Layers::new(client.clone(), objects, indexes));
     layers.set_background(opts.background);
+    layers.set_early(opts.early);
     let outbox = if opts.read_only {
         None
     } else {

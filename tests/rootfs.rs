@@ -1447,3 +1447,171 @@ fn span_failing_its_object_digest_is_eio_and_nothing_is_cached() {
     assert_objects_well_formed(cache.path());
     assert!(m.is_running(), "daemon died; log:\n{}", m.log());
 }
+
+// ---------------------------------------------------------------------------
+// Early answers: a file is readable as soon as the stream has passed it
+// ---------------------------------------------------------------------------
+
+/// A two-layer image whose upper layer starts with a small file and goes
+/// on with 8 MiB of incompressible data; the server sends the upper blob's
+/// first half, then holds the rest until `gate` opens.
+struct HeldImage {
+    fault: FaultServer,
+    gate: Gate,
+    oracle: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+fn held_image(name: &'static str) -> HeldImage {
+    let work = tempdir();
+    let lower = vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/base", "from the lower layer\n"),
+        TarEntry::file("etc/gone", "whited out above\n"),
+    ];
+    let upper = vec![
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/early", "first in the upper layer\n").mode(0o640),
+        TarEntry::whiteout("etc", "gone"),
+        TarEntry::file("big", pseudo_random(42, 8 << 20)),
+        TarEntry::file("etc/late", "after the big file\n"),
+    ];
+    let layout = make_tar_image(work.path(), "held", &[lower, upper]);
+    let oracle = umoci_unpack(&layout_ref(&layout, "held"), &work.path().join("bundle"));
+    let upper_digest = manifest_layer_digests(&layout_manifest(&layout, "held"))[1].clone();
+    let gate = Gate::default();
+    let (g2, lay, md) = (gate.clone(), layout.clone(), layout_digest(&layout, "held"));
+    let fault = FaultServer::start(move |_method, target| {
+        let (path, _) = split_target(target);
+        let repo = format!("/v2/{name}/img");
+        if path == format!("{repo}/manifests/1") || path == format!("{repo}/manifests/{md}") {
+            FaultReply::bytes(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                layout_blob(&lay, &md),
+            )
+            .with_header("Docker-Content-Digest", &md)
+        } else if let Some(d) = path.strip_prefix(&format!("{repo}/blobs/")) {
+            let body = layout_blob(&lay, d);
+            if d == upper_digest {
+                FaultReply::Trickle {
+                    headers: vec![("Content-Type".into(), "application/octet-stream".into())],
+                    first: body.len() / 2,
+                    body,
+                    gate: g2.clone(),
+                }
+            } else {
+                FaultReply::bytes(200, "application/octet-stream", body)
+            }
+        } else if path == format!("{repo}/tags/list") {
+            FaultReply::json(200, &format!(r#"{{"name":"{name}/img","tags":["1"]}}"#))
+        } else {
+            FaultReply::Default
+        }
+    });
+    HeldImage {
+        fault,
+        gate,
+        oracle,
+        _work: work,
+    }
+}
+
+/// A read answered on a thread.
+type Pending = std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>;
+
+/// Reads `path` on a thread; `Some(result)` if it answered within `limit`,
+/// and the receiver to wait for it longer.
+fn read_within(path: PathBuf, limit: Duration) -> (Pending, Option<std::io::Result<Vec<u8>>>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(fs::read(&path));
+    });
+    let got = rx.recv_timeout(limit).ok();
+    (rx, got)
+}
+
+#[test]
+fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
+    require_env();
+    let held = held_image("early");
+    let m = Mount::builder().insecure(&held.fault.host()).start();
+    let root = rootfs(&m, &held.fault.host(), "early/img", "1");
+
+    // The upper layer is held half way: its first file has passed.
+    let (_, early) = read_within(root.join("etc/early"), Duration::from_secs(30));
+    let early = early.expect("etc/early readable while its layer is held half way");
+    assert_eq!(early.unwrap(), b"first in the upper layer\n");
+    let md = fs::metadata(root.join("etc/early")).unwrap();
+    assert_eq!(md.len(), 25);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777,
+        0o640
+    );
+    let status: Value = serde_json::from_slice(
+        &read(m.join(format!("{}/early/img/1/status", held.fault.host()))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        status["layers"][1]["state"], "streaming",
+        "the read did not wait for the layer: {status}"
+    );
+
+    // A lower layer's file is not settled while the layer above it may
+    // still hide it; a file past the held point has not been seen.
+    let (base_rx, base) = read_within(root.join("etc/base"), Duration::from_secs(1));
+    assert!(
+        base.is_none(),
+        "etc/base answered before the upper layer ended: {base:?}"
+    );
+    let (late_rx, late) = read_within(root.join("etc/late"), Duration::from_secs(1));
+    assert!(
+        late.is_none(),
+        "etc/late answered before the stream reached it: {late:?}"
+    );
+
+    held.gate.open();
+    let wait = Duration::from_secs(30);
+    assert_eq!(
+        base_rx.recv_timeout(wait).unwrap().unwrap(),
+        b"from the lower layer\n"
+    );
+    assert_eq!(
+        late_rx.recv_timeout(wait).unwrap().unwrap(),
+        b"after the big file\n"
+    );
+    assert_errno(
+        read(root.join("etc/gone")),
+        libc::ENOENT,
+        "whited-out lower file",
+    );
+    assert_trees_equal(&root, &held.oracle, "after the held layer ended");
+    assert_eq!(read(root.join("etc/early")).unwrap(), early_bytes());
+}
+
+fn early_bytes() -> Vec<u8> {
+    b"first in the upper layer\n".to_vec()
+}
+
+#[test]
+fn noearly_reads_wait_for_the_checked_tree() {
+    require_env();
+    let held = held_image("late");
+    let m = Mount::builder()
+        .insecure(&held.fault.host())
+        .option("noearly")
+        .start();
+    let root = rootfs(&m, &held.fault.host(), "late/img", "1");
+    let (rx, got) = read_within(root.join("etc/early"), Duration::from_secs(2));
+    assert!(
+        got.is_none(),
+        "noearly: read answered before the layer ended: {got:?}"
+    );
+    held.gate.open();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap(),
+        early_bytes()
+    );
+    assert_trees_equal(&root, &held.oracle, "noearly");
+}

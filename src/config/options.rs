@@ -40,6 +40,10 @@ pub struct MountOptions {
     /// Fill the rest of a lazy (eStargz, zstd:chunked) layer in the
     /// background after its first use (`nobackground` turns it off).
     pub background: bool,
+    /// Serve files of a streaming plain layer as soon as the stream has
+    /// passed them, before the layer's digest is checked (`noearly` makes
+    /// reads wait for the checked, merged tree).
+    pub early: bool,
     /// Read-only superblock and no `outbox/` (`ro`). The kernel then keeps
     /// file attributes across reads instead of asking again after each
     /// one (it invalidates atime on a writable mount).
@@ -69,6 +73,7 @@ impl MountOptions {
             passthrough: true,
             background: true,
             read_only: false,
+            early: true,
         }
     }
 
@@ -103,6 +108,8 @@ impl MountOptions {
                 "background" => self.background = true,
                 "nobackground" => self.background = false,
                 "log" | "log_file" => self.log_file = Some(PathBuf::from(need(v)?)),
+                "early" => self.early = true,
+                "noearly" => self.early = false,
                 "ro" => self.read_only = true,
                 "rw" => self.read_only = false,
                 // Generic options mount(8) and fstab hand to every helper.

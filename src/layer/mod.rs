@@ -142,6 +142,30 @@ pub struct IndexEntry {
     pub compressed_end: u64,
 }
 
+impl IndexEntry {
+    /// An entry of `kind` at `path` with every other field zero or empty
+    /// (for building indexes by hand: tests, benchmarks).
+    pub fn new(path: impl Into<Vec<u8>>, kind: EntryKind) -> IndexEntry {
+        IndexEntry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            link: Vec::new(),
+            major: 0,
+            minor: 0,
+            xattrs: Vec::new(),
+            object: None,
+            offset: 0,
+            compressed_end: 0,
+        }
+    }
+}
+
 /// Everything known about one layer after it was read once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerIndex {

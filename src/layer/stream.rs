@@ -21,6 +21,7 @@ use bytes::{Buf, Bytes};
 use super::gzindex::{IndexingDecoder, SpanDecoder, SpanIndex};
 use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex, LayerMode};
 use crate::cas::{ObjectId, ObjectStore};
+use crate::rootfs::early::LiveLayer;
 
 /// Why reading a layer failed.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +246,28 @@ pub fn index_layer<R: Read>(
     store: &ObjectStore,
     progress: &Progress,
 ) -> Result<LayerIndex, StreamError> {
+    index_layer_live(
+        raw,
+        digest,
+        compression,
+        compressed_size,
+        store,
+        progress,
+        None,
+    )
+}
+
+/// [`index_layer`], publishing each entry and each stored file to `live`
+/// as the stream passes them (early answers, [`crate::rootfs::early`]).
+pub fn index_layer_live<R: Read>(
+    raw: R,
+    digest: &str,
+    compression: Compression,
+    compressed_size: u64,
+    store: &ObjectStore,
+    progress: &Progress,
+    live: Option<&LiveLayer>,
+) -> Result<LayerIndex, StreamError> {
     let counter = Arc::new(AtomicU64::new(0));
     let raw = Counting {
         inner: raw,
@@ -283,6 +306,9 @@ pub fn index_layer<R: Read>(
                         Some((idx, _, w)) => w.finish_new().map(|(id, _, new)| {
                             progress.objects.fetch_add(1, Ordering::Relaxed);
                             made.push((idx, id, new));
+                            if let Some(l) = live {
+                                l.stored(idx, id);
+                            }
                         }),
                         None => Ok(()),
                     },
@@ -316,6 +342,9 @@ pub fn index_layer<R: Read>(
                     Ok(None)
                 };
                 if let Some(e) = read_entry(entry, &mut content, &counter)? {
+                    if let Some(l) = live {
+                        l.push(entries.len(), &e);
+                    }
                     entries.push(e);
                 }
                 Ok(Flow::Continue)

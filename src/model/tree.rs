@@ -33,6 +33,8 @@ use crate::rootfs::{Layers, Rootfs};
 use crate::singleflight::Flights;
 use crate::store::MetaStore;
 
+mod early;
+
 type Res<T> = Result<T, FsError>;
 type RepoKey = (Arc<str>, Arc<str>);
 /// (registry, repository, tag or digest).
@@ -238,29 +240,16 @@ impl Tree {
 
     fn rootfs_stat(rf: &Rootfs, tree: &MergedTree, i: u32) -> Option<Stat> {
         let n = tree.node(i)?;
-        let kind = match n.kind {
-            EntryKind::Dir => Kind::Dir,
-            EntryKind::File | EntryKind::Hardlink => Kind::File,
-            EntryKind::Symlink => Kind::Symlink,
-            EntryKind::CharDev => Kind::CharDev,
-            EntryKind::BlockDev => Kind::BlockDev,
-            EntryKind::Fifo => Kind::Fifo,
-        };
-        let mtime = if n.mtime >= 0 {
-            std::time::UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nsec)
-        } else {
-            std::time::UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
-        };
         Some(Stat {
             ino: rf.base + i as u64,
-            kind,
+            kind: early::kind_of(n.kind),
             size: n.size,
             perm: (n.mode & 0o7777) as u16,
             nlink: n.nlink,
             uid: n.uid,
             gid: n.gid,
-            rdev: ((n.major & 0xfff) << 8) | (n.minor & 0xff) | ((n.minor & !0xff) << 12),
-            mtime,
+            rdev: early::rdev_of(n.major, n.minor),
+            mtime: early::mtime_of(n.mtime, n.mtime_nsec),
         })
     }
 
@@ -370,35 +359,36 @@ impl Tree {
     /// `readlink`.
     pub async fn readlink(&self, ino: u64) -> Res<Bytes> {
         let (rf, i) = self.rootfs_of(ino).ok_or(FsError::NotFound)?;
-        let tree = rf.tree(&self.layers).await?;
-        tree.readlink(i)
-            .map(Bytes::copy_from_slice)
-            .ok_or(FsError::NotFound)
+        self.rootfs_readlink(&rf, i).await
     }
 
     /// Extended attributes of `ino` (name, value).
     pub async fn xattrs(&self, ino: u64) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
         match self.rootfs_of(ino) {
             None => Ok(Vec::new()),
-            Some((rf, i)) => {
-                let tree = rf.tree(&self.layers).await?;
-                Ok(tree
-                    .xattrs(i)
-                    .iter()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .collect())
-            }
+            Some((rf, i)) => self.rootfs_xattrs(&rf, i).await,
         }
     }
 
-    async fn open_rootfs(&self, rf: &Rootfs, i: u32) -> Res<OpenFile> {
-        let tree = rf.tree(&self.layers).await?;
+    async fn open_rootfs(&self, rf: &Arc<Rootfs>, i: u32) -> Res<OpenFile> {
+        let store = self.layers.store().clone();
+        // Early: the stream stored it moments ago (verified as written);
+        // anything else goes through the tree below.
+        if let Some(id) = self.early_object(rf, i).await?
+            && let Ok(Some(f)) = store.get_verified(&id)
+        {
+            return Ok(OpenFile {
+                content: Content::File(Arc::new(f)),
+                keep_cache: true,
+                direct_io: false,
+            });
+        }
+        let (tree, i) = self.rootfs_node(rf, i).await?;
         let n = tree.node(i).ok_or(FsError::Stale(rf.base + i as u64))?;
         if n.kind == EntryKind::Dir {
             return Err(FsError::IsDir);
         }
         let id = n.object;
-        let store = self.layers.store().clone();
         rf.ahead.opened(&tree, &store, i);
         for attempt in 0..2 {
             // Verified before in this process: answer on this thread. Only
@@ -543,11 +533,7 @@ impl Tree {
     /// `getattr`.
     pub async fn getattr(&self, ino: u64) -> Res<Entry> {
         if let Some((rf, i)) = self.rootfs_of(ino) {
-            return match rf.built() {
-                Some(t) => Self::rootfs_entry(&rf, &t, i),
-                None if i == 0 => Ok(self.rootfs_root_entry(&rf, IMMUTABLE_TTL)),
-                None => Err(FsError::Stale(ino)),
-            };
+            return self.rootfs_getattr(&rf, i).await;
         }
         let node = self.node(ino)?;
         self.entry_of((*node).clone(), true).await
@@ -558,9 +544,7 @@ impl Tree {
     /// `lookup(parent, name)`.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Res<Entry> {
         if let Some((rf, i)) = self.rootfs_of(parent) {
-            let tree = rf.tree(&self.layers).await?;
-            let c = tree.lookup(i, name.as_bytes()).ok_or(FsError::NotFound)?;
-            return Self::rootfs_entry(&rf, &tree, c);
+            return self.rootfs_lookup(&rf, i, name.as_bytes()).await;
         }
         let parent_node = self.node(parent)?;
         let name = name.to_str().ok_or(FsError::NotFound)?;
@@ -830,7 +814,7 @@ impl Tree {
     /// The whole listing of directory `ino` (without `.` and `..`).
     pub async fn list(&self, ino: u64) -> Res<Vec<DirEntry>> {
         if let Some((rf, i)) = self.rootfs_of(ino) {
-            let tree = rf.tree(&self.layers).await?;
+            let (tree, i) = self.rootfs_node(&rf, i).await?;
             return tree
                 .children(i)
                 .map(|(name, c)| {

@@ -495,21 +495,9 @@ mod tests {
 
     fn e(path: &str, kind: EntryKind) -> IndexEntry {
         IndexEntry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
             mtime: 1,
-            mtime_nsec: 0,
-            size: 0,
-            link: Vec::new(),
-            major: 0,
-            minor: 0,
-            xattrs: Vec::new(),
             object: (kind == EntryKind::File).then_some([path.len() as u8; 32]),
-            offset: 0,
-            compressed_end: 0,
+            ..IndexEntry::new(path, kind)
         }
     }
 

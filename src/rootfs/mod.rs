@@ -10,11 +10,16 @@
 //!   again. A failed layer leaves no index and removes the objects it made.
 //! - **Refetch**: an object evicted (or found damaged) is fetched again by
 //!   re-reading its layer, once for all readers waiting on that layer.
+//! - **Early answers** ([`early`]): while plain layers stream, their
+//!   entries are published as the stream passes them, and a lookup or read
+//!   the layers seen so far settle is answered before the merged tree
+//!   exists (before the layer's digest is checked; `-o noearly` waits).
 //! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.
 
 pub mod ahead;
+pub mod early;
 pub mod lazy;
 pub mod merge;
 
@@ -26,7 +31,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::cas::{ObjectId, ObjectStore};
-use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
+use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer_live};
 use crate::layer::{Compression, IndexStore, LayerIndex, LayerMode};
 use crate::model::FsError;
 use crate::model::image::{Descriptor, Image};
@@ -73,6 +78,9 @@ pub struct LayerState {
     /// once every rootfs that needed it is built.
     index: Mutex<std::sync::Weak<LayerIndex>>,
     error: Mutex<Option<String>>,
+    /// Its entries so far while it streams, until the images that wait for
+    /// it are merged ([`early`]).
+    live: Mutex<Option<Arc<early::LiveLayer>>>,
 }
 
 impl LayerState {
@@ -105,6 +113,10 @@ impl LayerState {
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap().clone()
     }
+    /// The layer's entries seen so far, while it streams (or until merged).
+    pub fn live(&self) -> Option<Arc<early::LiveLayer>> {
+        self.live.lock().unwrap().clone()
+    }
 }
 
 /// Every layer, shared by all images.
@@ -116,6 +128,12 @@ pub struct Layers {
     flights: Flights<String, Res<Arc<LayerIndex>>>,
     refetch_flights: Flights<String, Res<()>>,
     lazy: lazy::Lazy,
+    /// Publish streaming layers' entries for early answers (`-o noearly`
+    /// turns it off).
+    early: std::sync::atomic::AtomicBool,
+    /// Woken whenever a live layer or a rootfs changes (early answers wait
+    /// on it).
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 impl Layers {
@@ -130,7 +148,29 @@ impl Layers {
             states: Mutex::new(HashMap::new()),
             flights: Flights::default(),
             refetch_flights: Flights::default(),
+            early: std::sync::atomic::AtomicBool::new(true),
+            changed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Whether files of a streaming layer are served before it ends.
+    pub fn set_early(&self, on: bool) {
+        self.early.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`Layers::set_early`].
+    pub fn early(&self) -> bool {
+        self.early.load(Ordering::Relaxed)
+    }
+
+    /// The live views of `image`'s layers (bottom first); `None` for a
+    /// layer that has none (indexed before, lazy, or not started).
+    pub fn live_views(&self, image: &Image) -> Vec<Option<Arc<early::LiveLayer>>> {
+        image
+            .layers
+            .iter()
+            .map(|d| self.state(&d.digest).live())
+            .collect()
     }
 
     /// Whether lazy layers are filled in the background after first use.
@@ -375,15 +415,26 @@ impl Layers {
             })?;
         st.set(LayerPhase::Streaming);
         st.progress.bytes_fetched.store(0, Ordering::Relaxed);
+        // Early answers only on a layer's first attempt: one that failed
+        // (its digest, its gzip, its tar) is read to its end and checked
+        // before anything of it is served again.
+        let live = (self.early() && st.error().is_none())
+            .then(|| Arc::new(early::LiveLayer::new(self.changed.clone())));
+        *st.live.lock().unwrap() = live.clone();
         let r = self
-            .stream_inner(registry, repo, desc, st, compression)
+            .stream_inner(registry, repo, desc, st, compression, live)
             .await;
         match &r {
             Ok(_) => {
                 st.set(LayerPhase::Indexed);
                 *st.error.lock().unwrap() = None;
+                if let Some(l) = st.live() {
+                    l.end();
+                }
             }
             Err(e) => {
+                *st.live.lock().unwrap() = None;
+                self.changed.notify_waiters();
                 st.set(if self.indexes.exists(&desc.digest) {
                     LayerPhase::Indexed
                 } else {
@@ -403,6 +454,7 @@ impl Layers {
         desc: &Descriptor,
         st: &Arc<LayerState>,
         compression: Compression,
+        live: Option<Arc<early::LiveLayer>>,
     ) -> Res<LayerIndex> {
         let canonical = crate::registry::name::canonical_repo(registry, repo);
         let body = self
@@ -415,13 +467,14 @@ impl Layers {
         let digest = desc.digest.clone();
         let st3 = st.clone();
         let consumer = tokio::task::spawn_blocking(move || {
-            index_layer(
+            index_layer_live(
                 ChannelReader::new(rx),
                 &digest,
                 compression,
                 size,
                 &store,
                 &st3.progress,
+                live.as_deref(),
             )
         });
         let consumed = consumer.await.map_err(|e| FsError::Io {
@@ -576,6 +629,12 @@ pub struct Rootfs {
     flight: Flights<(), Res<Arc<MergedTree>>>,
     /// Inode readahead of the objects of files opened one after another.
     pub ahead: ahead::Ahead,
+    /// Inode numbers handed out before the tree was built.
+    pub early: early::EarlyInodes,
+    /// A detached build of the tree is running ([`Rootfs::start`]).
+    building: std::sync::atomic::AtomicBool,
+    /// Why the last detached build failed.
+    build_error: Mutex<Option<FsError>>,
 }
 
 impl Rootfs {
@@ -589,7 +648,38 @@ impl Rootfs {
             tree: Mutex::new(None),
             flight: Flights::default(),
             ahead: ahead::Ahead::default(),
+            early: early::EarlyInodes::default(),
+            building: std::sync::atomic::AtomicBool::new(false),
+            build_error: Mutex::new(None),
         }
+    }
+
+    /// Starts building the tree on the runtime unless that is under way,
+    /// so that early answers can return while it goes on (a build is never
+    /// the future of a caller that may stop waiting). When it ends,
+    /// `layers.changed` wakes the waiters.
+    pub fn start(self: &Arc<Self>, layers: &Arc<Layers>) {
+        if self.built().is_some() || self.building.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.build_error.lock().unwrap() = None;
+        let (rf, layers) = (self.clone(), layers.clone());
+        tokio::spawn(async move {
+            let r = rf.tree(&layers).await;
+            if let Err(e) = r {
+                *rf.build_error.lock().unwrap() = Some(e);
+            }
+            rf.building.store(false, Ordering::Release);
+            layers.changed.notify_waiters();
+        });
+    }
+
+    /// The error of the last detached build, once it has ended.
+    pub fn build_error(&self) -> Option<FsError> {
+        if self.building.load(Ordering::Acquire) {
+            return None;
+        }
+        self.build_error.lock().unwrap().clone()
     }
 
     /// The merged tree if already built.
@@ -602,7 +692,8 @@ impl Rootfs {
         if let Some(t) = self.built() {
             return Ok(t);
         }
-        self.flight
+        let r = self
+            .flight
             .run((), || async {
                 if let Some(t) = self.built() {
                     return Ok(t);
@@ -634,6 +725,11 @@ impl Rootfs {
                     }
                 })?;
                 let tree = Arc::new(tree);
+                // The tree answers from now on: the live views of its
+                // layers go (before the trim below, which returns them too).
+                for d in &self.image.layers {
+                    *layers.state(&d.digest).live.lock().unwrap() = None;
+                }
                 // Streaming and merging freed far more than the tree keeps;
                 // hand it back to the system rather than hold it as RSS.
                 #[cfg(target_env = "gnu")]
@@ -645,6 +741,14 @@ impl Rootfs {
                 *self.tree.lock().unwrap() = Some(tree.clone());
                 Ok(tree)
             })
-            .await
+            .await;
+        // Built, the tree answers from now on; failed (a layer, or the
+        // merge), nothing of the image may be answered early any more.
+        // Either way the live views of its layers are done with.
+        for d in &self.image.layers {
+            *layers.state(&d.digest).live.lock().unwrap() = None;
+        }
+        layers.changed.notify_waiters();
+        r
     }
 }

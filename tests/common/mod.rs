@@ -1813,6 +1813,15 @@ pub enum FaultReply {
     },
     /// Read the request, never answer, keep the socket open.
     Stall,
+    /// Answer 200 with `body` (its full Content-Length), but send only its
+    /// first `first` bytes until `gate` opens: a layer that is still
+    /// streaming, for as long as the test wants.
+    Trickle {
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        first: usize,
+        gate: Gate,
+    },
     /// Read the request and cut the connection without answering.
     Close,
     /// The default: `GET /v2/` → 200 `{}`, anything else → 404 registry error.
@@ -1853,6 +1862,25 @@ impl FaultReply {
 }
 
 type Handler = dyn Fn(&str, &str) -> FaultReply + Send + Sync + 'static;
+
+/// A gate a test opens once; [`FaultReply::Trickle`] answers wait for it.
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Lets every held answer go on (and every later one through at once).
+    pub fn open(&self) {
+        *self.0.0.lock().unwrap() = true;
+        self.0.1.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.0.0.lock().unwrap();
+        while !*open {
+            open = self.0.1.wait(open).unwrap();
+        }
+    }
+}
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 and a free port, answering each
 /// request with `handler(method, target)` (`target` is the path with its
@@ -2002,6 +2030,29 @@ fn serve_conn(
             FaultReply::Close => {
                 let _ = stream.shutdown(Shutdown::Both);
                 return;
+            }
+            FaultReply::Trickle {
+                headers,
+                body,
+                first,
+                gate,
+            } => {
+                let mut out = String::from("HTTP/1.1 200 OK\r\n");
+                for (k, v) in &headers {
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+                let first = first.min(body.len());
+                if stream.write_all(out.as_bytes()).is_err()
+                    || stream.write_all(&body[..first]).is_err()
+                {
+                    return;
+                }
+                let _ = stream.flush();
+                gate.wait();
+                if stream.write_all(&body[first..]).is_err() || close {
+                    return;
+                }
             }
             FaultReply::Default => unreachable!(),
             FaultReply::Respond {

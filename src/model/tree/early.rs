@@ -1,0 +1,234 @@
+//! The rootfs operations of [`Tree`] while an image's tree is not built
+//! yet: answered early from the layers streaming so far where they settle
+//! the answer ([`crate::rootfs::early`] has the rules), else after the
+//! build, with early inode numbers mapped to tree nodes by path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Res, Tree};
+use crate::layer::{EntryKind, IndexEntry};
+use crate::model::{Entry, FsError, Kind, Stat};
+use crate::rootfs::Rootfs;
+use crate::rootfs::early::{EARLY, LiveLayer, resolve};
+use crate::rootfs::merge::MergedTree;
+
+/// Who answered: the live layers, or the built tree.
+pub(super) enum Settled<T> {
+    Early(T),
+    Tree(Arc<MergedTree>),
+}
+
+pub(super) fn kind_of(k: EntryKind) -> Kind {
+    match k {
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::File | EntryKind::Hardlink => Kind::File,
+        EntryKind::Symlink => Kind::Symlink,
+        EntryKind::CharDev => Kind::CharDev,
+        EntryKind::BlockDev => Kind::BlockDev,
+        EntryKind::Fifo => Kind::Fifo,
+    }
+}
+
+pub(super) fn mtime_of(secs: i64, nsec: u32) -> std::time::SystemTime {
+    if secs >= 0 {
+        std::time::UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        std::time::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+pub(super) fn rdev_of(major: u32, minor: u32) -> u32 {
+    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
+/// The entry of early inode `i` showing layer entry `e`. Zero TTLs: the
+/// kernel asks again, and gets the tree's answer once it is built.
+fn early_entry(rf: &Rootfs, i: u32, e: &IndexEntry) -> Entry {
+    let dev = matches!(e.kind, EntryKind::CharDev | EntryKind::BlockDev);
+    Entry {
+        stat: Stat {
+            ino: rf.base + i as u64,
+            kind: kind_of(e.kind),
+            size: if e.kind == EntryKind::File { e.size } else { 0 },
+            perm: (e.mode & 0o7777) as u16,
+            nlink: if e.kind == EntryKind::Dir { 2 } else { 1 },
+            uid: e.uid,
+            gid: e.gid,
+            rdev: if dev { rdev_of(e.major, e.minor) } else { 0 },
+            mtime: mtime_of(e.mtime, e.mtime_nsec),
+        },
+        entry_ttl: Duration::ZERO,
+        attr_ttl: Duration::ZERO,
+    }
+}
+
+impl Tree {
+    /// Whether node `i` of `rf` may be answered early.
+    fn early_on(&self, rf: &Rootfs, i: u32) -> bool {
+        self.layers.early() && rf.built().is_none() && (i == 0 || i >= EARLY)
+    }
+
+    /// Waits until `f` answers from the live layers or the tree is built
+    /// (starting the build if needed). `f` returns `None` while unsettled.
+    async fn settle<T>(
+        &self,
+        rf: &Arc<Rootfs>,
+        f: impl Fn(&[Option<Arc<LiveLayer>>]) -> Option<T>,
+    ) -> Res<Settled<T>> {
+        rf.start(&self.layers);
+        loop {
+            let notified = self.layers.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(t) = rf.built() {
+                return Ok(Settled::Tree(t));
+            }
+            if let Some(e) = rf.build_error() {
+                return Err(e);
+            }
+            if let Some(x) = f(&self.layers.live_views(&rf.image)) {
+                return Ok(Settled::Early(x));
+            }
+            notified.await;
+        }
+    }
+
+    /// `path` of early node `i` joined with `name`.
+    fn early_path(rf: &Rootfs, i: u32, name: &[u8]) -> Option<Vec<u8>> {
+        let mut p = rf.early.path(i)?;
+        if !name.is_empty() {
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            p.extend_from_slice(name);
+        }
+        Some(p)
+    }
+
+    /// Node `i` (a tree node or an early inode) in the built tree.
+    pub(super) async fn rootfs_node(
+        &self,
+        rf: &Arc<Rootfs>,
+        i: u32,
+    ) -> Res<(Arc<MergedTree>, u32)> {
+        let tree = rf.tree(&self.layers).await?;
+        let n = rf
+            .early
+            .to_tree(&tree, i)
+            .ok_or(FsError::Stale(rf.base + i as u64))?;
+        Ok((tree, n))
+    }
+
+    /// `lookup` in a rootfs directory.
+    pub(super) async fn rootfs_lookup(&self, rf: &Arc<Rootfs>, pi: u32, name: &[u8]) -> Res<Entry> {
+        if self.early_on(rf, pi) {
+            let path = Self::early_path(rf, pi, name).ok_or(FsError::NotFound)?;
+            if let Settled::Early(f) = self.settle(rf, |v| resolve(v, &path)).await? {
+                let k = rf.early.child(pi, name);
+                return Ok(early_entry(rf, k, &f.entry));
+            }
+        }
+        let (tree, p) = self.rootfs_node(rf, pi).await.map_err(|e| match e {
+            FsError::Stale(_) => FsError::NotFound,
+            e => e,
+        })?;
+        let c = tree.lookup(p, name).ok_or(FsError::NotFound)?;
+        Self::rootfs_entry(rf, &tree, c)
+    }
+
+    /// `getattr` of a rootfs node.
+    pub(super) async fn rootfs_getattr(&self, rf: &Arc<Rootfs>, i: u32) -> Res<Entry> {
+        let tree = match rf.built() {
+            Some(t) => t,
+            None if i == 0 => return Ok(self.rootfs_root_entry(rf, crate::model::IMMUTABLE_TTL)),
+            None if i >= EARLY && self.layers.early() => {
+                let path =
+                    Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
+                match self.settle(rf, |v| resolve(v, &path)).await? {
+                    Settled::Early(f) => return Ok(early_entry(rf, i, &f.entry)),
+                    Settled::Tree(t) => t,
+                }
+            }
+            None => return Err(FsError::Stale(rf.base + i as u64)),
+        };
+        let n = rf
+            .early
+            .to_tree(&tree, i)
+            .ok_or(FsError::Stale(rf.base + i as u64))?;
+        let mut e = Self::rootfs_entry(rf, &tree, n)?;
+        // The kernel knows this inode by the number it was given.
+        e.stat.ino = rf.base + i as u64;
+        Ok(e)
+    }
+
+    /// The object of early file `i`, once the stream has stored it (`None`
+    /// when the answer has to come from the tree).
+    pub(super) async fn early_object(
+        &self,
+        rf: &Arc<Rootfs>,
+        i: u32,
+    ) -> Res<Option<crate::cas::ObjectId>> {
+        if i < EARLY || !self.early_on(rf, i) {
+            return Ok(None);
+        }
+        let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
+        let got = self
+            .settle(rf, |v| {
+                let f = resolve(v, &path)?;
+                match f.entry.kind {
+                    EntryKind::Dir => Some(Err(FsError::IsDir)),
+                    EntryKind::File => f.entry.object.map(Ok),
+                    _ => None,
+                }
+            })
+            .await?;
+        match got {
+            Settled::Early(r) => r.map(Some),
+            Settled::Tree(_) => Ok(None),
+        }
+    }
+
+    /// `readlink` of a rootfs node.
+    pub(super) async fn rootfs_readlink(&self, rf: &Arc<Rootfs>, i: u32) -> Res<bytes::Bytes> {
+        if i >= EARLY && self.early_on(rf, i) {
+            let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
+            let got = self
+                .settle(rf, |v| {
+                    let f = resolve(v, &path)?;
+                    (f.entry.kind == EntryKind::Symlink).then_some(f.entry.link)
+                })
+                .await?;
+            if let Settled::Early(link) = got {
+                return Ok(bytes::Bytes::from(link));
+            }
+        }
+        let (tree, n) = self.rootfs_node(rf, i).await?;
+        tree.readlink(n)
+            .map(bytes::Bytes::copy_from_slice)
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Extended attributes of a rootfs node.
+    pub(super) async fn rootfs_xattrs(
+        &self,
+        rf: &Arc<Rootfs>,
+        i: u32,
+    ) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
+        if i >= EARLY && self.early_on(rf, i) {
+            let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
+            if let Settled::Early(x) = self
+                .settle(rf, |v| Some(resolve(v, &path)?.entry.xattrs))
+                .await?
+            {
+                return Ok(x);
+            }
+        }
+        let (tree, n) = self.rootfs_node(rf, i).await?;
+        Ok(tree
+            .xattrs(n)
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect())
+    }
+}

@@ -1,0 +1,386 @@
+//! Early answers: files of a layer that is still streaming are served as
+//! soon as the stream has passed them, before the merged tree exists.
+//!
+//! Why: the merged tree needs every entry of every layer, so without this a
+//! reader of `/etc/os-release` waits for the whole image (seconds for a
+//! large layer, CPU-bound on inflating and hashing). While a plain layer
+//! streams, its entries are published here ([`LiveLayer`]) as the tar
+//! walker meets them, and each file's object id as soon as the file is
+//! stored; a lookup that the layers seen so far already decide is answered
+//! from them.
+//!
+//! Contracts:
+//! - **Only positive, settled answers.** A name is answered early when the
+//!   topmost layer that mentions it has shown its entry and every layer
+//!   above that one is complete and does not hide it (whiteout, opaque
+//!   directory). Anything else — a name not seen yet, a negative answer, a
+//!   directory listing — waits for the merged tree, which is then the only
+//!   truth.
+//! - **Inodes.** Early entries get inode numbers of their own
+//!   ([`EarlyInodes`], above [`EARLY`] in the image's range) and zero
+//!   TTLs; once the tree is built every early inode maps to its node by
+//!   path, and fresh lookups return the tree's numbers.
+//! - **Trust.** A layer's blob digest is known only at its end, so an early
+//!   read returns bytes before the digest check (each file is stored under
+//!   its own sha256, so what is read is what the stream carried). Should
+//!   the digest then fail, the layer's objects are removed and the image
+//!   answers `EIO` from then on. `-o noearly` makes every read wait for the
+//!   checked, merged tree instead.
+//! - **Within one layer the last entry for a path wins**; an early answer
+//!   is the entry seen so far (a later duplicate corrects it once the tree
+//!   is built).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::cas::ObjectId;
+use crate::layer::{EntryKind, IndexEntry};
+use crate::rootfs::merge::MergedTree;
+
+/// Node numbers at and above this are early inodes (a merged tree has
+/// fewer nodes).
+pub const EARLY: u32 = 1 << 31;
+
+/// The entries of one layer seen so far while it streams.
+#[derive(Default)]
+pub struct LiveLayer {
+    inner: Mutex<LiveInner>,
+    changed: Option<Arc<tokio::sync::Notify>>,
+}
+
+#[derive(Default)]
+struct LiveInner {
+    entries: Vec<IndexEntry>,
+    /// Latest entry per path.
+    paths: HashMap<Vec<u8>, u32>,
+    /// Every entry has been seen (the layer was read to its end and
+    /// matched its digest).
+    ended: bool,
+    /// Objects stored before their entry was published (the writer thread
+    /// can finish a file before the walker publishes its entry).
+    early_objects: HashMap<u32, ObjectId>,
+}
+
+impl std::fmt::Debug for LiveLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.inner.lock().unwrap();
+        f.debug_struct("LiveLayer")
+            .field("entries", &g.entries.len())
+            .field("ended", &g.ended)
+            .finish()
+    }
+}
+
+impl LiveLayer {
+    /// A live view that wakes `changed`'s waiters on every change.
+    pub fn new(changed: Arc<tokio::sync::Notify>) -> LiveLayer {
+        LiveLayer {
+            inner: Mutex::default(),
+            changed: Some(changed),
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(n) = &self.changed {
+            n.notify_waiters();
+        }
+    }
+
+    /// Entry number `idx` of the layer (numbers are dense, in tar order).
+    pub fn push(&self, idx: usize, e: &IndexEntry) {
+        let mut g = self.inner.lock().unwrap();
+        if g.entries.len() != idx {
+            return; // only ever called in order; be safe rather than wrong
+        }
+        g.paths.insert(e.path.clone(), idx as u32);
+        let mut e = e.clone();
+        if let Some(id) = g.early_objects.remove(&(idx as u32)) {
+            e.object = Some(id);
+        }
+        g.entries.push(e);
+        drop(g);
+        self.wake();
+    }
+
+    /// Entry `idx`'s content is stored as object `id`.
+    pub fn stored(&self, idx: usize, id: ObjectId) {
+        let mut g = self.inner.lock().unwrap();
+        match g.entries.get_mut(idx) {
+            Some(e) => e.object = Some(id),
+            None => {
+                g.early_objects.insert(idx as u32, id);
+            }
+        }
+        drop(g);
+        self.wake();
+    }
+
+    /// Every entry has been seen and the layer checked.
+    pub fn end(&self) {
+        self.inner.lock().unwrap().ended = true;
+        self.wake();
+    }
+}
+
+/// What an early lookup found: the entry a path shows in the merged view.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The entry (a hard link's target entry, for hard links).
+    pub entry: IndexEntry,
+}
+
+/// The parent of `path` and its last component.
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(dir.len() + name.len() + 1);
+    if !dir.is_empty() {
+        p.extend_from_slice(dir);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// Whether layer `g` hides `path` from the layers below it: a whiteout of
+/// the path or of an ancestor, an opaque ancestor directory, or an
+/// ancestor that is not a directory in this layer.
+fn hides(g: &LiveInner, path: &[u8]) -> bool {
+    let mut end = 0;
+    loop {
+        let next = path[end..].iter().position(|&b| b == b'/');
+        let prefix_end = next.map_or(path.len(), |i| end + i);
+        let prefix = &path[..prefix_end];
+        let (dir, name) = split(prefix);
+        let mut wh = b".wh.".to_vec();
+        wh.extend_from_slice(name);
+        if g.paths.contains_key(&join(dir, &wh)) {
+            return true;
+        }
+        if g.paths.contains_key(&join(dir, b".wh..wh..opq")) {
+            return true;
+        }
+        if prefix_end < path.len()
+            && let Some(&i) = g.paths.get(prefix)
+            && g.entries[i as usize].kind != EntryKind::Dir
+        {
+            return true;
+        }
+        match next {
+            Some(_) => end = prefix_end + 1,
+            None => return false,
+        }
+    }
+}
+
+/// The entry `path` shows in the merged view of `views` (bottom layer
+/// first), when the layers seen so far already settle it; `None` when it
+/// is not settled (or absent: negative answers wait for the tree).
+pub fn resolve(views: &[Option<Arc<LiveLayer>>], path: &[u8]) -> Option<Found> {
+    resolve_depth(views, path, 0)
+}
+
+fn resolve_depth(views: &[Option<Arc<LiveLayer>>], path: &[u8], depth: u8) -> Option<Found> {
+    let (_, name) = split(path);
+    if path.is_empty() || name.starts_with(b".wh.") || depth > 8 {
+        return None;
+    }
+    for view in views.iter().rev() {
+        let g = view.as_ref()?.inner.lock().unwrap();
+        if let Some(&i) = g.paths.get(path) {
+            let e = g.entries[i as usize].clone();
+            drop(g);
+            if e.kind == EntryKind::Hardlink {
+                return resolve_depth(views, &e.link, depth + 1);
+            }
+            return Some(Found { entry: e });
+        }
+        if !g.ended || hides(&g, path) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Early inode numbers of one image: (parent node, name) pairs, the
+/// parent being the root (0) or another early inode.
+#[derive(Default)]
+pub struct EarlyInodes {
+    inner: Mutex<EarlyInner>,
+}
+
+#[derive(Default)]
+struct EarlyInner {
+    /// Early inode `EARLY + k`: parent node, name, and its tree node once
+    /// resolved.
+    nodes: Vec<(u32, Box<[u8]>, Option<u32>)>,
+    by_key: HashMap<(u32, Box<[u8]>), u32>,
+}
+
+impl EarlyInodes {
+    /// The early node for `name` in directory `parent` (0 or early).
+    pub fn child(&self, parent: u32, name: &[u8]) -> u32 {
+        let mut g = self.inner.lock().unwrap();
+        let key = (parent, Box::<[u8]>::from(name));
+        if let Some(&k) = g.by_key.get(&key) {
+            return EARLY + k;
+        }
+        let k = g.nodes.len() as u32;
+        g.nodes.push((parent, key.1.clone(), None));
+        g.by_key.insert(key, k);
+        EARLY + k
+    }
+
+    /// The path of node `i` (0 or early) from the root; `None` for an
+    /// unknown early number.
+    pub fn path(&self, i: u32) -> Option<Vec<u8>> {
+        let g = self.inner.lock().unwrap();
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut cur = i;
+        while cur >= EARLY {
+            let (parent, name, _) = g.nodes.get((cur - EARLY) as usize)?;
+            parts.push(name);
+            cur = *parent;
+        }
+        let mut p = Vec::new();
+        for (n, part) in parts.iter().rev().enumerate() {
+            if n > 0 {
+                p.push(b'/');
+            }
+            p.extend_from_slice(part);
+        }
+        Some(p)
+    }
+
+    /// Node `i` (tree node or early inode) as a node of the built `tree`.
+    pub fn to_tree(&self, tree: &MergedTree, i: u32) -> Option<u32> {
+        if i < EARLY {
+            return Some(i);
+        }
+        let (parent, name) = {
+            let g = self.inner.lock().unwrap();
+            let (parent, name, done) = g.nodes.get((i - EARLY) as usize)?;
+            if let Some(d) = done {
+                return Some(*d);
+            }
+            (*parent, name.clone())
+        };
+        let p = self.to_tree(tree, parent)?;
+        let n = tree.lookup(p, &name)?;
+        if let Some(slot) = self
+            .inner
+            .lock()
+            .unwrap()
+            .nodes
+            .get_mut((i - EARLY) as usize)
+        {
+            slot.2 = Some(n);
+        }
+        Some(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind, link: &str) -> IndexEntry {
+        IndexEntry {
+            link: link.as_bytes().to_vec(),
+            ..IndexEntry::new(path, kind)
+        }
+    }
+
+    fn layer(entries: &[IndexEntry], ended: bool) -> Option<Arc<LiveLayer>> {
+        let l = LiveLayer::default();
+        for (i, e) in entries.iter().enumerate() {
+            l.push(i, e);
+        }
+        if ended {
+            l.end();
+        }
+        Some(Arc::new(l))
+    }
+
+    fn found(views: &[Option<Arc<LiveLayer>>], p: &str) -> Option<String> {
+        resolve(views, p.as_bytes()).map(|f| String::from_utf8(f.entry.link).unwrap())
+    }
+
+    #[test]
+    fn settles_only_what_upper_layers_cannot_change() {
+        use EntryKind::*;
+        let bottom = layer(
+            &[
+                entry("etc", Dir, ""),
+                entry("etc/os-release", File, "bottom"),
+                entry("etc/gone", File, "bottom"),
+                entry("opt/app/x", File, "bottom"),
+                entry("data/f", File, "bottom"),
+            ],
+            false,
+        );
+        // Upper layer still streaming: nothing below it is settled, but what
+        // it has shown is.
+        let upper = layer(&[entry("etc/new", File, "upper")], false);
+        let v = vec![bottom.clone(), upper];
+        assert_eq!(found(&v, "etc/new").as_deref(), Some("upper"));
+        assert_eq!(found(&v, "etc/os-release"), None);
+
+        // Upper complete, with whiteouts and an opaque directory.
+        let upper = layer(
+            &[
+                entry("etc/.wh.gone", File, ""),
+                entry("opt/app", Dir, ""),
+                entry("opt/app/.wh..wh..opq", File, ""),
+                entry("data", File, "upper-file"),
+            ],
+            true,
+        );
+        let v = vec![bottom, upper];
+        assert_eq!(found(&v, "etc/os-release").as_deref(), Some("bottom"));
+        assert_eq!(found(&v, "etc/gone"), None, "whited out");
+        assert_eq!(found(&v, "opt/app/x"), None, "under an opaque dir");
+        assert_eq!(found(&v, "data/f"), None, "parent replaced by a file");
+        assert_eq!(
+            found(&v, "etc/.wh.gone"),
+            None,
+            "whiteouts are never visible"
+        );
+        assert_eq!(found(&v, "nowhere"), None, "negative answers wait");
+    }
+
+    #[test]
+    fn a_layer_without_a_live_view_is_unknown() {
+        let top = layer(&[entry("a", EntryKind::File, "top")], true);
+        assert_eq!(found(&[None, top.clone()], "a").as_deref(), Some("top"));
+        assert_eq!(found(&[None, top], "b"), None);
+    }
+
+    #[test]
+    fn hard_links_resolve_to_their_target() {
+        use EntryKind::*;
+        let mut t = entry("bin/true", File, "target");
+        t.size = 7;
+        let l = layer(&[t, entry("usr/true", Hardlink, "bin/true")], false);
+        let f = resolve(&[l], b"usr/true").unwrap();
+        assert_eq!(f.entry.size, 7);
+        assert_eq!(f.entry.path, b"bin/true");
+    }
+
+    #[test]
+    fn early_inodes_keep_paths_and_map_to_the_tree() {
+        let ino = EarlyInodes::default();
+        let usr = ino.child(0, b"usr");
+        let bin = ino.child(usr, b"bin");
+        assert_eq!(ino.child(0, b"usr"), usr, "one number per name");
+        assert!(usr >= EARLY && bin >= EARLY);
+        assert_eq!(ino.path(bin).unwrap(), b"usr/bin");
+        assert_eq!(ino.path(0).unwrap(), b"");
+        assert_eq!(ino.path(EARLY + 99), None);
+    }
+}
