@@ -6,14 +6,16 @@
 #   sudo benches/e2e.sh --smoke --out F # tiny image, 1 round (runs in the test suite so this cannot rot)
 #
 # Measures, per round (page cache dropped before every timed step):
-#   cold:   apt-layer first read of /etc/os-release + `chroot rootfs /bin/true` on an empty cache,
+#   cold:   apt-layer first read of /etc/os-release + `chroot rootfs /bin/true` on an empty cache
+#           (and the first read alone: served while the layer still streams),
 #           for the image as gzip, eStargz and zstd:chunked (converted by containerd's ctr-remote)
 #           vs `skopeo copy` + `umoci unpack` + the same read and chroot
 #           vs ratarmount on the downloaded layer (curl of the blob + ratarmount + read + chroot)
 #   bytes:  bytes the registry served for each cold start (its access log)
 #   slow:   the same cold starts with the registry in a network namespace behind a veth pair
 #           shaped with `tc tbf rate 100mbit`
-#   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full) vs the unpacked
+#   warm:   `tar cf - rootfs` and `find rootfs -printf` on apt-layer (cache full; mounted rw, the
+#           default, and `-o ro`) vs the unpacked
 #           tree on local disk vs squashfuse of the same tree vs `apt-layer mount-image` (composefs,
 #           kernel erofs + overlay over the same cache); tar's output goes through a pipe, since
 #           GNU tar does not read file contents when writing to /dev/null
@@ -45,6 +47,7 @@ cleanup() {
     mountpoint -q "$work/sqmnt" && umount "$work/sqmnt" || true
     mountpoint -q "$work/ratmnt" && fusermount -u "$work/ratmnt" || true
     mountpoint -q "$work/cfsmnt" && umount "$work/cfsmnt" || true
+    mountpoint -q "$work/romnt" && umount "$work/romnt" || true
     [ -n "${REGPID:-}" ] && kill "$REGPID" 2>/dev/null || true
     [ -n "${NSREGPID:-}" ] && kill "$NSREGPID" 2>/dev/null || true
     [ -n "${CTRDPID:-}" ] && kill "$CTRDPID" 2>/dev/null || true
@@ -152,7 +155,7 @@ rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
 declare -a IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
-declare -a W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER
+declare -a F_AL W_TAR_RO W_FIND_RO W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER
 
 mount_al() {  # mount_al REGISTRY [-o OPTS] → PID of a daemon on an empty cache
     rm -rf "$work/cache"
@@ -164,12 +167,14 @@ unmount_al() {
     umount "$MNT"
     for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
 }
-cold_al() {  # cold_al REGISTRY TAG → seconds for the first read + chroot (daemon left mounted)
-    local root=$MNT/$1/bench/img/$2/rootfs t0 t1
+cold_al() {  # cold_al REGISTRY TAG → seconds for the first read + chroot (daemon left mounted);
+             # the first read's own seconds go to $work/first
+    local root=$MNT/$1/bench/img/$2/rootfs t0 t1 t2
     t0=$(now)
     cat "$root/etc/os-release" >/dev/null
+    t1=$(now)
     chroot "$root" /bin/true
-    t1=$(now); elapsed "$t0" "$t1"
+    t2=$(now); elapsed "$t0" "$t1" > "$work/first"; elapsed "$t0" "$t2"
 }
 cold_base() {  # cold_base REGISTRY → seconds for skopeo copy + umoci unpack + read + chroot
     rm -rf "$work/pull" "$work/pull-bundle"; drop
@@ -211,7 +216,7 @@ for r in $(seq "$ROUNDS"); do
     drop; PID=$(mount_al "$REG")
     base_rss=$(rss_now_kb "$PID")
     off=$(stat -c %s "$work/registry.log")
-    C_AL+=("$(cold_al "$REG" gzip)")
+    C_AL+=("$(cold_al "$REG" gzip)"); F_AL+=("$(cat "$work/first")")
     sleep 0.2; BYTES+=("$(blob_bytes "$off")")
     T=$MNT/$REG/bench/img/gzip/rootfs
 
@@ -225,8 +230,15 @@ for r in $(seq "$ROUNDS"); do
     mkdir -p "$work/cfsmnt"
     "$BIN" mount-image "$REG/bench/img:gzip" "$work/cfsmnt" --cache-dir "$work/cache" \
         --insecure-registry "$REG" --registries-conf /dev/null >/dev/null 2>&1 || true
-    for kind in AL NAT SQ CFS; do
-        case $kind in AL) dir=$T ;; NAT) dir=$NAT ;; SQ) dir=$work/sqmnt ;; CFS) dir=$work/cfsmnt ;; esac
+    # the same cache through a second daemon mounted `-o ro` (read-only
+    # superblock, no outbox/); one untimed pass first, as the first daemon had
+    mkdir -p "$work/romnt"
+    "$BIN" mount "$work/romnt" --cache-dir "$work/cache" --insecure-registry "$REG" \
+        --registries-conf /dev/null -o ro >/dev/null
+    RO=$work/romnt/$REG/bench/img/gzip/rootfs
+    tar cf - -C "$RO" . 2>/dev/null | cat > /dev/null || true
+    for kind in AL RO NAT SQ CFS; do
+        case $kind in AL) dir=$T ;; RO) dir=$RO ;; NAT) dir=$NAT ;; SQ) dir=$work/sqmnt ;; CFS) dir=$work/cfsmnt ;; esac
         if [ "$kind" = SQ ] && ! mountpoint -q "$work/sqmnt"; then continue; fi
         if [ "$kind" = CFS ] && ! mountpoint -q "$work/cfsmnt"; then continue; fi
         drop; t0=$(now); tar cf - -C "$dir" . 2>/dev/null | cat > /dev/null || true; t1=$(now)
@@ -235,6 +247,7 @@ for r in $(seq "$ROUNDS"); do
         eval "W_FIND_$kind+=(\"$(elapsed "$t0" "$t1")\")"
     done
     mountpoint -q "$work/cfsmnt" && umount "$work/cfsmnt"
+    umount "$work/romnt"
     peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
     RSS_PER+=("$(python3 -c "print(f'{($steady-$base_rss)*1024/$ENTRIES:.0f}')")")
     PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
@@ -303,7 +316,7 @@ rm -rf "$SYN"
 
 # --- report ---------------------------------------------------------------------
 export ROUNDS LAYER_SIZE SIZE_estargz SIZE_zstdchunked ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE SLOW SYN_ENTRIES SYN_RSS SYN_PEAK
-for v in IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER; do
+for v in F_AL W_TAR_RO W_FIND_RO IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done
