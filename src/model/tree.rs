@@ -80,6 +80,32 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     }
 }
 
+/// The model's kind of a layer entry kind.
+fn kind_of(k: EntryKind) -> Kind {
+    match k {
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::File | EntryKind::Hardlink => Kind::File,
+        EntryKind::Symlink => Kind::Symlink,
+        EntryKind::CharDev => Kind::CharDev,
+        EntryKind::BlockDev => Kind::BlockDev,
+        EntryKind::Fifo => Kind::Fifo,
+    }
+}
+
+/// A tar mtime (seconds, nanoseconds) as a time.
+fn mtime_of(secs: i64, nsec: u32) -> std::time::SystemTime {
+    if secs >= 0 {
+        std::time::UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        std::time::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// Linux `dev_t` encoding of a device number.
+fn rdev_of(major: u32, minor: u32) -> u32 {
+    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
 /// First inode number of rootfs trees; image slot `k` owns
 /// `ROOTFS_BASE + k << 32 ..`, and its node `i` is that plus `i`.
 pub const ROOTFS_BASE: u64 = 1 << 40;
@@ -242,14 +268,14 @@ impl Tree {
         let n = tree.node(i)?;
         Some(Stat {
             ino: rf.base + i as u64,
-            kind: early::kind_of(n.kind),
+            kind: kind_of(n.kind),
             size: n.size,
             perm: (n.mode & 0o7777) as u16,
             nlink: n.nlink,
             uid: n.uid,
             gid: n.gid,
-            rdev: early::rdev_of(n.major, n.minor),
-            mtime: early::mtime_of(n.mtime, n.mtime_nsec),
+            rdev: rdev_of(n.major, n.minor),
+            mtime: mtime_of(n.mtime, n.mtime_nsec),
         })
     }
 

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Res, Tree};
+use super::{Res, Tree, kind_of, mtime_of, rdev_of};
 use crate::layer::{EntryKind, IndexEntry};
-use crate::model::{Entry, FsError, Kind, Stat};
+use crate::model::{Entry, FsError, Stat};
 use crate::rootfs::Rootfs;
 use crate::rootfs::early::{EARLY, LiveLayer, resolve};
 use crate::rootfs::merge::MergedTree;
@@ -17,29 +17,6 @@ use crate::rootfs::merge::MergedTree;
 pub(super) enum Settled<T> {
     Early(T),
     Tree(Arc<MergedTree>),
-}
-
-pub(super) fn kind_of(k: EntryKind) -> Kind {
-    match k {
-        EntryKind::Dir => Kind::Dir,
-        EntryKind::File | EntryKind::Hardlink => Kind::File,
-        EntryKind::Symlink => Kind::Symlink,
-        EntryKind::CharDev => Kind::CharDev,
-        EntryKind::BlockDev => Kind::BlockDev,
-        EntryKind::Fifo => Kind::Fifo,
-    }
-}
-
-pub(super) fn mtime_of(secs: i64, nsec: u32) -> std::time::SystemTime {
-    if secs >= 0 {
-        std::time::UNIX_EPOCH + Duration::new(secs as u64, nsec)
-    } else {
-        std::time::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-pub(super) fn rdev_of(major: u32, minor: u32) -> u32 {
-    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
 }
 
 /// The entry of early inode `i` showing layer entry `e`. Zero TTLs: the
