@@ -57,7 +57,22 @@ pub fn mount(opts: MountOptions, foreground: bool, ready_fd: Option<i32>) -> Res
     result
 }
 
+/// Raises the soft limit of open files to the hard limit: the outbox keeps
+/// one `O_PATH` descriptor per inode the kernel holds, open files keep
+/// their objects open, and rootfs opens ahead ([`crate::rootfs::ahead`]).
+pub fn raise_fd_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a zeroed struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), String> {
+    raise_fd_limit();
     // One malloc arena: streaming a layer churns through buffers on several
     // threads, and per-thread arenas kept that churn as RSS (measured: ~5.7
     // KB per image entry with the default arenas, ~0.6 KB with one).

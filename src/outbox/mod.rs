@@ -425,7 +425,7 @@ impl Outbox {
         // SAFETY: open just returned it.
         let root_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let st = fstat(&root_fd).map_err(|e| std::io::Error::other(e.to_string()))?;
-        raise_fd_limit();
+        crate::daemon::raise_fd_limit();
         let pusher = Pusher::open(
             client,
             &root,
@@ -1488,19 +1488,6 @@ impl push::TagUnit {
     /// The tag directory's own name.
     pub fn tag_name(&self) -> &str {
         self.path.rsplit('/').next().unwrap_or(&self.path)
-    }
-}
-
-/// Raises the soft limit of open files to the hard limit: every inode the
-/// kernel holds keeps one `O_PATH` descriptor.
-fn raise_fd_limit() {
-    // SAFETY: plain getrlimit/setrlimit on a zeroed struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
     }
 }
 
