@@ -166,6 +166,12 @@ impl ObjectStore {
         self.root.join("objects")
     }
 
+    /// Brings object `id`'s dentry and inode into memory (a `stat`), so a
+    /// later open does not wait for the disk. A hint: errors are ignored.
+    pub fn warm(&self, id: &ObjectId) {
+        let _ = std::fs::symlink_metadata(self.path(id));
+    }
+
     /// Whether `id` is present (without verifying it).
     pub fn contains(&self, id: &ObjectId) -> bool {
         self.state.lock().unwrap().lru.contains(id)
@@ -221,17 +227,6 @@ impl ObjectStore {
             Ok(m) if Stamp::of(&m).fingerprint() == verified => Ok(Some(file)),
             Ok(_) => Err(file),
             Err(_) => Ok(None),
-        }
-    }
-
-    /// Whether `file`, opened earlier by [`ObjectStore::get_verified`], is
-    /// still the verified object `id` (an fstat; a file changed since, or
-    /// an object forgotten since, is not).
-    pub fn still_verified(&self, id: &ObjectId, file: &File) -> bool {
-        let known = self.state.lock().unwrap().lru.get(id).map(|i| i.verified);
-        match (known, file.metadata()) {
-            (Some(v), Ok(m)) => Stamp::of(&m).fingerprint() == v,
-            _ => false,
         }
     }
 

@@ -58,8 +58,8 @@ pub fn mount(opts: MountOptions, foreground: bool, ready_fd: Option<i32>) -> Res
 }
 
 /// Raises the soft limit of open files to the hard limit: the outbox keeps
-/// one `O_PATH` descriptor per inode the kernel holds, open files keep
-/// their objects open, and rootfs opens ahead ([`crate::rootfs::ahead`]).
+/// one `O_PATH` descriptor per inode the kernel holds, and every open file
+/// of a rootfs keeps its object open (on `-o ro` mounts too).
 pub fn raise_fd_limit() {
     // SAFETY: plain getrlimit/setrlimit on a zeroed struct.
     unsafe {

@@ -740,13 +740,13 @@ fn corrupted_object_is_detected_and_refetched() {
     }
 
     // While mounted: a flipped byte is never served, also when the object
-    // was opened ahead (reading data/other, the first file of data/, opens
+    // was warmed ahead (reading data/other, the first file of data/, warms
     // its later siblings' objects) before it was damaged.
     read(root.join("data/other")).expect("read data/other");
     thread::sleep(Duration::from_millis(300));
     flip_byte(&o1, 20_000);
-    // No open before the read (the read's own open must meet the object
-    // opened ahead): drop the caches system-wide.
+    // No open before the read (the read's own open is the one that must
+    // notice): drop the caches system-wide.
     unsafe { libc::sync() };
     fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
     let got = read(root.join("data/victim1")).expect("read victim1 after corrupting its object");

@@ -416,17 +416,6 @@ impl Tree {
         }
         let id = n.object;
         rf.ahead.opened(&tree, &store, i);
-        // Opened ahead: still the verified object if its stamp is unchanged
-        // (the same check an open makes).
-        if let Some(f) = rf.ahead.take(i)
-            && store.still_verified(&id, &f)
-        {
-            return Ok(OpenFile {
-                content: Content::File(Arc::new(f)),
-                keep_cache: true,
-                direct_io: false,
-            });
-        }
         for attempt in 0..2 {
             // Verified before in this process: answer on this thread. Only
             // hashing (first open after a start, or a changed file) moves to
