@@ -1284,12 +1284,13 @@ fn span_image(work: &Path, tag: &str, n: usize, size: usize) -> PathBuf {
 
 /// Serves tag `tag` of OCI layout `layout` as `<name>/img:1` the way no
 /// real registry does: every blob GET is answered 200 with the whole blob,
-/// Range or not. `blob(digest)` may answer a blob instead of the layout.
+/// Range or not. `blob(digest, layout bytes)` answers each blob GET
+/// ([`octets`] for the plain answer).
 fn layout_server(
     layout: &Path,
     tag: &str,
     name: &'static str,
-    blob: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static,
+    blob: impl Fn(&str, Vec<u8>) -> FaultReply + Send + Sync + 'static,
 ) -> FaultServer {
     let (lay, md) = (layout.to_path_buf(), layout_digest(layout, tag));
     FaultServer::start(move |_method, target| {
@@ -1300,14 +1301,18 @@ fn layout_server(
             FaultReply::bytes(200, mt, layout_blob(&lay, &md))
                 .with_header("Docker-Content-Digest", &md)
         } else if let Some(d) = path.strip_prefix(&format!("{repo}/blobs/")) {
-            let bytes = blob(d).unwrap_or_else(|| layout_blob(&lay, d));
-            FaultReply::bytes(200, "application/octet-stream", bytes)
+            blob(d, layout_blob(&lay, d))
         } else if path == format!("{repo}/tags/list") {
             FaultReply::json(200, &format!(r#"{{"name":"{name}/img","tags":["1"]}}"#))
         } else {
             FaultReply::Default
         }
     })
+}
+
+/// A whole blob, 200.
+fn octets(bytes: Vec<u8>) -> FaultReply {
+    FaultReply::bytes(200, "application/octet-stream", bytes)
 }
 
 #[test]
@@ -1368,7 +1373,7 @@ fn registry_ignoring_range_still_serves_evicted_content() {
     let layout = span_image(work.path(), "ir", 48, 128 << 10);
     let image = layout_ref(&layout, "ir");
     let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let fault = layout_server(&layout, "ir", "ir", |_| None);
+    let fault = layout_server(&layout, "ir", "ir", |_, b| octets(b));
     let cache = tempdir();
     let mut m = Mount::builder()
         .insecure(&fault.host())
@@ -1402,11 +1407,12 @@ fn span_failing_its_object_digest_is_eio_and_nothing_is_cached() {
     }
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let s2 = served.clone();
-    let fault = layout_server(&layout, "sf", "sf", move |d| {
-        (d == layer).then(|| {
-            let n = s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if n == 0 { good.clone() } else { bad.clone() }
-        })
+    let fault = layout_server(&layout, "sf", "sf", move |d, bytes| {
+        if d != layer {
+            return octets(bytes);
+        }
+        let n = s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        octets(if n == 0 { good.clone() } else { bad.clone() })
     });
     let cache = tempdir();
     // First mount, unbounded: the layer is read once (the real blob).
@@ -1479,7 +1485,7 @@ fn held_image(name: &'static str) -> HeldImage {
     ];
     let upper = vec![
         TarEntry::dir("etc/"),
-        TarEntry::file("etc/early", "first in the upper layer\n").mode(0o640),
+        TarEntry::file("etc/early", EARLY_FILE).mode(0o640),
         TarEntry::whiteout("etc", "gone"),
         TarEntry::file("big", pseudo_random(42, 8 << 20)),
         TarEntry::file("etc/late", "after the big file\n"),
@@ -1488,33 +1494,16 @@ fn held_image(name: &'static str) -> HeldImage {
     let oracle = umoci_unpack(&layout_ref(&layout, "held"), &work.path().join("bundle"));
     let upper_digest = manifest_layer_digests(&layout_manifest(&layout, "held"))[1].clone();
     let gate = Gate::default();
-    let (g2, lay, md) = (gate.clone(), layout.clone(), layout_digest(&layout, "held"));
-    let fault = FaultServer::start(move |_method, target| {
-        let (path, _) = split_target(target);
-        let repo = format!("/v2/{name}/img");
-        if path == format!("{repo}/manifests/1") || path == format!("{repo}/manifests/{md}") {
-            FaultReply::bytes(
-                200,
-                "application/vnd.oci.image.manifest.v1+json",
-                layout_blob(&lay, &md),
-            )
-            .with_header("Docker-Content-Digest", &md)
-        } else if let Some(d) = path.strip_prefix(&format!("{repo}/blobs/")) {
-            let body = layout_blob(&lay, d);
-            if d == upper_digest {
-                FaultReply::Trickle {
-                    headers: vec![("Content-Type".into(), "application/octet-stream".into())],
-                    first: body.len() / 2,
-                    body,
-                    gate: g2.clone(),
-                }
-            } else {
-                FaultReply::bytes(200, "application/octet-stream", body)
-            }
-        } else if path == format!("{repo}/tags/list") {
-            FaultReply::json(200, &format!(r#"{{"name":"{name}/img","tags":["1"]}}"#))
-        } else {
-            FaultReply::Default
+    let g2 = gate.clone();
+    let fault = layout_server(&layout, "held", name, move |d, body| {
+        if d != upper_digest {
+            return octets(body);
+        }
+        FaultReply::Trickle {
+            headers: vec![("Content-Type".into(), "application/octet-stream".into())],
+            first: body.len() / 2,
+            body,
+            gate: g2.clone(),
         }
     });
     HeldImage {
@@ -1549,9 +1538,9 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
     // The upper layer is held half way: its first file has passed.
     let (_, early) = read_within(root.join("etc/early"), Duration::from_secs(30));
     let early = early.expect("etc/early readable while its layer is held half way");
-    assert_eq!(early.unwrap(), b"first in the upper layer\n");
+    assert_eq!(early.unwrap(), EARLY_FILE);
     let md = fs::metadata(root.join("etc/early")).unwrap();
-    assert_eq!(md.len(), 25);
+    assert_eq!(md.len(), EARLY_FILE.len() as u64);
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777,
         0o640
@@ -1594,12 +1583,11 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
         "whited-out lower file",
     );
     assert_trees_equal(&root, &held.oracle, "after the held layer ended");
-    assert_eq!(read(root.join("etc/early")).unwrap(), early_bytes());
+    assert_eq!(read(root.join("etc/early")).unwrap(), EARLY_FILE);
 }
 
-fn early_bytes() -> Vec<u8> {
-    b"first in the upper layer\n".to_vec()
-}
+/// The first file of [`held_image`]'s held upper layer.
+const EARLY_FILE: &[u8] = b"first in the upper layer\n";
 
 #[test]
 fn noearly_reads_wait_for_the_checked_tree() {
@@ -1618,7 +1606,7 @@ fn noearly_reads_wait_for_the_checked_tree() {
     held.gate.open();
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap(),
-        early_bytes()
+        EARLY_FILE
     );
     assert_trees_equal(&root, &held.oracle, "noearly");
 }

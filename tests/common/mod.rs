@@ -2037,11 +2037,7 @@ fn serve_conn(
                 first,
                 gate,
             } => {
-                let mut out = String::from("HTTP/1.1 200 OK\r\n");
-                for (k, v) in &headers {
-                    out.push_str(&format!("{k}: {v}\r\n"));
-                }
-                out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+                let out = response_head(200, &headers, body.len(), close);
                 let first = first.min(body.len());
                 if stream.write_all(out.as_bytes()).is_err()
                     || stream.write_all(&body[..first]).is_err()
@@ -2060,22 +2056,7 @@ fn serve_conn(
                 headers,
                 body,
             } => {
-                let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-                let mut has_ct = false;
-                for (k, v) in &headers {
-                    has_ct |= k.eq_ignore_ascii_case("content-type");
-                    out.push_str(&format!("{k}: {v}\r\n"));
-                }
-                if !has_ct {
-                    out.push_str("Content-Type: application/json\r\n");
-                }
-                out.push_str("Docker-Distribution-Api-Version: registry/2.0\r\n");
-                out.push_str(&format!("Content-Length: {}\r\n", body.len()));
-                if close {
-                    out.push_str("Connection: close\r\n");
-                }
-                out.push_str("\r\n");
-                let mut bytes = out.into_bytes();
+                let mut bytes = response_head(status, &headers, body.len(), close).into_bytes();
                 if method != "HEAD" {
                     bytes.extend_from_slice(&body);
                 }
@@ -2085,6 +2066,27 @@ fn serve_conn(
             }
         }
     }
+}
+
+/// Status line and headers of an answer with a `len`-byte body (a JSON
+/// Content-Type unless `headers` has one).
+fn response_head(status: u16, headers: &[(String, String)], len: usize, close: bool) -> String {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    let mut has_ct = false;
+    for (k, v) in headers {
+        has_ct |= k.eq_ignore_ascii_case("content-type");
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has_ct {
+        out.push_str("Content-Type: application/json\r\n");
+    }
+    out.push_str("Docker-Distribution-Api-Version: registry/2.0\r\n");
+    out.push_str(&format!("Content-Length: {len}\r\n"));
+    if close {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out
 }
 
 fn default_reply(method: &str, target: &str) -> FaultReply {
