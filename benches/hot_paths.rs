@@ -101,6 +101,7 @@ fn bench(c: &mut Criterion) {
                         gz.len() as u64,
                         &store,
                         &p,
+                        None,
                     )
                     .unwrap(),
                 );

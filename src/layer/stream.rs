@@ -236,30 +236,11 @@ enum Msg {
 }
 
 /// Reads a whole layer from `raw` (the compressed bytes) into an index,
-/// storing file contents in `store`. On error, objects this call created
-/// are removed again.
+/// storing file contents in `store`, and publishing each entry and each
+/// stored file to `live` as the stream passes them (early answers,
+/// [`crate::rootfs::early`]). On error, objects this call created are
+/// removed again.
 pub fn index_layer<R: Read>(
-    raw: R,
-    digest: &str,
-    compression: Compression,
-    compressed_size: u64,
-    store: &ObjectStore,
-    progress: &Progress,
-) -> Result<LayerIndex, StreamError> {
-    index_layer_live(
-        raw,
-        digest,
-        compression,
-        compressed_size,
-        store,
-        progress,
-        None,
-    )
-}
-
-/// [`index_layer`], publishing each entry and each stored file to `live`
-/// as the stream passes them (early answers, [`crate::rootfs::early`]).
-pub fn index_layer_live<R: Read>(
     raw: R,
     digest: &str,
     compression: Compression,
@@ -692,6 +673,7 @@ mod tests {
             gz.len() as u64,
             &store,
             &p,
+            None,
         )
         .unwrap();
         assert_eq!(idx.entries.len(), 2);
@@ -711,7 +693,8 @@ mod tests {
                 Compression::Gzip,
                 0,
                 &store2,
-                &p
+                &p,
+                None
             )
             .is_err()
         );
@@ -735,7 +718,7 @@ mod perf {
         let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path).unwrap());
         let t = std::time::Instant::now();
         let p = Progress::default();
-        let idx = index_layer(f, "sha256:x", Compression::Gzip, 0, &store, &p).unwrap();
+        let idx = index_layer(f, "sha256:x", Compression::Gzip, 0, &store, &p, None).unwrap();
         eprintln!("indexed {} entries in {:?}", idx.entries.len(), t.elapsed());
         let t = std::time::Instant::now();
         let mut dec = flate2::read::MultiGzDecoder::new(std::fs::File::open(&path).unwrap());

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::cas::{ObjectId, ObjectStore};
-use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer_live};
+use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
 use crate::layer::{Compression, IndexStore, LayerIndex, LayerMode};
 use crate::model::FsError;
 use crate::model::image::{Descriptor, Image};
@@ -467,7 +467,7 @@ impl Layers {
         let digest = desc.digest.clone();
         let st3 = st.clone();
         let consumer = tokio::task::spawn_blocking(move || {
-            index_layer_live(
+            index_layer(
                 ChannelReader::new(rx),
                 &digest,
                 compression,
@@ -727,9 +727,7 @@ impl Rootfs {
                 let tree = Arc::new(tree);
                 // The tree answers from now on: the live views of its
                 // layers go (before the trim below, which returns them too).
-                for d in &self.image.layers {
-                    *layers.state(&d.digest).live.lock().unwrap() = None;
-                }
+                self.drop_live_views(layers);
                 // Streaming and merging freed far more than the tree keeps;
                 // hand it back to the system rather than hold it as RSS.
                 #[cfg(target_env = "gnu")]
@@ -742,13 +740,19 @@ impl Rootfs {
                 Ok(tree)
             })
             .await;
-        // Built, the tree answers from now on; failed (a layer, or the
-        // merge), nothing of the image may be answered early any more.
-        // Either way the live views of its layers are done with.
-        for d in &self.image.layers {
-            *layers.state(&d.digest).live.lock().unwrap() = None;
+        // Failed (a layer, or the merge): nothing of the image may be
+        // answered early any more. Built or failed, early waiters look again.
+        if r.is_err() {
+            self.drop_live_views(layers);
         }
         layers.changed.notify_waiters();
         r
+    }
+
+    /// Forgets the live views of the image's layers ([`early`]).
+    fn drop_live_views(&self, layers: &Layers) {
+        for d in &self.image.layers {
+            *layers.state(&d.digest).live.lock().unwrap() = None;
+        }
     }
 }

@@ -10,14 +10,8 @@ use super::{Res, Tree, kind_of, mtime_of, rdev_of};
 use crate::layer::{EntryKind, IndexEntry};
 use crate::model::{Entry, FsError, Stat};
 use crate::rootfs::Rootfs;
-use crate::rootfs::early::{EARLY, LiveLayer, resolve};
+use crate::rootfs::early::{EARLY, Found, LiveLayer, resolve};
 use crate::rootfs::merge::MergedTree;
-
-/// Who answered: the live layers, or the built tree.
-pub(super) enum Settled<T> {
-    Early(T),
-    Tree(Arc<MergedTree>),
-}
 
 /// The entry of early inode `i` showing layer entry `e`. Zero TTLs: the
 /// kernel asks again, and gets the tree's answer once it is built.
@@ -46,26 +40,27 @@ impl Tree {
         self.layers.early() && rf.built().is_none() && (i == 0 || i >= EARLY)
     }
 
-    /// Waits until `f` answers from the live layers or the tree is built
-    /// (starting the build if needed). `f` returns `None` while unsettled.
+    /// Waits until `f` answers from the live layers (`Some`) or the tree is
+    /// built (`None`: ask the tree), starting the build if needed. `f`
+    /// returns `None` while unsettled.
     async fn settle<T>(
         &self,
         rf: &Arc<Rootfs>,
         f: impl Fn(&[Option<Arc<LiveLayer>>]) -> Option<T>,
-    ) -> Res<Settled<T>> {
+    ) -> Res<Option<T>> {
         rf.start(&self.layers);
         loop {
             let notified = self.layers.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(t) = rf.built() {
-                return Ok(Settled::Tree(t));
+            if rf.built().is_some() {
+                return Ok(None);
             }
             if let Some(e) = rf.build_error() {
                 return Err(e);
             }
             if let Some(x) = f(&self.layers.live_views(&rf.image)) {
-                return Ok(Settled::Early(x));
+                return Ok(Some(x));
             }
             notified.await;
         }
@@ -101,7 +96,7 @@ impl Tree {
     pub(super) async fn rootfs_lookup(&self, rf: &Arc<Rootfs>, pi: u32, name: &[u8]) -> Res<Entry> {
         if self.early_on(rf, pi) {
             let path = Self::early_path(rf, pi, name).ok_or(FsError::NotFound)?;
-            if let Settled::Early(f) = self.settle(rf, |v| resolve(v, &path)).await? {
+            if let Some(f) = self.settle(rf, |v| resolve(v, &path)).await? {
                 let k = rf.early.child(pi, name);
                 return Ok(early_entry(rf, k, &f.entry));
             }
@@ -114,21 +109,35 @@ impl Tree {
         Self::rootfs_entry(rf, &tree, c)
     }
 
+    /// What `pick` makes of the entry early inode `i`'s path shows, once
+    /// the live layers settle it; `None` when the answer has to come from
+    /// the tree (not an early inode, early answers off, or the tree was
+    /// built meanwhile, or `pick` declines).
+    async fn early_answer<T>(
+        &self,
+        rf: &Arc<Rootfs>,
+        i: u32,
+        pick: impl Fn(Found) -> Option<T>,
+    ) -> Res<Option<T>> {
+        if i < EARLY || !self.early_on(rf, i) {
+            return Ok(None);
+        }
+        let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
+        self.settle(rf, |v| pick(resolve(v, &path)?)).await
+    }
+
     /// `getattr` of a rootfs node.
     pub(super) async fn rootfs_getattr(&self, rf: &Arc<Rootfs>, i: u32) -> Res<Entry> {
-        let tree = match rf.built() {
-            Some(t) => t,
-            None if i == 0 => return Ok(self.rootfs_root_entry(rf, crate::model::IMMUTABLE_TTL)),
-            None if i >= EARLY && self.layers.early() => {
-                let path =
-                    Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
-                match self.settle(rf, |v| resolve(v, &path)).await? {
-                    Settled::Early(f) => return Ok(early_entry(rf, i, &f.entry)),
-                    Settled::Tree(t) => t,
-                }
+        if rf.built().is_none() {
+            if i == 0 {
+                return Ok(self.rootfs_root_entry(rf, crate::model::IMMUTABLE_TTL));
             }
-            None => return Err(FsError::Stale(rf.base + i as u64)),
-        };
+            let early = self.early_answer(rf, i, |f| Some(early_entry(rf, i, &f.entry)));
+            if let Some(e) = early.await? {
+                return Ok(e);
+            }
+        }
+        let tree = rf.built().ok_or(FsError::Stale(rf.base + i as u64))?;
         let n = rf
             .early
             .to_tree(&tree, i)
@@ -146,39 +155,22 @@ impl Tree {
         rf: &Arc<Rootfs>,
         i: u32,
     ) -> Res<Option<crate::cas::ObjectId>> {
-        if i < EARLY || !self.early_on(rf, i) {
-            return Ok(None);
-        }
-        let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
-        let got = self
-            .settle(rf, |v| {
-                let f = resolve(v, &path)?;
-                match f.entry.kind {
-                    EntryKind::Dir => Some(Err(FsError::IsDir)),
-                    EntryKind::File => f.entry.object.map(Ok),
-                    _ => None,
-                }
-            })
-            .await?;
-        match got {
-            Settled::Early(r) => r.map(Some),
-            Settled::Tree(_) => Ok(None),
-        }
+        self.early_answer(rf, i, |f| match f.entry.kind {
+            EntryKind::Dir => Some(Err(FsError::IsDir)),
+            EntryKind::File => f.entry.object.map(Ok),
+            _ => None,
+        })
+        .await?
+        .transpose()
     }
 
     /// `readlink` of a rootfs node.
     pub(super) async fn rootfs_readlink(&self, rf: &Arc<Rootfs>, i: u32) -> Res<bytes::Bytes> {
-        if i >= EARLY && self.early_on(rf, i) {
-            let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
-            let got = self
-                .settle(rf, |v| {
-                    let f = resolve(v, &path)?;
-                    (f.entry.kind == EntryKind::Symlink).then_some(f.entry.link)
-                })
-                .await?;
-            if let Settled::Early(link) = got {
-                return Ok(bytes::Bytes::from(link));
-            }
+        let early = self.early_answer(rf, i, |f| {
+            (f.entry.kind == EntryKind::Symlink).then_some(f.entry.link)
+        });
+        if let Some(link) = early.await? {
+            return Ok(bytes::Bytes::from(link));
         }
         let (tree, n) = self.rootfs_node(rf, i).await?;
         tree.readlink(n)
@@ -192,14 +184,8 @@ impl Tree {
         rf: &Arc<Rootfs>,
         i: u32,
     ) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
-        if i >= EARLY && self.early_on(rf, i) {
-            let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
-            if let Settled::Early(x) = self
-                .settle(rf, |v| Some(resolve(v, &path)?.entry.xattrs))
-                .await?
-            {
-                return Ok(x);
-            }
+        if let Some(x) = self.early_answer(rf, i, |f| Some(f.entry.xattrs)).await? {
+            return Ok(x);
         }
         let (tree, n) = self.rootfs_node(rf, i).await?;
         Ok(tree
