@@ -194,6 +194,20 @@ impl ObjectStore {
         })
     }
 
+    /// An unnamed file under `tmp/` (gone when closed, even after a
+    /// crash): a streaming layer's compressed bytes while its contents are
+    /// stored ([`crate::layer::stream::scan_layer`]). Not counted against
+    /// the cache size; it lives only while its layer is read.
+    pub fn spill_file(&self) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(self.root.join("tmp"))
+    }
+
     /// Opens object `id` for reading, verified; `None` when it is absent
     /// or was damaged (then it is removed).
     pub fn get(&self, id: &ObjectId) -> Option<File> {

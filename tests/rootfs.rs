@@ -1465,8 +1465,15 @@ fn span_failing_its_object_digest_is_eio_and_nothing_is_cached() {
 // Early answers: a file is readable as soon as the stream has passed it
 // ---------------------------------------------------------------------------
 
-/// A two-layer image whose upper layer starts with a small file and goes
-/// on with 8 MiB of incompressible data; the server sends the upper blob's
+/// Which layer of [`held_image`] the server holds half way.
+#[derive(PartialEq)]
+enum Held {
+    Upper,
+    Lower,
+}
+
+/// A two-layer image whose layers each start with small files and go on
+/// with 8 MiB of incompressible data; the server sends the `held` layer's
 /// first half, then holds the rest until `gate` opens.
 struct HeldImage {
     fault: FaultServer,
@@ -1475,13 +1482,15 @@ struct HeldImage {
     _work: tempfile::TempDir,
 }
 
-fn held_image(name: &'static str) -> HeldImage {
+fn held_image(name: &'static str, held: Held) -> HeldImage {
     let work = tempdir();
     let lower = vec![
         TarEntry::dir("./"),
         TarEntry::dir("etc/"),
         TarEntry::file("etc/base", "from the lower layer\n"),
         TarEntry::file("etc/gone", "whited out above\n"),
+        TarEntry::file("big-lower", pseudo_random(7, 8 << 20)),
+        TarEntry::file("etc/late-lower", "after the lower big file\n"),
     ];
     let upper = vec![
         TarEntry::dir("etc/"),
@@ -1492,11 +1501,12 @@ fn held_image(name: &'static str) -> HeldImage {
     ];
     let layout = make_tar_image(work.path(), "held", &[lower, upper]);
     let oracle = umoci_unpack(&layout_ref(&layout, "held"), &work.path().join("bundle"));
-    let upper_digest = manifest_layer_digests(&layout_manifest(&layout, "held"))[1].clone();
+    let layers = manifest_layer_digests(&layout_manifest(&layout, "held"));
+    let held_digest = layers[usize::from(held == Held::Upper)].clone();
     let gate = Gate::default();
     let g2 = gate.clone();
     let fault = layout_server(&layout, "held", name, move |d, body| {
-        if d != upper_digest {
+        if d != held_digest {
             return octets(body);
         }
         FaultReply::Trickle {
@@ -1531,7 +1541,7 @@ fn read_within(path: PathBuf, limit: Duration) -> (Pending, Option<std::io::Resu
 #[test]
 fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
     require_env();
-    let held = held_image("early");
+    let held = held_image("early", Held::Upper);
     let m = Mount::builder().insecure(&held.fault.host()).start();
     let root = rootfs(&m, &held.fault.host(), "early/img", "1");
 
@@ -1566,6 +1576,11 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
         late.is_none(),
         "etc/late answered before the stream reached it: {late:?}"
     );
+    let (nowhere_rx, nowhere) = read_within(root.join("etc/nowhere"), Duration::from_secs(1));
+    assert!(
+        nowhere.is_none(),
+        "a missing name answered before the upper layer ended: {nowhere:?}"
+    );
 
     held.gate.open();
     let wait = Duration::from_secs(30);
@@ -1582,8 +1597,63 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
         libc::ENOENT,
         "whited-out lower file",
     );
+    assert_errno(
+        nowhere_rx.recv_timeout(wait).unwrap(),
+        libc::ENOENT,
+        "missing name",
+    );
     assert_trees_equal(&root, &held.oracle, "after the held layer ended");
     assert_eq!(read(root.join("etc/early")).unwrap(), EARLY_FILE);
+}
+
+#[test]
+fn a_missing_name_is_settled_once_the_layers_above_are_listed() {
+    require_env();
+    let held = held_image("absent", Held::Lower);
+    let m = Mount::builder().insecure(&held.fault.host()).start();
+    let root = rootfs(&m, &held.fault.host(), "absent/img", "1");
+    let wait = Duration::from_secs(30);
+
+    // The upper layer is complete (listed and checked) and whites out
+    // etc/gone: that is settled while the lower layer is held half way.
+    let (_, gone) = read_within(root.join("etc/gone"), wait);
+    assert_errno(
+        gone.expect("etc/gone settled while the lower layer is held"),
+        libc::ENOENT,
+        "lower file whited out by the complete upper layer",
+    );
+    // So are the upper layer's files, and the lower layer's files the
+    // stream has passed (the upper layer does not hide them).
+    let (_, early) = read_within(root.join("etc/early"), wait);
+    assert_eq!(early.expect("etc/early").unwrap(), EARLY_FILE);
+    let (_, base) = read_within(root.join("etc/base"), wait);
+    assert_eq!(base.expect("etc/base").unwrap(), b"from the lower layer\n");
+    let status: Value = serde_json::from_slice(
+        &read(m.join(format!("{}/absent/img/1/status", held.fault.host()))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        status["layers"][0]["state"], "streaming",
+        "the answers did not wait for the lower layer: {status}"
+    );
+
+    // A name the held lower layer may still bring is not settled.
+    let (nowhere_rx, nowhere) = read_within(root.join("etc/nowhere"), Duration::from_secs(1));
+    assert!(
+        nowhere.is_none(),
+        "a missing name answered while a layer still streams: {nowhere:?}"
+    );
+    held.gate.open();
+    assert_errno(
+        nowhere_rx.recv_timeout(wait).unwrap(),
+        libc::ENOENT,
+        "missing name once every layer is listed",
+    );
+    assert_eq!(
+        read(root.join("etc/late-lower")).unwrap(),
+        b"after the lower big file\n"
+    );
+    assert_trees_equal(&root, &held.oracle, "after the held layer ended");
 }
 
 /// The first file of [`held_image`]'s held upper layer.
@@ -1592,7 +1662,7 @@ const EARLY_FILE: &[u8] = b"first in the upper layer\n";
 #[test]
 fn noearly_reads_wait_for_the_checked_tree() {
     require_env();
-    let held = held_image("late");
+    let held = held_image("late", Held::Upper);
     let m = Mount::builder()
         .insecure(&held.fault.host())
         .option("noearly")

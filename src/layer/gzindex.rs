@@ -362,7 +362,13 @@ pub struct IndexingDecoder<R> {
     span: u64,
     last: u64,
     checkpoints: Vec<Checkpoint>,
+    /// Told of each checkpoint as it is taken (early reads resume from
+    /// them while the layer still streams).
+    sink: Option<CheckpointSink>,
 }
+
+/// Receives checkpoints as an [`IndexingDecoder`] takes them.
+pub type CheckpointSink = Box<dyn FnMut(&Checkpoint) + Send>;
 
 impl<R: Read> IndexingDecoder<R> {
     /// A decoder over the compressed bytes of `src`.
@@ -377,7 +383,14 @@ impl<R: Read> IndexingDecoder<R> {
             span,
             last: 0,
             checkpoints: Vec::new(),
+            sink: None,
         })
+    }
+
+    /// Also hands each checkpoint to `sink` when it is taken.
+    pub fn with_sink(mut self, sink: CheckpointSink) -> IndexingDecoder<R> {
+        self.sink = Some(sink);
+        self
     }
 
     /// The checkpoints recorded so far.
@@ -390,7 +403,12 @@ impl<R: Read> IndexingDecoder<R> {
 
 impl<R: Read> Read for IndexingDecoder<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let (span, last, cps) = (self.span, &mut self.last, &mut self.checkpoints);
+        let (span, last, cps, sink) = (
+            self.span,
+            &mut self.last,
+            &mut self.checkpoints,
+            &mut self.sink,
+        );
         self.core.read_with(out, |core| {
             if core.out >= *last + span {
                 let window = core.z.window()?;
@@ -401,6 +419,9 @@ impl<R: Read> Read for IndexingDecoder<R> {
                     uncompressed: core.out,
                     window,
                 });
+                if let (Some(sink), Some(cp)) = (sink.as_mut(), cps.last()) {
+                    sink(cp);
+                }
                 *last = core.out;
             }
             Ok(())

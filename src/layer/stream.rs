@@ -50,11 +50,69 @@ impl std::fmt::Display for FetchError {
 
 impl std::error::Error for FetchError {}
 
+/// A local write that failed under a reader (the spill file of
+/// [`scan_layer`]): the cache's fault, not the layer's.
+#[derive(Debug)]
+struct SpillError(io::Error);
+
+impl std::fmt::Display for SpillError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "spill file: {}", self.0)
+    }
+}
+
+impl std::error::Error for SpillError {}
+
 fn classify_read(e: io::Error) -> StreamError {
     if let Some(f) = e.get_ref().and_then(|i| i.downcast_ref::<FetchError>()) {
         return StreamError::Interrupted(f.0.clone());
     }
+    if let Some(SpillError(l)) = e.get_ref().and_then(|i| i.downcast_ref::<SpillError>()) {
+        return StreamError::Local(match l.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(l.kind(), l.to_string()),
+        });
+    }
     StreamError::Malformed(e.to_string())
+}
+
+/// Copies everything read from `inner` to the end of `out` first.
+struct Tee<'a, R> {
+    inner: R,
+    out: &'a std::fs::File,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut out = self.out;
+        out.write_all(&buf[..n])
+            .map_err(|e| io::Error::other(SpillError(e)))?;
+        Ok(n)
+    }
+}
+
+/// `Read` over a file from an offset, by positioned reads (so several
+/// readers can share one open file).
+pub struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl<'a> ReadAt<'a> {
+    /// Reads `file` from byte `pos`.
+    pub fn new(file: &'a std::fs::File, pos: u64) -> ReadAt<'a> {
+        ReadAt { file, pos }
+    }
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// `Read` over chunks arriving on a tokio channel (blocking receive).
@@ -235,6 +293,67 @@ enum Msg {
     End,
 }
 
+/// Object writer threads per layer: hashing and writing contents is the
+/// dominant cost of a pass (no SHA extensions on many servers), and files
+/// are independent, so two writers keep both cores of a small machine busy
+/// while the reader inflates.
+const WRITERS: usize = 2;
+
+/// What a writer made (entry, object, created by it) and the first error
+/// it met.
+type Written = (Vec<(usize, ObjectId, bool)>, Option<StreamError>);
+
+/// One writer thread of [`index_layer`]: stores the files that arrive on
+/// `rx`, counting down `queued`, handing buffers back on `give_back`.
+fn write_objects(
+    rx: std::sync::mpsc::Receiver<Msg>,
+    queued: &AtomicU64,
+    give_back: std::sync::mpsc::Sender<Vec<u8>>,
+    store: &ObjectStore,
+    progress: &Progress,
+    live: Option<&LiveLayer>,
+) -> Written {
+    let mut made: Vec<(usize, ObjectId, bool)> = Vec::new();
+    let mut cur: Option<(usize, u64, crate::cas::ObjectWriter<'_>)> = None;
+    for m in rx {
+        queued.fetch_sub(1, Ordering::Relaxed);
+        let step = match m {
+            Msg::Start { idx, size } => store.writer().map(|w| cur = Some((idx, size, w))),
+            Msg::Data(d, n) => {
+                let r = match cur.as_mut() {
+                    Some((_, _, w)) => w.write_all(&d[..n]),
+                    None => Ok(()),
+                };
+                let _ = give_back.send(d);
+                r
+            }
+            Msg::End => match cur.take() {
+                Some((idx, size, w)) if w.len() != size => {
+                    return (
+                        made,
+                        Some(StreamError::Malformed(format!(
+                            "entry {idx}: {} of {size} bytes before the stream ended",
+                            w.len()
+                        ))),
+                    );
+                }
+                Some((idx, _, w)) => w.finish_new().map(|(id, _, new)| {
+                    progress.objects.fetch_add(1, Ordering::Relaxed);
+                    made.push((idx, id, new));
+                    if let Some(l) = live {
+                        l.stored(idx, id);
+                    }
+                }),
+                None => Ok(()),
+            },
+        };
+        if let Err(e) = step {
+            return (made, Some(StreamError::Local(e)));
+        }
+    }
+    (made, None)
+}
+
 /// Reads a whole layer from `raw` (the compressed bytes) into an index,
 /// storing file contents in `store`, and publishing each entry and each
 /// stored file to `live` as the stream passes them (early answers,
@@ -255,51 +374,21 @@ pub fn index_layer<R: Read>(
         n: counter.clone(),
     };
     let mut entries = Vec::new();
+    let queued: Vec<AtomicU64> = (0..WRITERS).map(|_| AtomicU64::new(0)).collect();
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
         let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-        // The writer hashes and stores contents; it reports what it made
-        // (to undo on failure) and the first error it met.
-        let writer = scope.spawn(move || {
-            let mut made: Vec<(usize, ObjectId, bool)> = Vec::new();
-            let mut cur: Option<(usize, u64, crate::cas::ObjectWriter<'_>)> = None;
-            for m in rx {
-                let step = match m {
-                    Msg::Start { idx, size } => store.writer().map(|w| cur = Some((idx, size, w))),
-                    Msg::Data(d, n) => {
-                        let r = match cur.as_mut() {
-                            Some((_, _, w)) => w.write_all(&d[..n]),
-                            None => Ok(()),
-                        };
-                        let _ = give_back.send(d);
-                        r
-                    }
-                    Msg::End => match cur.take() {
-                        Some((idx, size, w)) if w.len() != size => {
-                            return (
-                                made,
-                                Some(StreamError::Malformed(format!(
-                                    "entry {idx}: {} of {size} bytes before the stream ended",
-                                    w.len()
-                                ))),
-                            );
-                        }
-                        Some((idx, _, w)) => w.finish_new().map(|(id, _, new)| {
-                            progress.objects.fetch_add(1, Ordering::Relaxed);
-                            made.push((idx, id, new));
-                            if let Some(l) = live {
-                                l.stored(idx, id);
-                            }
-                        }),
-                        None => Ok(()),
-                    },
-                };
-                if let Err(e) = step {
-                    return (made, Some(StreamError::Local(e)));
-                }
-            }
-            (made, None)
-        });
+        // The writers hash and store contents, a file each at a time; each
+        // reports what it made (to undo on failure) and the first error it
+        // met.
+        let mut txs = Vec::new();
+        let mut writers = Vec::new();
+        for q in &queued {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
+            let give_back = give_back.clone();
+            txs.push(tx);
+            writers
+                .push(scope.spawn(move || write_objects(rx, q, give_back, store, progress, live)));
+        }
         let stopped = || StreamError::Interrupted("object writer stopped".into());
         let mut spans = None;
         let walked = decoded(raw, compression, Some(&mut spans), |d| {
@@ -307,7 +396,15 @@ pub fn index_layer<R: Read>(
                 let idx = entries.len();
                 let size = entry.size();
                 let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
-                    tx.send(Msg::Start { idx, size }).map_err(|_| stopped())?;
+                    // The writer with the least queued takes the file.
+                    let k = (0..WRITERS)
+                        .min_by_key(|&k| queued[k].load(Ordering::Relaxed))
+                        .unwrap_or(0);
+                    let send = |m: Msg| {
+                        queued[k].fetch_add(1, Ordering::Relaxed);
+                        txs[k].send(m).map_err(|_| stopped())
+                    };
+                    send(Msg::Start { idx, size })?;
                     let mut left = size;
                     while left > 0 {
                         let mut chunk = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
@@ -317,9 +414,9 @@ pub fn index_layer<R: Read>(
                             break;
                         }
                         left -= n as u64;
-                        tx.send(Msg::Data(chunk, n)).map_err(|_| stopped())?;
+                        send(Msg::Data(chunk, n))?;
                     }
-                    tx.send(Msg::End).map_err(|_| stopped())?;
+                    send(Msg::End)?;
                     Ok(None)
                 };
                 if let Some(e) = read_entry(entry, &mut content, &counter)? {
@@ -331,13 +428,19 @@ pub fn index_layer<R: Read>(
                 Ok(Flow::Continue)
             })
         });
-        drop(tx);
-        let (made, write_err) = writer.join().unwrap_or_else(|_| {
-            (
-                Vec::new(),
-                Some(StreamError::Interrupted("object writer panicked".into())),
-            )
-        });
+        drop(txs);
+        let mut made = Vec::new();
+        let mut write_err = None;
+        for w in writers {
+            let (m, e) = w.join().unwrap_or_else(|_| {
+                (
+                    Vec::new(),
+                    Some(StreamError::Interrupted("object writer panicked".into())),
+                )
+            });
+            made.extend(m);
+            write_err = write_err.or(e);
+        }
         let result = match (write_err, walked) {
             (Some(e), _) => Err(e),
             (None, Err(e)) => Err(e),
@@ -373,6 +476,69 @@ pub fn index_layer<R: Read>(
             }
         }
     })
+}
+
+/// The first pass over a gzip layer (see [`crate::rootfs::early`]): lists
+/// its entries into `live` as the stream passes them, without storing any
+/// content, and appends the compressed bytes to `spill`, publishing the
+/// gzip checkpoints, so any file the stream has passed can be extracted on
+/// demand. Every byte goes to `spill` before the decoder sees it. Returns
+/// the number of entries.
+pub fn scan_layer<R: Read>(
+    raw: R,
+    spill: &std::fs::File,
+    live: &Arc<LiveLayer>,
+) -> Result<usize, StreamError> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let raw = Counting {
+        inner: Tee {
+            inner: raw,
+            out: spill,
+        },
+        n: counter.clone(),
+    };
+    let sink = live.clone();
+    let mut d = IndexingDecoder::new(raw)
+        .map_err(StreamError::Local)?
+        .with_sink(Box::new(move |cp| sink.checkpoint(cp)));
+    let mut n = 0;
+    walk(&mut d, true, |entry| {
+        let size = entry.size();
+        // The content is read past (not stored) before the entry is
+        // published, so its bytes are in the spill by then.
+        let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
+            let got = io::copy(r, &mut io::sink()).map_err(classify_read)?;
+            if got != size {
+                return Err(StreamError::Malformed(format!(
+                    "entry {n}: {got} of {size} bytes before the stream ended"
+                )));
+            }
+            Ok(None)
+        };
+        if let Some(e) = read_entry(entry, &mut content, &counter)? {
+            live.push(n, &e);
+            n += 1;
+        }
+        Ok(Flow::Continue)
+    })?;
+    Ok(n)
+}
+
+/// Stores a file's content from the spill of [`scan_layer`] (decoding from
+/// checkpoint `cp`, or the blob's start): the first pass's on-demand
+/// extraction. Returns the object and whether this call created it.
+pub fn extract_spilled(
+    spill: &std::fs::File,
+    cp: Option<&super::gzindex::Checkpoint>,
+    offset: u64,
+    size: u64,
+    store: &ObjectStore,
+) -> Result<(ObjectId, bool), StreamError> {
+    let from = cp.map_or(0, |c| c.fetch_from());
+    let raw = io::BufReader::with_capacity(64 << 10, ReadAt::new(spill, from));
+    let mut d = SpanDecoder::new(raw, cp).map_err(classify_read)?;
+    let at = d.position();
+    store_at(&mut d, at, offset, size, store)
 }
 
 /// Re-reads part of a layer (a prefix fetched by Range) and stores only the
@@ -454,6 +620,29 @@ pub fn extract_at(
     id: &ObjectId,
     store: &ObjectStore,
 ) -> Result<(), StreamError> {
+    let (got, new) = store_at(decoded, at, offset, size, store)?;
+    if got != *id {
+        // Wrong bytes never stay; an object that was already there (of
+        // another layer) is someone else's and stays.
+        if new {
+            store.remove(&got);
+        }
+        return Err(StreamError::Malformed(format!(
+            "content at offset {offset} does not match the layer index"
+        )));
+    }
+    Ok(())
+}
+
+/// Skips `decoded` (at uncompressed offset `at`) to `offset` and stores
+/// the next `size` bytes as an object: its id, and whether it is new.
+fn store_at(
+    decoded: &mut dyn Read,
+    at: u64,
+    offset: u64,
+    size: u64,
+    store: &ObjectStore,
+) -> Result<(ObjectId, bool), StreamError> {
     let skip = offset.checked_sub(at).ok_or_else(|| {
         StreamError::Malformed(format!("content at {offset} lies before resume point {at}"))
     })?;
@@ -480,17 +669,7 @@ pub fn extract_at(
         ));
     }
     let (got, _, new) = w.finish_new().map_err(StreamError::Local)?;
-    if got != *id {
-        // Wrong bytes never stay; an object that was already there (of
-        // another layer) is someone else's and stays.
-        if new {
-            store.remove(&got);
-        }
-        return Err(StreamError::Malformed(format!(
-            "content at offset {offset} does not match the layer index"
-        )));
-    }
-    Ok(())
+    Ok((got, new))
 }
 
 /// [`extract_at`] over the compressed bytes of a gzip layer fetched from
@@ -699,6 +878,81 @@ mod tests {
             .is_err()
         );
         assert_eq!(store2.stats().objects, 0);
+    }
+}
+
+#[cfg(test)]
+mod spill_tests {
+    use super::*;
+    use crate::rootfs::early::LiveLayer;
+
+    /// Text that compresses only by half (a xorshift stream over 16
+    /// letters): Huffman blocks, whose ends are where checkpoints go
+    /// (stored blocks have no end-of-block code to stop at).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b'a' + (x % 16) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_file_listed_by_the_first_pass_extracts_from_the_spill() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path(), 1 << 30).unwrap();
+        // Files on both sides of several 4 MiB checkpoints.
+        let files: Vec<(String, Vec<u8>)> = (0..12)
+            .map(|i| (format!("f/{i:02}"), noise(i, (i as usize % 4) << 20 | 777)))
+            .collect();
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in &files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        // Level 6, as registries' tools write (level 1 in zlib-rs makes
+        // blocks too long to checkpoint often).
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+
+        let spill = store.spill_file().unwrap();
+        let live = Arc::new(LiveLayer::default());
+        live.spill(Arc::new(spill.try_clone().unwrap()));
+        let n = scan_layer(&gz[..], &spill, &live).unwrap();
+        assert_eq!(n, files.len());
+        assert_eq!(store.stats().objects, 0, "the first pass stores nothing");
+        let mut resumed = 0;
+        for (i, (_, data)) in files.iter().enumerate() {
+            let x = live.want(i as u32).expect("a listed file can be extracted");
+            resumed += usize::from(x.checkpoint.is_some());
+            assert!(live.want(i as u32).is_none(), "asked for once");
+            let (id, new) =
+                extract_spilled(&x.spill, x.checkpoint.as_ref(), x.offset, x.size, &store).unwrap();
+            assert!(new);
+            assert_eq!(std::fs::read(store.path(&id)).unwrap(), *data, "file {i}");
+            live.extracted(i as u32, id, new);
+            assert!(live.want(i as u32).is_none(), "stored now");
+        }
+        assert!(resumed >= 6, "only {resumed} files resumed at a checkpoint");
+        assert_eq!(live.take_made().len(), files.len());
+
+        // A stream cut short lists what it passed and then fails.
+        let cut = &gz[..gz.len() / 2];
+        let spill = store.spill_file().unwrap();
+        let live = Arc::new(LiveLayer::default());
+        assert!(matches!(
+            scan_layer(cut, &spill, &live),
+            Err(StreamError::Malformed(_))
+        ));
+        assert_eq!(spill.metadata().unwrap().len(), cut.len() as u64);
     }
 }
 

@@ -10,12 +10,21 @@
 //! from them.
 //!
 //! Contracts:
-//! - **Only positive, settled answers.** A name is answered early when the
-//!   topmost layer that mentions it has shown its entry and every layer
-//!   above that one is complete and does not hide it (whiteout, opaque
-//!   directory). Anything else — a name not seen yet, a negative answer, a
-//!   directory listing — waits for the merged tree, which is then the only
-//!   truth.
+//! - **Only settled answers.** A name is answered early when the topmost
+//!   layer that mentions it has shown its entry and every layer above that
+//!   one is complete and does not hide it (whiteout, opaque directory). It
+//!   is absent early when every layer from the top down to one that hides
+//!   it (or to the bottom) is complete and none has it, not even as the
+//!   parent of another entry. Anything else — a name not seen yet, an
+//!   implicit directory, a directory listing — waits for the merged tree,
+//!   which is then the only truth.
+//! - **Complete** means every entry was seen and the blob matched its
+//!   digest. A gzip layer is complete after a first pass that only lists
+//!   it (and keeps its compressed bytes in an unlinked spill file); its
+//!   contents are stored by a second pass over the spill. A file the
+//!   second pass has not reached yet is extracted on demand from the spill,
+//!   resuming at the gzip checkpoint before it ([`LiveLayer::want`]), so a
+//!   reader waits for its file, not for the layer.
 //! - **Inodes.** Early entries get inode numbers of their own
 //!   ([`EarlyInodes`], above [`EARLY`] in the image's range) and zero
 //!   TTLs; once the tree is built every early inode maps to its node by
@@ -30,10 +39,12 @@
 //!   is the entry seen so far (a later duplicate corrects it once the tree
 //!   is built).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use crate::cas::ObjectId;
+use crate::layer::gzindex::Checkpoint;
 use crate::layer::{EntryKind, IndexEntry};
 use crate::rootfs::merge::MergedTree;
 
@@ -59,6 +70,30 @@ struct LiveInner {
     /// Objects stored before their entry was published (the writer thread
     /// can finish a file before the walker publishes its entry).
     early_objects: HashMap<u32, ObjectId>,
+    /// Every directory that is the parent of an entry (implicit
+    /// directories exist in the tree without an entry of their own).
+    dirs: HashSet<Vec<u8>>,
+    /// The layer's compressed bytes so far, and the gzip checkpoints into
+    /// them, while files can be extracted on demand.
+    spill: Option<Arc<File>>,
+    checkpoints: Vec<Checkpoint>,
+    /// Entries extracted on demand, or being extracted (or that failed).
+    wanted: HashSet<u32>,
+    /// Objects the on-demand extraction created (removed if the layer
+    /// fails).
+    made: Vec<ObjectId>,
+}
+
+/// What to extract from a spill for [`LiveLayer::want`].
+pub struct Extraction {
+    /// The spill file (the blob's compressed bytes from offset 0).
+    pub spill: Arc<File>,
+    /// The checkpoint before the content (`None`: the blob's start).
+    pub checkpoint: Option<Checkpoint>,
+    /// Uncompressed offset of the content.
+    pub offset: u64,
+    /// Its size.
+    pub size: u64,
 }
 
 impl std::fmt::Debug for LiveLayer {
@@ -93,6 +128,13 @@ impl LiveLayer {
             return; // only ever called in order; be safe rather than wrong
         }
         g.paths.insert(e.path.clone(), idx as u32);
+        let mut parent = e.path.as_slice();
+        while let Some(i) = parent.iter().rposition(|&b| b == b'/') {
+            parent = &parent[..i];
+            if !g.dirs.insert(parent.to_vec()) {
+                break;
+            }
+        }
         let mut e = e.clone();
         if let Some(id) = g.early_objects.remove(&(idx as u32)) {
             e.object = Some(id);
@@ -120,6 +162,60 @@ impl LiveLayer {
         self.inner.lock().unwrap().ended = true;
         self.wake();
     }
+
+    /// The layer's compressed bytes are being written to `spill`.
+    pub fn spill(&self, spill: Arc<File>) {
+        self.inner.lock().unwrap().spill = Some(spill);
+    }
+
+    /// A gzip checkpoint into the spill (they come in stream order).
+    pub fn checkpoint(&self, cp: &Checkpoint) {
+        self.inner.lock().unwrap().checkpoints.push(cp.clone());
+    }
+
+    /// Entry `idx`'s content should be extracted from the spill now: what
+    /// to extract, once per entry (`None` when it is stored, asked for
+    /// already, or there is no spill).
+    pub fn want(&self, idx: u32) -> Option<Extraction> {
+        let mut g = self.inner.lock().unwrap();
+        let e = g.entries.get(idx as usize)?;
+        if e.object.is_some() || e.kind != EntryKind::File || g.wanted.contains(&idx) {
+            return None;
+        }
+        let (offset, size) = (e.offset, e.size);
+        let spill = g.spill.clone()?;
+        let i = g.checkpoints.partition_point(|c| c.uncompressed <= offset);
+        let checkpoint = i.checked_sub(1).map(|i| g.checkpoints[i].clone());
+        g.wanted.insert(idx);
+        Some(Extraction {
+            spill,
+            checkpoint,
+            offset,
+            size,
+        })
+    }
+
+    /// Entry `idx` was extracted on demand as object `id` (`new`: this
+    /// extraction created it).
+    pub fn extracted(&self, idx: u32, id: ObjectId, new: bool) {
+        if new {
+            self.inner.lock().unwrap().made.push(id);
+        }
+        self.stored(idx as usize, id);
+    }
+
+    /// The objects on-demand extraction created; they go when the layer
+    /// fails.
+    pub fn take_made(&self) -> Vec<ObjectId> {
+        std::mem::take(&mut self.inner.lock().unwrap().made)
+    }
+
+    /// The spill is no longer needed (the contents are all stored).
+    pub fn drop_spill(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.spill = None;
+        g.checkpoints = Vec::new();
+    }
 }
 
 /// What an early lookup found: the entry a path shows in the merged view.
@@ -127,6 +223,19 @@ impl LiveLayer {
 pub struct Found {
     /// The entry (a hard link's target entry, for hard links).
     pub entry: IndexEntry,
+    /// The layer it is in.
+    pub layer: Arc<LiveLayer>,
+    /// Its entry number there.
+    pub idx: u32,
+}
+
+/// A settled early answer for a path.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// The path shows this entry.
+    Shows(Found),
+    /// No layer has the path, or one that has not hides it.
+    Absent,
 }
 
 /// The parent of `path` and its last component.
@@ -178,33 +287,52 @@ fn hides(g: &LiveInner, path: &[u8]) -> bool {
     }
 }
 
-/// The entry `path` shows in the merged view of `views` (bottom layer
-/// first), when the layers seen so far already settle it; `None` when it
-/// is not settled (or absent: negative answers wait for the tree).
-pub fn resolve(views: &[Option<Arc<LiveLayer>>], path: &[u8]) -> Option<Found> {
+/// What `path` shows in the merged view of `views` (bottom layer first),
+/// when the layers seen so far already settle it; `None` while unsettled.
+pub fn resolve(views: &[Option<Arc<LiveLayer>>], path: &[u8]) -> Option<Answer> {
     resolve_depth(views, path, 0)
 }
 
-fn resolve_depth(views: &[Option<Arc<LiveLayer>>], path: &[u8], depth: u8) -> Option<Found> {
+/// [`resolve`], positive answers only.
+pub fn resolve_found(views: &[Option<Arc<LiveLayer>>], path: &[u8]) -> Option<Found> {
+    match resolve(views, path)? {
+        Answer::Shows(f) => Some(f),
+        Answer::Absent => None,
+    }
+}
+
+fn resolve_depth(views: &[Option<Arc<LiveLayer>>], path: &[u8], depth: u8) -> Option<Answer> {
     let (_, name) = split(path);
     if path.is_empty() || name.starts_with(b".wh.") || depth > 8 {
         return None;
     }
     for view in views.iter().rev() {
-        let g = view.as_ref()?.inner.lock().unwrap();
+        let layer = view.as_ref()?;
+        let g = layer.inner.lock().unwrap();
         if let Some(&i) = g.paths.get(path) {
             let e = g.entries[i as usize].clone();
             drop(g);
             if e.kind == EntryKind::Hardlink {
-                return resolve_depth(views, &e.link, depth + 1);
+                // A link to nothing is the tree's to judge.
+                return match resolve_depth(views, &e.link, depth + 1)? {
+                    Answer::Shows(f) => Some(Answer::Shows(f)),
+                    Answer::Absent => None,
+                };
             }
-            return Some(Found { entry: e });
+            return Some(Answer::Shows(Found {
+                entry: e,
+                layer: layer.clone(),
+                idx: i,
+            }));
         }
-        if !g.ended || hides(&g, path) {
+        if !g.ended || g.dirs.contains(path) {
             return None;
         }
+        if hides(&g, path) {
+            return Some(Answer::Absent);
+        }
     }
-    None
+    Some(Answer::Absent)
 }
 
 /// Early inode numbers of one image: (parent node, name) pairs, the
@@ -308,7 +436,11 @@ mod tests {
     }
 
     fn found(views: &[Option<Arc<LiveLayer>>], p: &str) -> Option<String> {
-        resolve(views, p.as_bytes()).map(|f| String::from_utf8(f.entry.link).unwrap())
+        resolve_found(views, p.as_bytes()).map(|f| String::from_utf8(f.entry.link).unwrap())
+    }
+
+    fn absent(views: &[Option<Arc<LiveLayer>>], p: &str) -> bool {
+        matches!(resolve(views, p.as_bytes()), Some(Answer::Absent))
     }
 
     #[test]
@@ -330,6 +462,7 @@ mod tests {
         let v = vec![bottom.clone(), upper];
         assert_eq!(found(&v, "etc/new").as_deref(), Some("upper"));
         assert_eq!(found(&v, "etc/os-release"), None);
+        assert!(!absent(&v, "nowhere"), "upper may still bring it");
 
         // Upper complete, with whiteouts and an opaque directory.
         let upper = layer(
@@ -341,17 +474,30 @@ mod tests {
             ],
             true,
         );
-        let v = vec![bottom, upper];
+        let v = vec![bottom.clone(), upper.clone()];
         assert_eq!(found(&v, "etc/os-release").as_deref(), Some("bottom"));
-        assert_eq!(found(&v, "etc/gone"), None, "whited out");
-        assert_eq!(found(&v, "opt/app/x"), None, "under an opaque dir");
-        assert_eq!(found(&v, "data/f"), None, "parent replaced by a file");
+        assert!(absent(&v, "etc/gone"), "whited out");
+        assert!(absent(&v, "opt/app/x"), "under an opaque dir");
+        assert!(absent(&v, "data/f"), "parent replaced by a file");
         assert_eq!(
             found(&v, "etc/.wh.gone"),
             None,
             "whiteouts are never visible"
         );
-        assert_eq!(found(&v, "nowhere"), None, "negative answers wait");
+        assert!(
+            !absent(&v, "nowhere"),
+            "the bottom layer is still streaming"
+        );
+        assert!(!absent(&v, "opt"), "an implicit directory is the tree's");
+
+        // Everything complete: absent names are settled, implicit
+        // directories still are not.
+        bottom.as_ref().unwrap().end();
+        assert!(absent(&v, "nowhere"));
+        assert!(absent(&v, "etc/nowhere"));
+        assert!(!absent(&v, "opt"), "implicit directory");
+        assert!(!absent(&v, "etc/.wh.gone"));
+        assert_eq!(found(&v, "etc/os-release").as_deref(), Some("bottom"));
     }
 
     #[test]
@@ -367,7 +513,7 @@ mod tests {
         let mut t = entry("bin/true", File, "target");
         t.size = 7;
         let l = layer(&[t, entry("usr/true", Hardlink, "bin/true")], false);
-        let f = resolve(&[l], b"usr/true").unwrap();
+        let f = resolve_found(&[l], b"usr/true").unwrap();
         assert_eq!(f.entry.size, 7);
         assert_eq!(f.entry.path, b"bin/true");
     }

@@ -31,7 +31,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::cas::{ObjectId, ObjectStore};
-use crate::layer::stream::{ChannelReader, Progress, StreamError, index_layer};
+use crate::layer::stream::{
+    ChannelReader, Progress, ReadAt, StreamError, extract_spilled, index_layer, scan_layer,
+};
 use crate::layer::{Compression, IndexStore, LayerIndex, LayerMode};
 use crate::model::FsError;
 use crate::model::image::{Descriptor, Image};
@@ -463,6 +465,11 @@ impl Layers {
             .await?;
         let size = desc.size;
         let (rx, feeder) = pump(body, Some(st.clone()), size);
+        if let (Compression::Gzip, Some(live)) = (compression, &live) {
+            return self
+                .stream_spilled(registry, repo, desc, st, rx, feeder, live.clone())
+                .await;
+        }
         let store = self.store.clone();
         let digest = desc.digest.clone();
         let st3 = st.clone();
@@ -518,6 +525,149 @@ impl Layers {
             }),
             Err(e) => Err(stream_error(e, registry, repo, desc)),
         }
+    }
+}
+
+impl Layers {
+    /// A gzip layer read in two passes for early answers
+    /// ([`early`]'s contracts): list it into `live` while spilling its
+    /// compressed bytes, check its digest (then every name in it is
+    /// settled), and store its contents from the spill in a second pass
+    /// behind readers. Files are extracted from the spill on demand in
+    /// between ([`Layers::extract_early`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_spilled(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+        st: &Arc<LayerState>,
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+        feeder: tokio::task::JoinHandle<Pumped>,
+        live: Arc<early::LiveLayer>,
+    ) -> Res<LayerIndex> {
+        let size = desc.size;
+        let image = format!("{registry}/{repo}");
+        let local = |e: std::io::Error| FsError::Io {
+            no_space: e.raw_os_error() == Some(libc::ENOSPC),
+            reason: format!("cache write failed: {e}"),
+        };
+        let lost = |e: tokio::task::JoinError| FsError::Io {
+            reason: e.to_string(),
+            no_space: false,
+        };
+        let t0 = std::time::Instant::now();
+        let spill = Arc::new(self.store.spill_file().map_err(local)?);
+        live.spill(spill.clone());
+        // Whatever fails from here, objects extracted on demand go too.
+        let undo = || {
+            for id in live.take_made() {
+                self.store.remove(&id);
+            }
+        };
+        let (l1, s1) = (live.clone(), spill.clone());
+        let scanned =
+            tokio::task::spawn_blocking(move || scan_layer(ChannelReader::new(rx), &s1, &l1))
+                .await
+                .map_err(lost);
+        let (actual, n, net_error) = feeder.await.map_err(lost)?;
+        let failed = if n == size && actual != desc.digest {
+            Some(
+                RegistryError::DigestMismatch {
+                    registry: registry.into(),
+                    what: format!("layer of {repo}"),
+                    expected: desc.digest.clone(),
+                    actual,
+                }
+                .into(),
+            )
+        } else if let Some(reason) = net_error {
+            Some(
+                RegistryError::Unavailable {
+                    registry: registry.into(),
+                    what: format!("layer {}", desc.digest),
+                    reason,
+                }
+                .into(),
+            )
+        } else {
+            match scanned {
+                Err(e) => Some(e),
+                Ok(Err(e)) => Some(stream_error(e, registry, repo, desc)),
+                Ok(Ok(_)) if n != size => Some(FsError::BadImage {
+                    image: image.clone(),
+                    reason: format!("layer {} ended after {n} of {size} bytes", desc.digest),
+                }),
+                Ok(Ok(_)) => None,
+            }
+        };
+        if let Some(e) = failed {
+            undo();
+            return Err(e);
+        }
+        // Listed and checked: every name of the layer is settled now.
+        live.end();
+        tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer listed and checked; storing its contents");
+        let (tx, stored) = tokio::sync::oneshot::channel();
+        let (store, digest, st2, l2) = (
+            self.store.clone(),
+            desc.digest.clone(),
+            st.clone(),
+            live.clone(),
+        );
+        std::thread::Builder::new()
+            .name("layer-store".into())
+            .spawn(move || {
+                // Behind readers and their on-demand extractions. Nice
+                // values are per thread on Linux, and this thread (and the
+                // writer it starts, which inherits it) ends with the pass.
+                // SAFETY: setpriority has no memory effects.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+                let raw = std::io::BufReader::with_capacity(1 << 20, ReadAt::new(&spill, 0));
+                let r = index_layer(
+                    raw,
+                    &digest,
+                    Compression::Gzip,
+                    size,
+                    &store,
+                    &st2.progress,
+                    Some(&l2),
+                );
+                let _ = tx.send(r);
+            })
+            .map_err(local)?;
+        let stored = stored.await.unwrap_or_else(|_| {
+            Err(StreamError::Interrupted(
+                "the second pass over the layer stopped".into(),
+            ))
+        });
+        live.drop_spill();
+        match stored {
+            Ok(idx) => {
+                tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer contents stored");
+                Ok(idx)
+            }
+            Err(e) => {
+                undo();
+                Err(stream_error(e, registry, repo, desc))
+            }
+        }
+    }
+
+    /// Extracts entry `idx` of `layer` from its spill on a blocking
+    /// thread ([`early::LiveLayer::want`] said what); readers waiting for
+    /// it are woken when it is stored. On failure they wait for the second
+    /// pass instead.
+    pub fn extract_early(&self, layer: Arc<early::LiveLayer>, idx: u32, x: early::Extraction) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            match extract_spilled(&x.spill, x.checkpoint.as_ref(), x.offset, x.size, &store) {
+                Ok((id, new)) => layer.extracted(idx, id, new),
+                Err(e) => {
+                    tracing::warn!(error = %e, offset = x.offset, "on-demand extraction failed; the reader waits for the layer")
+                }
+            }
+        });
     }
 }
 

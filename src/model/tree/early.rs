@@ -10,7 +10,7 @@ use super::{Res, Tree, kind_of, mtime_of, rdev_of};
 use crate::layer::{EntryKind, IndexEntry};
 use crate::model::{Entry, FsError, Stat};
 use crate::rootfs::Rootfs;
-use crate::rootfs::early::{EARLY, Found, LiveLayer, resolve};
+use crate::rootfs::early::{Answer, EARLY, Found, LiveLayer, resolve, resolve_found};
 use crate::rootfs::merge::MergedTree;
 
 /// The entry of early inode `i` showing layer entry `e`. Zero TTLs: the
@@ -96,9 +96,13 @@ impl Tree {
     pub(super) async fn rootfs_lookup(&self, rf: &Arc<Rootfs>, pi: u32, name: &[u8]) -> Res<Entry> {
         if self.early_on(rf, pi) {
             let path = Self::early_path(rf, pi, name).ok_or(FsError::NotFound)?;
-            if let Some(f) = self.settle(rf, |v| resolve(v, &path)).await? {
-                let k = rf.early.child(pi, name);
-                return Ok(early_entry(rf, k, &f.entry));
+            match self.settle(rf, |v| resolve(v, &path)).await? {
+                Some(Answer::Shows(f)) => {
+                    let k = rf.early.child(pi, name);
+                    return Ok(early_entry(rf, k, &f.entry));
+                }
+                Some(Answer::Absent) => return Err(FsError::NotFound),
+                None => {}
             }
         }
         let (tree, p) = self.rootfs_node(rf, pi).await.map_err(|e| match e {
@@ -123,7 +127,7 @@ impl Tree {
             return Ok(None);
         }
         let path = Self::early_path(rf, i, b"").ok_or(FsError::Stale(rf.base + i as u64))?;
-        self.settle(rf, |v| pick(resolve(v, &path)?)).await
+        self.settle(rf, |v| pick(resolve_found(v, &path)?)).await
     }
 
     /// `getattr` of a rootfs node.
@@ -148,8 +152,9 @@ impl Tree {
         Ok(e)
     }
 
-    /// The object of early file `i`, once the stream has stored it (`None`
-    /// when the answer has to come from the tree).
+    /// The object of early file `i`, once the stream has stored it or it
+    /// was extracted on demand (`None` when the answer has to come from
+    /// the tree).
     pub(super) async fn early_object(
         &self,
         rf: &Arc<Rootfs>,
@@ -157,7 +162,15 @@ impl Tree {
     ) -> Res<Option<crate::cas::ObjectId>> {
         self.early_answer(rf, i, |f| match f.entry.kind {
             EntryKind::Dir => Some(Err(FsError::IsDir)),
-            EntryKind::File => f.entry.object.map(Ok),
+            EntryKind::File => match f.entry.object {
+                Some(id) => Some(Ok(id)),
+                None => {
+                    if let Some(x) = f.layer.want(f.idx) {
+                        self.layers.extract_early(f.layer.clone(), f.idx, x);
+                    }
+                    None
+                }
+            },
             _ => None,
         })
         .await?
