@@ -780,25 +780,6 @@ fn a_file_that_vanishes_mid_push() {
     );
 }
 
-/// A tmpfs mounted at a path until dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(p: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(p).unwrap();
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(p));
-        Tmpfs(p.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_while_staging_is_reported_and_loses_nothing() {
     let reg = Registry::start();

@@ -933,6 +933,42 @@ fn cache_verify_names_bad_objects() {
     assert_eq!(cache_stats(cache.path())["objects"], 4);
 }
 
+/// A gzip layer is first listed while its compressed bytes go to a spill
+/// file beside the cache; a disk with no room for that must not cost the
+/// image: the layer is read again in one pass, bounded by --cache-size.
+#[test]
+fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
+    require_env();
+    let work = tempdir();
+    // One layer of 16 × 1 MiB that does not compress: a 16 MiB blob for an
+    // 8 MiB disk, with objects bounded to 3 MiB.
+    let mut layer = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
+    for i in 0..16 {
+        layer.push(TarEntry::file(
+            format!("f/{i:02}"),
+            pseudo_random(300 + i, 1 << 20),
+        ));
+    }
+    let layout = make_tar_image(work.path(), "tight", &[layer]);
+    let image = layout_ref(&layout, "tight");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/tight:1"), Format::Oci);
+    let cache = work.path().join("cache");
+    let _disk = Tmpfs::mount(&cache, "8m");
+    let m = mount_on_cache(&reg, &cache, &["--cache-size", "3m"]);
+    let root = rootfs(&m, &h, "tight", "1");
+    assert_trees_equal(&root, &oracle, "a layer larger than the free disk");
+    assert!(
+        m.log().contains("no room for the layer's spill"),
+        "the spill did not run out of room, so this tested nothing; log:\n{}",
+        m.log()
+    );
+    assert!(objects_bytes(&cache) <= 3 << 20);
+    assert_objects_well_formed(&cache);
+}
+
 #[test]
 fn cache_gc_evicts_down_to_size() {
     require_env();

@@ -459,17 +459,28 @@ impl Layers {
         live: Option<Arc<early::LiveLayer>>,
     ) -> Res<LayerIndex> {
         let canonical = crate::registry::name::canonical_repo(registry, repo);
+        let size = desc.size;
+        if let (Compression::Gzip, Some(live)) = (compression, &live) {
+            let body = self
+                .client
+                .blob_stream(registry, &canonical, &desc.digest)
+                .await?;
+            let (rx, feeder) = pump(body, Some(st.clone()), size);
+            let spilled = self
+                .stream_spilled(registry, repo, desc, st, rx, feeder, live.clone())
+                .await?;
+            if let Some(idx) = spilled {
+                return Ok(idx);
+            }
+            // No room for the spill: read the layer again, in one pass
+            // (objects are bounded by the cache size, the spill is not).
+            st.progress.bytes_fetched.store(0, Ordering::Relaxed);
+        }
         let body = self
             .client
             .blob_stream(registry, &canonical, &desc.digest)
             .await?;
-        let size = desc.size;
         let (rx, feeder) = pump(body, Some(st.clone()), size);
-        if let (Compression::Gzip, Some(live)) = (compression, &live) {
-            return self
-                .stream_spilled(registry, repo, desc, st, rx, feeder, live.clone())
-                .await;
-        }
         let store = self.store.clone();
         let digest = desc.digest.clone();
         let st3 = st.clone();
@@ -535,6 +546,9 @@ impl Layers {
     /// settled), and store its contents from the spill in a second pass
     /// behind readers. Files are extracted from the spill on demand in
     /// between ([`Layers::extract_early`]).
+    ///
+    /// `None` when the spill could not be written (a full disk): nothing
+    /// of the layer is kept, and the caller reads it again in one pass.
     #[allow(clippy::too_many_arguments)]
     async fn stream_spilled(
         &self,
@@ -545,7 +559,7 @@ impl Layers {
         rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
         feeder: tokio::task::JoinHandle<Pumped>,
         live: Arc<early::LiveLayer>,
-    ) -> Res<LayerIndex> {
+    ) -> Res<Option<LayerIndex>> {
         let size = desc.size;
         let image = format!("{registry}/{repo}");
         let local = |e: std::io::Error| FsError::Io {
@@ -557,7 +571,16 @@ impl Layers {
             no_space: false,
         };
         let t0 = std::time::Instant::now();
-        let spill = Arc::new(self.store.spill_file().map_err(local)?);
+        let no_room = |e: &std::io::Error| {
+            tracing::warn!(layer = %desc.digest, error = %e, "no room for the layer's spill; reading it in one pass");
+        };
+        let spill = match self.store.spill_file() {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                no_room(&e);
+                return Ok(None);
+            }
+        };
         live.spill(spill.clone());
         // Whatever fails from here, objects extracted on demand go too.
         let undo = || {
@@ -593,6 +616,12 @@ impl Layers {
         } else {
             match scanned {
                 Err(e) => Some(e),
+                Ok(Err(StreamError::Local(e))) => {
+                    no_room(&e);
+                    undo();
+                    live.drop_spill();
+                    return Ok(None);
+                }
                 Ok(Err(e)) => Some(stream_error(e, registry, repo, desc)),
                 Ok(Ok(_)) if n != size => Some(FsError::BadImage {
                     image: image.clone(),
@@ -645,7 +674,7 @@ impl Layers {
         match stored {
             Ok(idx) => {
                 tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer contents stored");
-                Ok(idx)
+                Ok(Some(idx))
             }
             Err(e) => {
                 undo();

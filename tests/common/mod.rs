@@ -3330,3 +3330,23 @@ pub fn seekable_toc(blob: &[u8], desc: &Value) -> Vec<Value> {
     let v: Value = serde_json::from_slice(&json).unwrap();
     v["entries"].as_array().unwrap().clone()
 }
+
+/// A tmpfs mounted at a path until dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=`) at `p`.
+    pub fn mount(p: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(p).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(p));
+        Tmpfs(p.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
