@@ -8,6 +8,7 @@
 
 pub mod gzindex;
 pub mod seekable;
+pub mod spill;
 pub mod stream;
 
 use std::path::{Path, PathBuf};

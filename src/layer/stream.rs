@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Buf, Bytes};
 
 use super::gzindex::{IndexingDecoder, SpanDecoder, SpanIndex};
+use super::spill::{Spill, SpillError, Tee};
 use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex, LayerMode};
 use crate::cas::{ObjectId, ObjectStore};
 use crate::rootfs::early::LiveLayer;
@@ -50,19 +51,6 @@ impl std::fmt::Display for FetchError {
 
 impl std::error::Error for FetchError {}
 
-/// A local write that failed under a reader (the spill file of
-/// [`scan_layer`]): the cache's fault, not the layer's.
-#[derive(Debug)]
-struct SpillError(io::Error);
-
-impl std::fmt::Display for SpillError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "spill file: {}", self.0)
-    }
-}
-
-impl std::error::Error for SpillError {}
-
 fn classify_read(e: io::Error) -> StreamError {
     if let Some(f) = e.get_ref().and_then(|i| i.downcast_ref::<FetchError>()) {
         return StreamError::Interrupted(f.0.clone());
@@ -74,22 +62,6 @@ fn classify_read(e: io::Error) -> StreamError {
         });
     }
     StreamError::Malformed(e.to_string())
-}
-
-/// Copies everything read from `inner` to the end of `out` first.
-struct Tee<'a, R> {
-    inner: R,
-    out: &'a std::fs::File,
-}
-
-impl<R: Read> Read for Tee<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut out = self.out;
-        out.write_all(&buf[..n])
-            .map_err(|e| io::Error::other(SpillError(e)))?;
-        Ok(n)
-    }
 }
 
 /// `Read` over a file from an offset, by positioned reads (so several
@@ -486,15 +458,12 @@ pub fn index_layer<R: Read>(
 /// the number of entries.
 pub fn scan_layer<R: Read>(
     raw: R,
-    spill: &std::fs::File,
+    spill: &Spill,
     live: &Arc<LiveLayer>,
 ) -> Result<usize, StreamError> {
     let counter = Arc::new(AtomicU64::new(0));
     let raw = Counting {
-        inner: Tee {
-            inner: raw,
-            out: spill,
-        },
+        inner: Tee { inner: raw, spill },
         n: counter.clone(),
     };
     let sink = live.clone();
@@ -923,9 +892,9 @@ mod spill_tests {
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
 
-        let spill = store.spill_file().unwrap();
+        let spill = Spill::new(store.spill_file().unwrap());
         let live = Arc::new(LiveLayer::default());
-        live.spill(Arc::new(spill.try_clone().unwrap()));
+        live.spill(spill.file().clone());
         let n = scan_layer(&gz[..], &spill, &live).unwrap();
         assert_eq!(n, files.len());
         assert_eq!(store.stats().objects, 0, "the first pass stores nothing");
@@ -946,13 +915,13 @@ mod spill_tests {
 
         // A stream cut short lists what it passed and then fails.
         let cut = &gz[..gz.len() / 2];
-        let spill = store.spill_file().unwrap();
+        let spill = Spill::new(store.spill_file().unwrap());
         let live = Arc::new(LiveLayer::default());
         assert!(matches!(
             scan_layer(cut, &spill, &live),
             Err(StreamError::Malformed(_))
         ));
-        assert_eq!(spill.metadata().unwrap().len(), cut.len() as u64);
+        assert_eq!(spill.file().metadata().unwrap().len(), cut.len() as u64);
     }
 }
 

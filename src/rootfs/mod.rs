@@ -31,8 +31,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::cas::{ObjectId, ObjectStore};
+use crate::layer::spill::{Finish, Spill};
 use crate::layer::stream::{
-    ChannelReader, Progress, ReadAt, StreamError, extract_spilled, index_layer, scan_layer,
+    ChannelReader, Progress, StreamError, extract_spilled, index_layer, scan_layer,
 };
 use crate::layer::{Compression, IndexStore, LayerIndex, LayerMode};
 use crate::model::FsError;
@@ -575,24 +576,75 @@ impl Layers {
             tracing::warn!(layer = %desc.digest, error = %e, "no room for the layer's spill; reading it in one pass");
         };
         let spill = match self.store.spill_file() {
-            Ok(f) => Arc::new(f),
+            Ok(f) => Arc::new(Spill::new(f)),
             Err(e) => {
                 no_room(&e);
                 return Ok(None);
             }
         };
-        live.spill(spill.clone());
-        // Whatever fails from here, objects extracted on demand go too.
-        let undo = || {
+        live.spill(spill.file().clone());
+        // The second pass follows the spill from its start, behind the
+        // first (on a slow network it is done soon after the download).
+        let (tx, stored) = tokio::sync::oneshot::channel();
+        let (store, digest, st2, l2, s2) = (
+            self.store.clone(),
+            desc.digest.clone(),
+            st.clone(),
+            live.clone(),
+            spill.clone(),
+        );
+        std::thread::Builder::new()
+            .name("layer-store".into())
+            .spawn(move || {
+                // Behind the first pass, readers and their on-demand
+                // extractions. Nice values are per thread on Linux, and
+                // this thread (and the writers it starts, which inherit
+                // it) ends with the pass.
+                // SAFETY: setpriority has no memory effects.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                let raw = std::io::BufReader::with_capacity(1 << 20, s2.tail(0));
+                let r = index_layer(
+                    raw,
+                    &digest,
+                    Compression::Gzip,
+                    size,
+                    &store,
+                    &st2.progress,
+                    Some(&l2),
+                );
+                let _ = tx.send(r);
+            })
+            .map_err(local)?;
+        let second = async {
+            stored.await.unwrap_or_else(|_| {
+                Err(StreamError::Interrupted(
+                    "the second pass over the layer stopped".into(),
+                ))
+            })
+        };
+        // Whatever fails, objects extracted on demand go, and so do those
+        // of a second pass that read the whole (unchecked) spill.
+        let undo = |second: Result<LayerIndex, StreamError>| {
             for id in live.take_made() {
+                self.store.remove(&id);
+            }
+            for id in second
+                .iter()
+                .flat_map(|i| i.entries.iter().filter_map(|e| e.object))
+            {
                 self.store.remove(&id);
             }
         };
         let (l1, s1) = (live.clone(), spill.clone());
-        let scanned =
-            tokio::task::spawn_blocking(move || scan_layer(ChannelReader::new(rx), &s1, &l1))
-                .await
-                .map_err(lost);
+        let scanned = tokio::task::spawn_blocking(move || {
+            let unfinished = Finish(&s1);
+            let r = scan_layer(ChannelReader::new(rx), &s1, &l1);
+            s1.finish(r.is_ok());
+            drop(unfinished);
+            r
+        })
+        .await
+        .map_err(lost);
         let (actual, n, net_error) = feeder.await.map_err(lost)?;
         let failed = if n == size && actual != desc.digest {
             Some(
@@ -618,7 +670,7 @@ impl Layers {
                 Err(e) => Some(e),
                 Ok(Err(StreamError::Local(e))) => {
                     no_room(&e);
-                    undo();
+                    undo(second.await);
                     live.drop_spill();
                     return Ok(None);
                 }
@@ -631,45 +683,15 @@ impl Layers {
             }
         };
         if let Some(e) = failed {
-            undo();
+            // A first pass that stopped early makes the second fail too.
+            spill.finish(false);
+            undo(second.await);
             return Err(e);
         }
         // Listed and checked: every name of the layer is settled now.
         live.end();
         tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer listed and checked; storing its contents");
-        let (tx, stored) = tokio::sync::oneshot::channel();
-        let (store, digest, st2, l2) = (
-            self.store.clone(),
-            desc.digest.clone(),
-            st.clone(),
-            live.clone(),
-        );
-        std::thread::Builder::new()
-            .name("layer-store".into())
-            .spawn(move || {
-                // Behind readers and their on-demand extractions. Nice
-                // values are per thread on Linux, and this thread (and the
-                // writer it starts, which inherits it) ends with the pass.
-                // SAFETY: setpriority has no memory effects.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-                let raw = std::io::BufReader::with_capacity(1 << 20, ReadAt::new(&spill, 0));
-                let r = index_layer(
-                    raw,
-                    &digest,
-                    Compression::Gzip,
-                    size,
-                    &store,
-                    &st2.progress,
-                    Some(&l2),
-                );
-                let _ = tx.send(r);
-            })
-            .map_err(local)?;
-        let stored = stored.await.unwrap_or_else(|_| {
-            Err(StreamError::Interrupted(
-                "the second pass over the layer stopped".into(),
-            ))
-        });
+        let stored = second.await;
         live.drop_spill();
         match stored {
             Ok(idx) => {
@@ -677,7 +699,7 @@ impl Layers {
                 Ok(Some(idx))
             }
             Err(e) => {
-                undo();
+                undo(Err(StreamError::Interrupted(String::new())));
                 Err(stream_error(e, registry, repo, desc))
             }
         }
