@@ -1673,13 +1673,28 @@ fn a_missing_name_is_settled_once_the_layers_above_are_listed() {
         "the answers did not wait for the lower layer: {status}"
     );
 
-    // A name the held lower layer may still bring is not settled.
+    // A name the held lower layer may still bring is not settled, and
+    // neither is a listing.
     let (nowhere_rx, nowhere) = read_within(root.join("etc/nowhere"), Duration::from_secs(1));
     assert!(
         nowhere.is_none(),
         "a missing name answered while a layer still streams: {nowhere:?}"
     );
+    let (ls_tx, ls_rx) = std::sync::mpsc::channel();
+    let etc = root.join("etc");
+    thread::spawn(move || {
+        let _ = ls_tx.send(list(&etc));
+    });
+    let early_ls = ls_rx.recv_timeout(Duration::from_secs(1));
+    assert!(
+        early_ls.is_err(),
+        "etc listed while a layer still streams: {early_ls:?}"
+    );
     held.gate.open();
+    assert_eq!(
+        ls_rx.recv_timeout(wait).unwrap().unwrap(),
+        list(held.oracle.join("etc")).unwrap()
+    );
     assert_errno(
         nowhere_rx.recv_timeout(wait).unwrap(),
         libc::ENOENT,

@@ -20,11 +20,18 @@
 //!   which is then the only truth.
 //! - **Complete** means every entry was seen and the blob matched its
 //!   digest. A gzip layer is complete after a first pass that only lists
-//!   it (and keeps its compressed bytes in an unlinked spill file); its
-//!   contents are stored by a second pass over the spill. A file the
-//!   second pass has not reached yet is extracted on demand from the spill,
-//!   resuming at the gzip checkpoint before it ([`LiveLayer::want`]), so a
-//!   reader waits for its file, not for the layer.
+//!   it (and keeps its compressed bytes in an unlinked spill file,
+//!   [`crate::layer::spill`]); its contents are stored by a second pass
+//!   that follows the spill at low priority. A file the second pass has not
+//!   reached yet is extracted on demand from the spill, resuming at the
+//!   gzip checkpoint before it ([`LiveLayer::want`]), so a reader waits for
+//!   its file, not for the layer. Other layers are listed and stored in one
+//!   pass, and complete at its end.
+//! - **Listings wait for the tree**, even once every layer is complete.
+//!   Tried: listing from the live layers answered `ls rootfs/` of minbase
+//!   at 0.7 s instead of 1.3 s, but a cold `find` took 2.5 s instead of
+//!   1.5-2 s (every early entry costs a lookup and a getattr round trip,
+//!   with zero TTLs), and whole-tree walks are what build systems do.
 //! - **Inodes.** Early entries get inode numbers of their own
 //!   ([`EarlyInodes`], above [`EARLY`] in the image's range) and zero
 //!   TTLs; once the tree is built every early inode maps to its node by

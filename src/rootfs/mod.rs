@@ -13,7 +13,11 @@
 //! - **Early answers** ([`early`]): while plain layers stream, their
 //!   entries are published as the stream passes them, and a lookup or read
 //!   the layers seen so far settle is answered before the merged tree
-//!   exists (before the layer's digest is checked; `-o noearly` waits).
+//!   exists (before the layer's digest is checked; `-o noearly` waits). A
+//!   gzip layer is read in two passes over one download
+//!   ([`Layers::stream_spilled`]): a listing pass that settles every name,
+//!   and a storing pass that follows it; on-demand extraction serves files
+//!   in between.
 //! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.

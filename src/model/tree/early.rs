@@ -21,7 +21,12 @@ fn early_entry(rf: &Rootfs, i: u32, e: &IndexEntry) -> Entry {
         stat: Stat {
             ino: rf.base + i as u64,
             kind: kind_of(e.kind),
-            size: if e.kind == EntryKind::File { e.size } else { 0 },
+            size: match e.kind {
+                EntryKind::File => e.size,
+                // As the tree (and lstat on disk) has it.
+                EntryKind::Symlink => e.link.len() as u64,
+                _ => 0,
+            },
             perm: (e.mode & 0o7777) as u16,
             nlink: if e.kind == EntryKind::Dir { 2 } else { 1 },
             uid: e.uid,
