@@ -1591,13 +1591,12 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
         std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777,
         0o640
     );
-    let status: Value = serde_json::from_slice(
-        &read(m.join(format!("{}/early/img/1/status", held.fault.host()))).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        status["layers"][1]["state"], "streaming",
-        "the read did not wait for the layer: {status}"
+    assert_streaming(
+        &m,
+        &held.fault.host(),
+        "early/img",
+        1,
+        "the read did not wait for it",
     );
 
     // A lower layer's file is not settled while the layer above it may
@@ -1664,13 +1663,12 @@ fn a_missing_name_is_settled_once_the_layers_above_are_listed() {
     assert_eq!(early.expect("etc/early").unwrap(), EARLY_FILE);
     let (_, base) = read_within(root.join("etc/base"), wait);
     assert_eq!(base.expect("etc/base").unwrap(), b"from the lower layer\n");
-    let status: Value = serde_json::from_slice(
-        &read(m.join(format!("{}/absent/img/1/status", held.fault.host()))).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        status["layers"][0]["state"], "streaming",
-        "the answers did not wait for the lower layer: {status}"
+    assert_streaming(
+        &m,
+        &held.fault.host(),
+        "absent/img",
+        0,
+        "the answers did not wait for it",
     );
 
     // A name the held lower layer may still bring is not settled, and
@@ -1705,6 +1703,17 @@ fn a_missing_name_is_settled_once_the_layers_above_are_listed() {
         b"after the lower big file\n"
     );
     assert_trees_equal(&root, &held.oracle, "after the held layer ended");
+}
+
+/// Asserts that layer `layer` of `repo:1` is still streaming (`why`: what
+/// that shows).
+fn assert_streaming(m: &Mount, host: &str, repo: &str, layer: usize, why: &str) {
+    let status: Value =
+        serde_json::from_slice(&read(m.join(format!("{host}/{repo}/1/status"))).unwrap()).unwrap();
+    assert_eq!(
+        status["layers"][layer]["state"], "streaming",
+        "layer {layer} no longer streams, so {why}: {status}"
+    );
 }
 
 /// The first file of [`held_image`]'s held upper layer.
