@@ -938,10 +938,22 @@ fn cache_verify_names_bad_objects() {
 /// image: the layer is read again in one pass, bounded by --cache-size.
 #[test]
 fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
+    // The 16 MiB spill itself does not fit.
+    tight_disk("tight", "8m", "3m");
+}
+
+/// The same when the spill fits but the disk fills while the contents are
+/// stored beside it (16 MiB spill + up to 8 MiB of objects on 20 MiB).
+#[test]
+fn a_cache_disk_that_fills_beside_the_spill_still_serves_the_image() {
+    tight_disk("fills", "20m", "8m");
+}
+
+/// One layer of 16 × 1 MiB that does not compress (a 16 MiB blob), read
+/// with the cache on a tmpfs of `disk` bytes and `--cache-size cache`.
+fn tight_disk(name: &str, disk: &str, cache: &str) {
     require_env();
     let work = tempdir();
-    // One layer of 16 × 1 MiB that does not compress: a 16 MiB blob for an
-    // 8 MiB disk, with objects bounded to 3 MiB.
     let mut layer = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
     for i in 0..16 {
         layer.push(TarEntry::file(
@@ -949,24 +961,25 @@ fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
             pseudo_random(300 + i, 1 << 20),
         ));
     }
-    let layout = make_tar_image(work.path(), "tight", &[layer]);
-    let image = layout_ref(&layout, "tight");
+    let layout = make_tar_image(work.path(), name, &[layer]);
+    let image = layout_ref(&layout, name);
     let oracle = umoci_unpack(&image, &work.path().join("bundle"));
     let reg = Registry::start();
     let h = reg.host();
-    push(&image, &format!("{h}/tight:1"), Format::Oci);
-    let cache = work.path().join("cache");
-    let _disk = Tmpfs::mount(&cache, "8m");
-    let m = mount_on_cache(&reg, &cache, &["--cache-size", "3m"]);
-    let root = rootfs(&m, &h, "tight", "1");
-    assert_trees_equal(&root, &oracle, "a layer larger than the free disk");
+    push(&image, &format!("{h}/{name}:1"), Format::Oci);
+    let dir = work.path().join("cache");
+    let _disk = Tmpfs::mount(&dir, disk);
+    let m = mount_on_cache(&reg, &dir, &["--cache-size", cache]);
+    let root = rootfs(&m, &h, name, "1");
+    assert_trees_equal(&root, &oracle, "a layer beside a small disk");
     assert!(
         m.log().contains("no room for the layer's spill"),
-        "the spill did not run out of room, so this tested nothing; log:\n{}",
+        "the disk never filled, so this tested nothing; log:\n{}",
         m.log()
     );
-    assert!(objects_bytes(&cache) <= 3 << 20);
-    assert_objects_well_formed(&cache);
+    let bound: u64 = cache.trim_end_matches('m').parse::<u64>().unwrap() << 20;
+    assert!(objects_bytes(&dir) <= bound);
+    assert_objects_well_formed(&dir);
 }
 
 #[test]

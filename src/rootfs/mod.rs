@@ -577,7 +577,7 @@ impl Layers {
         };
         let t0 = std::time::Instant::now();
         let no_room = |e: &std::io::Error| {
-            tracing::warn!(layer = %desc.digest, error = %e, "no room for the layer's spill; reading it in one pass");
+            tracing::warn!(layer = %desc.digest, error = %e, "no room for the layer's spill (or the cache disk failed); reading it again in one pass");
         };
         let spill = match self.store.spill_file() {
             Ok(f) => Arc::new(Spill::new(f)),
@@ -607,6 +607,10 @@ impl Layers {
                 // SAFETY: setpriority has no memory effects.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
                 let raw = std::io::BufReader::with_capacity(1 << 20, s2.tail(0));
+                // Only the reader keeps the spill: it must be gone by the
+                // time the result is, or a one-pass retry after a full
+                // disk would find its room still taken.
+                drop(s2);
                 let r = index_layer(
                     raw,
                     &digest,
@@ -701,6 +705,13 @@ impl Layers {
             Ok(idx) => {
                 tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer contents stored");
                 Ok(Some(idx))
+            }
+            // The disk filled while the spill took room: the one-pass read
+            // needs none (its objects are evicted down to the bound).
+            Err(StreamError::Local(e)) => {
+                no_room(&e);
+                undo(Err(StreamError::Local(e)));
+                Ok(None)
             }
             Err(e) => {
                 undo(Err(StreamError::Interrupted(String::new())));
