@@ -15,7 +15,7 @@
 //!   the layers seen so far settle is answered before the merged tree
 //!   exists (before the layer's digest is checked; `-o noearly` waits). A
 //!   gzip layer is read in two passes over one download
-//!   ([`Layers::stream_spilled`]): a listing pass that settles every name,
+//!   (`Layers::stream_spilled`): a listing pass that settles every name,
 //!   and a storing pass that follows it; on-demand extraction serves files
 //!   in between.
 //! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
