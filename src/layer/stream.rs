@@ -265,25 +265,19 @@ enum Msg {
     End,
 }
 
-/// Object writer threads per layer. Hashing and writing contents is the
-/// dominant cost of a pass (no SHA extensions on many servers) and files
-/// are independent, so more writers can share it; but with two, objects
-/// written side by side are laid out interleaved on disk, and a warm
-/// `tar` of minbase (which reads them in tree order after a cache drop)
-/// measured ~1.75x of local disk against ~1.65x with one, while the
-/// storing pass gained little (it runs behind the listing pass that
-/// readers wait for). One it is; the spreading stays for other disks.
-const WRITERS: usize = 1;
-
 /// What a writer made (entry, object, created by it) and the first error
 /// it met.
 type Written = (Vec<(usize, ObjectId, bool)>, Option<StreamError>);
 
-/// One writer thread of [`index_layer`]: stores the files that arrive on
-/// `rx`, counting down `queued`, handing buffers back on `give_back`.
+/// The writer thread of [`index_layer`]: stores the files that arrive on
+/// `rx`, handing buffers back on `give_back`.
+///
+/// One writer, on purpose: two (files spread between them) interleaved
+/// objects on disk, and a warm `tar` of minbase, which reads them in tree
+/// order after a cache drop, measured ~1.75x of local disk against ~1.65x,
+/// while the storing pass gained little.
 fn write_objects(
     rx: std::sync::mpsc::Receiver<Msg>,
-    queued: &AtomicU64,
     give_back: std::sync::mpsc::Sender<Vec<u8>>,
     store: &ObjectStore,
     progress: &Progress,
@@ -292,7 +286,6 @@ fn write_objects(
     let mut made: Vec<(usize, ObjectId, bool)> = Vec::new();
     let mut cur: Option<(usize, u64, crate::cas::ObjectWriter<'_>)> = None;
     for m in rx {
-        queued.fetch_sub(1, Ordering::Relaxed);
         let step = match m {
             Msg::Start { idx, size } => store.writer().map(|w| cur = Some((idx, size, w))),
             Msg::Data(d, n) => {
@@ -350,21 +343,12 @@ pub fn index_layer<R: Read>(
         n: counter.clone(),
     };
     let mut entries = Vec::new();
-    let queued: Vec<AtomicU64> = (0..WRITERS).map(|_| AtomicU64::new(0)).collect();
     std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
         let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-        // The writers hash and store contents, a file each at a time; each
-        // reports what it made (to undo on failure) and the first error it
-        // met.
-        let mut txs = Vec::new();
-        let mut writers = Vec::new();
-        for q in &queued {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
-            let give_back = give_back.clone();
-            txs.push(tx);
-            writers
-                .push(scope.spawn(move || write_objects(rx, q, give_back, store, progress, live)));
-        }
+        // The writer hashes and stores contents; it reports what it made
+        // (to undo on failure) and the first error it met.
+        let writer = scope.spawn(move || write_objects(rx, give_back, store, progress, live));
         let stopped = || StreamError::Interrupted("object writer stopped".into());
         let mut spans = None;
         let walked = decoded(raw, compression, Some(&mut spans), |d| {
@@ -372,15 +356,7 @@ pub fn index_layer<R: Read>(
                 let idx = entries.len();
                 let size = entry.size();
                 let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
-                    // The writer with the least queued takes the file.
-                    let k = (0..WRITERS)
-                        .min_by_key(|&k| queued[k].load(Ordering::Relaxed))
-                        .unwrap_or(0);
-                    let send = |m: Msg| {
-                        queued[k].fetch_add(1, Ordering::Relaxed);
-                        txs[k].send(m).map_err(|_| stopped())
-                    };
-                    send(Msg::Start { idx, size })?;
+                    tx.send(Msg::Start { idx, size }).map_err(|_| stopped())?;
                     let mut left = size;
                     while left > 0 {
                         let mut chunk = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
@@ -390,9 +366,9 @@ pub fn index_layer<R: Read>(
                             break;
                         }
                         left -= n as u64;
-                        send(Msg::Data(chunk, n))?;
+                        tx.send(Msg::Data(chunk, n)).map_err(|_| stopped())?;
                     }
-                    send(Msg::End)?;
+                    tx.send(Msg::End).map_err(|_| stopped())?;
                     Ok(None)
                 };
                 if let Some(e) = read_entry(entry, &mut content, &counter)? {
@@ -404,19 +380,13 @@ pub fn index_layer<R: Read>(
                 Ok(Flow::Continue)
             })
         });
-        drop(txs);
-        let mut made = Vec::new();
-        let mut write_err = None;
-        for w in writers {
-            let (m, e) = w.join().unwrap_or_else(|_| {
-                (
-                    Vec::new(),
-                    Some(StreamError::Interrupted("object writer panicked".into())),
-                )
-            });
-            made.extend(m);
-            write_err = write_err.or(e);
-        }
+        drop(tx);
+        let (made, write_err) = writer.join().unwrap_or_else(|_| {
+            (
+                Vec::new(),
+                Some(StreamError::Interrupted("object writer panicked".into())),
+            )
+        });
         let result = match (write_err, walked) {
             (Some(e), _) => Err(e),
             (None, Err(e)) => Err(e),
