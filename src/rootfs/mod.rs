@@ -366,14 +366,8 @@ impl Layers {
             }
         })
         .await
-        .map_err(|e| FsError::Io {
-            reason: e.to_string(),
-            no_space: false,
-        })?;
-        let (_, n, net_error) = feeder.await.map_err(|e| FsError::Io {
-            reason: e.to_string(),
-            no_space: false,
-        })?;
+        .map_err(lost)?;
+        let (_, n, net_error) = feeder.await.map_err(lost)?;
         self.state(&desc.digest)
             .progress
             .bytes_refetched
@@ -463,14 +457,9 @@ impl Layers {
         compression: Compression,
         live: Option<Arc<early::LiveLayer>>,
     ) -> Res<LayerIndex> {
-        let canonical = crate::registry::name::canonical_repo(registry, repo);
         let size = desc.size;
         if let (Compression::Gzip, Some(live)) = (compression, &live) {
-            let body = self
-                .client
-                .blob_stream(registry, &canonical, &desc.digest)
-                .await?;
-            let (rx, feeder) = pump(body, Some(st.clone()), size);
+            let (rx, feeder) = self.open_blob(registry, repo, desc, st).await?;
             let spilled = self
                 .stream_spilled(registry, repo, desc, st, rx, feeder, live.clone())
                 .await?;
@@ -481,11 +470,7 @@ impl Layers {
             // (objects are bounded by the cache size, the spill is not).
             st.progress.bytes_fetched.store(0, Ordering::Relaxed);
         }
-        let body = self
-            .client
-            .blob_stream(registry, &canonical, &desc.digest)
-            .await?;
-        let (rx, feeder) = pump(body, Some(st.clone()), size);
+        let (rx, feeder) = self.open_blob(registry, repo, desc, st).await?;
         let store = self.store.clone();
         let digest = desc.digest.clone();
         let st3 = st.clone();
@@ -500,47 +485,43 @@ impl Layers {
                 live.as_deref(),
             )
         });
-        let consumed = consumer.await.map_err(|e| FsError::Io {
-            reason: e.to_string(),
-            no_space: false,
-        })?;
-        let (actual, n, net_error) = feeder.await.map_err(|e| FsError::Io {
-            reason: e.to_string(),
-            no_space: false,
-        })?;
-        let image = format!("{registry}/{repo}");
-        if n == size && actual != desc.digest {
-            if let Ok(idx) = &consumed {
-                for e in &idx.entries {
-                    if let Some(id) = e.object {
+        let consumed = consumer.await.map_err(lost)?;
+        let n = match fetched(registry, repo, desc, feeder.await.map_err(lost)?) {
+            Ok(n) => n,
+            Err(e) => {
+                if let Ok(idx) = &consumed {
+                    for id in idx.entries.iter().filter_map(|e| e.object) {
                         self.store.remove(&id);
                     }
                 }
+                return Err(e);
             }
-            return Err(RegistryError::DigestMismatch {
-                registry: registry.into(),
-                what: format!("layer of {repo}"),
-                expected: desc.digest.clone(),
-                actual,
-            }
-            .into());
-        }
-        if let Some(reason) = net_error {
-            return Err(RegistryError::Unavailable {
-                registry: registry.into(),
-                what: format!("layer {}", desc.digest),
-                reason,
-            }
-            .into());
-        }
+        };
         match consumed {
             Ok(idx) if n == size => Ok(idx),
-            Ok(_) => Err(FsError::BadImage {
-                image,
-                reason: format!("layer {} ended after {n} of {size} bytes", desc.digest),
-            }),
+            Ok(_) => Err(ended_early(registry, repo, desc, n)),
             Err(e) => Err(stream_error(e, registry, repo, desc)),
         }
+    }
+
+    /// Starts fetching `desc`'s blob: its bytes on a channel for a blocking
+    /// reader, and the feeder task that hashes and counts them ([`pump`]).
+    async fn open_blob(
+        &self,
+        registry: &str,
+        repo: &str,
+        desc: &Descriptor,
+        st: &Arc<LayerState>,
+    ) -> Res<(
+        tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+        tokio::task::JoinHandle<Pumped>,
+    )> {
+        let canonical = crate::registry::name::canonical_repo(registry, repo);
+        let body = self
+            .client
+            .blob_stream(registry, &canonical, &desc.digest)
+            .await?;
+        Ok(pump(body, Some(st.clone()), desc.size))
     }
 }
 
@@ -566,15 +547,6 @@ impl Layers {
         live: Arc<early::LiveLayer>,
     ) -> Res<Option<LayerIndex>> {
         let size = desc.size;
-        let image = format!("{registry}/{repo}");
-        let local = |e: std::io::Error| FsError::Io {
-            no_space: e.raw_os_error() == Some(libc::ENOSPC),
-            reason: format!("cache write failed: {e}"),
-        };
-        let lost = |e: tokio::task::JoinError| FsError::Io {
-            reason: e.to_string(),
-            no_space: false,
-        };
         let t0 = std::time::Instant::now();
         let no_room = |e: &std::io::Error| {
             tracing::warn!(layer = %desc.digest, error = %e, "no room for the layer's spill (or the cache disk failed); reading it again in one pass");
@@ -602,7 +574,7 @@ impl Layers {
             .spawn(move || {
                 // Behind the first pass, readers and their on-demand
                 // extractions. Nice values are per thread on Linux, and
-                // this thread (and the writers it starts, which inherit
+                // this thread (and the writer it starts, which inherits
                 // it) ends with the pass.
                 // SAFETY: setpriority has no memory effects.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
@@ -622,7 +594,7 @@ impl Layers {
                 );
                 let _ = tx.send(r);
             })
-            .map_err(local)?;
+            .map_err(|e| stream_error(StreamError::Local(e), registry, repo, desc))?;
         let second = async {
             stored.await.unwrap_or_else(|_| {
                 Err(StreamError::Interrupted(
@@ -632,7 +604,7 @@ impl Layers {
         };
         // Whatever fails, objects extracted on demand go, and so do those
         // of a second pass that read the whole (unchecked) spill.
-        let undo = |second: Result<LayerIndex, StreamError>| {
+        let undo = |second: Option<LayerIndex>| {
             for id in live.take_made() {
                 self.store.remove(&id);
             }
@@ -653,47 +625,25 @@ impl Layers {
         })
         .await
         .map_err(lost);
-        let (actual, n, net_error) = feeder.await.map_err(lost)?;
-        let failed = if n == size && actual != desc.digest {
-            Some(
-                RegistryError::DigestMismatch {
-                    registry: registry.into(),
-                    what: format!("layer of {repo}"),
-                    expected: desc.digest.clone(),
-                    actual,
-                }
-                .into(),
-            )
-        } else if let Some(reason) = net_error {
-            Some(
-                RegistryError::Unavailable {
-                    registry: registry.into(),
-                    what: format!("layer {}", desc.digest),
-                    reason,
-                }
-                .into(),
-            )
-        } else {
-            match scanned {
-                Err(e) => Some(e),
-                Ok(Err(StreamError::Local(e))) => {
-                    no_room(&e);
-                    undo(second.await);
-                    live.drop_spill();
-                    return Ok(None);
-                }
-                Ok(Err(e)) => Some(stream_error(e, registry, repo, desc)),
-                Ok(Ok(_)) if n != size => Some(FsError::BadImage {
-                    image: image.clone(),
-                    reason: format!("layer {} ended after {n} of {size} bytes", desc.digest),
-                }),
-                Ok(Ok(_)) => None,
+        let failed = match (
+            fetched(registry, repo, desc, feeder.await.map_err(lost)?),
+            scanned,
+        ) {
+            (Err(e), _) | (_, Err(e)) => Some(e),
+            (Ok(_), Ok(Err(StreamError::Local(e)))) => {
+                no_room(&e);
+                undo(second.await.ok());
+                live.drop_spill();
+                return Ok(None);
             }
+            (Ok(_), Ok(Err(e))) => Some(stream_error(e, registry, repo, desc)),
+            (Ok(n), Ok(Ok(_))) if n != size => Some(ended_early(registry, repo, desc, n)),
+            (Ok(_), Ok(Ok(_))) => None,
         };
         if let Some(e) = failed {
             // A first pass that stopped early makes the second fail too.
             spill.finish(false);
-            undo(second.await);
+            undo(second.await.ok());
             return Err(e);
         }
         // Listed and checked: every name of the layer is settled now.
@@ -710,11 +660,11 @@ impl Layers {
             // needs none (its objects are evicted down to the bound).
             Err(StreamError::Local(e)) => {
                 no_room(&e);
-                undo(Err(StreamError::Local(e)));
+                undo(None);
                 Ok(None)
             }
             Err(e) => {
-                undo(Err(StreamError::Interrupted(String::new())));
+                undo(None);
                 Err(stream_error(e, registry, repo, desc))
             }
         }
@@ -745,6 +695,50 @@ enum Refetch {
     Span(Option<crate::layer::gzindex::Checkpoint>),
     /// The blob's prefix, walked as a tar.
     Prefix,
+}
+
+/// A blocking task that did not come back (panicked or cancelled).
+fn lost(e: tokio::task::JoinError) -> FsError {
+    FsError::Io {
+        reason: e.to_string(),
+        no_space: false,
+    }
+}
+
+/// What the feeder of a layer read saw: the bytes it passed, or the error
+/// that comes before anything the reader met: a wrong digest (the whole
+/// blob arrived), then a broken network.
+fn fetched(registry: &str, repo: &str, desc: &Descriptor, pumped: Pumped) -> Res<u64> {
+    let (actual, n, net_error) = pumped;
+    if n == desc.size && actual != desc.digest {
+        return Err(RegistryError::DigestMismatch {
+            registry: registry.into(),
+            what: format!("layer of {repo}"),
+            expected: desc.digest.clone(),
+            actual,
+        }
+        .into());
+    }
+    if let Some(reason) = net_error {
+        return Err(RegistryError::Unavailable {
+            registry: registry.into(),
+            what: format!("layer {}", desc.digest),
+            reason,
+        }
+        .into());
+    }
+    Ok(n)
+}
+
+/// A layer read that ended after `n` of its bytes.
+fn ended_early(registry: &str, repo: &str, desc: &Descriptor, n: u64) -> FsError {
+    FsError::BadImage {
+        image: format!("{registry}/{repo}"),
+        reason: format!(
+            "layer {} ended after {n} of {} bytes",
+            desc.digest, desc.size
+        ),
+    }
 }
 
 /// What a failed layer read means for the user.
@@ -929,10 +923,7 @@ impl Rootfs {
                     MergedTree::build(&refs)
                 })
                 .await
-                .map_err(|e| FsError::Io {
-                    reason: e.to_string(),
-                    no_space: false,
-                })?
+                .map_err(lost)?
                 .map_err(|e| {
                     tracing::error!(image = %name, error = %e, "cannot merge layers");
                     FsError::BadImage {
