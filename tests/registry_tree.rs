@@ -900,6 +900,55 @@ fn ro_option_mounts_a_read_only_superblock_without_outbox() {
 }
 
 #[test]
+fn ioctls_are_enotty_and_calls_not_offered_leave_no_warning() {
+    use std::os::fd::AsRawFd;
+    require_env();
+    let reg = Registry::start();
+    let h = reg.host();
+    let work = tempfile::tempdir().unwrap();
+    let dest = format!("{h}/app:t1");
+    push_simple(work.path(), &dest, Format::Oci);
+    let m = Mount::start(&[&h]);
+    let tag = m.join(format!("{h}/app/t1"));
+    let want = format!("hello from {dest}\n");
+    for (path, len) in [
+        (tag.join("manifest.json"), None),
+        (tag.join("rootfs/etc/hello"), Some(want.len() as i64)),
+    ] {
+        let res = within(FS_GUARD, "open and probe", move || {
+            let f = fs::File::open(&path)?;
+            let mut tio = std::mem::MaybeUninit::<libc::termios>::uninit();
+            // SAFETY: TCGETS writes at most one termios into `tio`.
+            let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, tio.as_mut_ptr()) };
+            let tty = if rc == 0 { 0 } else { io_errno() };
+            // SAFETY: plain lseek on an open descriptor.
+            let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+            Ok::<_, std::io::Error>((tty, hole, fs::metadata(&path)?.len() as i64))
+        })
+        .expect("open the file");
+        assert_eq!(
+            res.0,
+            libc::ENOTTY,
+            "isatty() on a file here: {}",
+            errno_name(res.0)
+        );
+        assert_eq!(res.1, res.2, "SEEK_HOLE is the end of a file without holes");
+        if let Some(len) = len {
+            assert_eq!(res.2, len);
+        }
+    }
+    assert!(
+        !m.log().contains("Not Implemented"),
+        "fuser's default warnings in the daemon log:\n{}",
+        tail(&m.log(), 20)
+    );
+}
+
+fn io_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+#[test]
 fn writes_outside_outbox_are_erofs() {
     require_env();
     let reg = Registry::start();
