@@ -171,8 +171,37 @@ fn mount_image_of_edge_and_busybox_equals_umoci_unpack_and_umount_leaves_nothing
         Format::V2s2,
     );
     let cache = work.path().join("cache");
+    // Helpers as a mount-image killed mid-mount leaves them (a dead pid),
+    // and as one mounting right now has them (a live pid: ours).
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id()
+    };
+    let stale = cache.join(format!("mnt/old.{dead}"));
+    let busy = cache.join(format!("mnt/new.{}", std::process::id()));
+    for d in [&stale, &busy] {
+        fs::create_dir_all(d).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "helper"])
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", d.display());
+    }
+    let (_stale_guard, busy_guard) = (KernelMount(stale.clone()), KernelMount(busy.clone()));
 
     let mut edge = mounted(&reg, &format!("{h}/edge:1"), work.path(), "edge", &cache);
+    assert!(
+        !is_mountpoint(&stale) && !stale.exists(),
+        "a dead mount-image's helper is unmounted and removed"
+    );
+    assert!(
+        is_mountpoint(&busy),
+        "a live process's helper is left alone"
+    );
+    drop(busy_guard);
+    fs::remove_dir(&busy).unwrap();
     assert_trees_equal(&edge.0, &oracle, "mount-image of the edge-case image");
     // Hard links stay one inode through the kernel mount.
     let ino = |p: &str| fs::symlink_metadata(edge.0.join(p)).unwrap().ino();

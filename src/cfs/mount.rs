@@ -22,7 +22,8 @@
 //!    `<cache>/mnt/`, the overlay on DIR, and the helper is detached at
 //!    once (`umount -l`): the overlay keeps its own reference to the erofs
 //!    superblock, so `umount DIR` is the only cleanup there is and leaves
-//!    no mount behind.
+//!    no mount behind. A helper whose process died before the detach (a
+//!    `kill -9` mid-mount) is unmounted and removed by the next mount-image.
 //!
 //! fs-verity: the objects' filesystem here (ext4 without
 //! `CONFIG_FS_VERITY`) cannot do it, so images are made without digests
@@ -157,12 +158,43 @@ fn sys_mount(
     })
 }
 
-fn detach(p: &Path) {
-    if let Ok(c) = cstr(p) {
+/// Lazily unmounts `p`; whether something was mounted there.
+fn detach(p: &Path) -> bool {
+    match cstr(p) {
         // SAFETY: c is a valid path.
-        unsafe {
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        Ok(c) => unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 },
+        Err(_) => false,
+    }
+}
+
+/// Removes helpers (`<stem>.<pid>` under `helper_root`) whose `mount-image`
+/// process is gone: one killed between mounting EROFS and detaching it left
+/// that mount behind. Helpers of live processes are theirs, mid-mount.
+fn sweep_helpers(helper_root: &Path) {
+    let Ok(dir) = std::fs::read_dir(helper_root) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<libc::pid_t>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if alive {
+            continue;
         }
+        let path = e.path();
+        if detach(&path) {
+            tracing::warn!(helper = %path.display(), "unmounted a helper an interrupted mount-image left behind");
+        }
+        let _ = std::fs::remove_dir(&path);
     }
 }
 
@@ -176,6 +208,7 @@ pub fn mount_composefs(
     helper_root: &Path,
 ) -> Result<(), CfsError> {
     std::fs::create_dir_all(helper_root).map_err(CfsError::io("creating the helper directory"))?;
+    sweep_helpers(helper_root);
     let helper = helper_root.join(format!(
         "{}.{}",
         image.file_stem().unwrap_or_default().to_string_lossy(),
