@@ -23,8 +23,9 @@
 #           fetched per evicted file read again (20 files, cache bound 1 MiB)
 #   export: `apt-layer export TREE REF` vs `umoci repack` + `skopeo copy` of the same tree, each
 #           into a repository of its own (nothing to skip)
-#   memory: daemon RSS per image entry beyond the RSS right after mount (after the warm runs, and
-#           peak), and once for a synthetic image of 100k files
+#   memory: daemon RSS per entry beyond a fixed base: what a 100k-file synthetic image adds to a
+#           daemon that has served a 1k-file one (once); and, informational, per entry of the
+#           Debian image beyond the RSS right after mount (after the warm runs, and peak)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0; ROUNDS=5; OUT=BENCHMARKS.md; SVG=benches/ratios.svg
@@ -153,9 +154,10 @@ print(n)'
 }
 rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+anon_kb() { awk '/RssAnon/{print $2}' "/proc/$1/status"; }
 
 declare -a IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL
-declare -a F_AL W_TAR_RO W_FIND_RO W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER
+declare -a F_AL W_TAR_RO W_FIND_RO W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER ANON_PER PEAK_PER
 
 mount_al() {  # mount_al REGISTRY [-o OPTS] → PID of a daemon on an empty cache
     rm -rf "$work/cache"
@@ -214,7 +216,7 @@ for r in $(seq "$ROUNDS"); do
         unmount_al "$PID"
     done
     drop; PID=$(mount_al "$REG")
-    base_rss=$(rss_now_kb "$PID")
+    base_rss=$(rss_now_kb "$PID"); base_anon=$(anon_kb "$PID")
     off=$(stat -c %s "$work/registry.log")
     C_AL+=("$(cold_al "$REG" gzip)"); F_AL+=("$(cat "$work/first")")
     sleep 0.2; BYTES+=("$(blob_bytes "$off")")
@@ -260,6 +262,7 @@ PY
     umount "$work/romnt"
     peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
     RSS_PER+=("$(python3 -c "print(f'{($steady-$base_rss)*1024/$ENTRIES:.0f}')")")
+    ANON_PER+=("$(python3 -c "print(f'{($(anon_kb "$PID")-$base_anon)*1024/$ENTRIES:.0f}')")")
     PEAK_PER+=("$(python3 -c "print(f'{($peak-$base_rss)*1024/$ENTRIES:.0f}')")")
     unmount_al "$PID"
 
@@ -301,32 +304,43 @@ PY
     rm -rf "$work/xl" "$work/xb"
 done
 
-# --- memory on a synthetic image of 100k files (once) -----------------------------
+# --- memory on synthetic images of 1k and 100k files (once) ---------------------
+# One daemon serves the small image, then the large one: what the large one
+# adds, per entry, is the cost per entry beyond a fixed base (the daemon's
+# code pages, HTTP client, thread stacks and FUSE buffers are paid by then).
 N_SYN=100000; [ "$SMOKE" = 1 ] && N_SYN=2000
-SYN=$work/syn; mkdir -p "$SYN"
-python3 - "$SYN" "$N_SYN" <<'PY'
+N_SMALL=$((N_SYN / 100))
+syn_tree() {
+    python3 - "$1" "$2" <<'PY'
 import os, sys
 root, n = sys.argv[1], int(sys.argv[2])
-for d in range(n // 100):
+for d in range(max(n // 100, 1)):
     os.makedirs(f"{root}/d{d:04}", exist_ok=True)
 for i in range(n):
     with open(f"{root}/d{i // 100:04}/f{i:06}", "w") as f:
         f.write(f"file {i}\n")
 PY
+}
+SYN=$work/syn; SMALL=$work/syn-small; mkdir -p "$SYN" "$SMALL"
+syn_tree "$SYN" "$N_SYN"; syn_tree "$SMALL" "$N_SMALL"
 "$BIN" export "$SYN" "$REG/bench/syn:1" --insecure-registry "$REG" --registries-conf /dev/null --tmp-dir "$work" >/dev/null 2>&1
-SYN_ENTRIES=$(find "$SYN" | wc -l)
+"$BIN" export "$SMALL" "$REG/bench/syn-small:1" --insecure-registry "$REG" --registries-conf /dev/null --tmp-dir "$work" >/dev/null 2>&1
+SYN_ENTRIES=$(find "$SYN" | wc -l); SMALL_ENTRIES=$(find "$SMALL" | wc -l)
 PID=$(mount_al "$REG")
 base_rss=$(rss_now_kb "$PID")
+find "$MNT/$REG/bench/syn-small/1/rootfs" -printf '%p %s\n' > /dev/null
+small_rss=$(rss_now_kb "$PID")
 find "$MNT/$REG/bench/syn/1/rootfs" -printf '%p %s\n' > /dev/null
 peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
-SYN_RSS=$(python3 -c "print(f'{($steady-$base_rss)*1024/$SYN_ENTRIES:.0f}')")
-SYN_PEAK=$(python3 -c "print(f'{($peak-$base_rss)*1024/$SYN_ENTRIES:.0f}')")
+SYN_SLOPE=$(python3 -c "print(f'{($steady-$small_rss)*1024/$SYN_ENTRIES:.0f}')")
+SYN_RSS=$(python3 -c "print(f'{($steady-$base_rss)*1024/($SYN_ENTRIES+$SMALL_ENTRIES):.0f}')")
+SYN_PEAK=$(python3 -c "print(f'{($peak-$base_rss)*1024/($SYN_ENTRIES+$SMALL_ENTRIES):.0f}')")
 unmount_al "$PID"
-rm -rf "$SYN"
+rm -rf "$SYN" "$SMALL"
 
 # --- report ---------------------------------------------------------------------
-export ROUNDS LAYER_SIZE SIZE_estargz SIZE_zstdchunked ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE SLOW SYN_ENTRIES SYN_RSS SYN_PEAK
-for v in F_AL W_TAR_RO W_FIND_RO IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER PEAK_PER; do
+export ROUNDS LAYER_SIZE SIZE_estargz SIZE_zstdchunked ENTRIES UNCOMP IMAGE_DESC OUT SVG SMOKE SLOW SYN_ENTRIES SMALL_ENTRIES SYN_RSS SYN_SLOPE SYN_PEAK
+for v in F_AL W_TAR_RO W_FIND_RO IDX_FRAC REFETCH C_BASE C_AL C_ESZ C_ZCH C_RAT BYTES B_ESZ B_ZCH S_BASE S_AL S_ESZ S_ZCH X_BASE X_AL W_TAR_AL W_TAR_NAT W_TAR_SQ W_TAR_CFS W_FIND_AL W_FIND_NAT W_FIND_SQ W_FIND_CFS RSS_PER ANON_PER PEAK_PER; do
     eval "vals=\"\${$v[*]:-}\""
     export "M_$v=$vals"
 done

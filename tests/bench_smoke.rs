@@ -32,7 +32,8 @@ fn e2e_benchmark_smoke_mode_produces_a_report() {
         "synthetic",
         "warm `tar cf - rootfs`, vs local disk",
         "warm `find rootfs -printf`, vs local disk",
-        "daemon RSS per entry beyond base",
+        "daemon RSS per entry beyond a fixed base",
+        "daemon RSS per entry of the Debian image",
     ] {
         let line = report
             .lines()
