@@ -32,7 +32,7 @@ use fuser::{
 };
 
 use crate::model::{Content, DirEntry, Entry, FsError, Kind, OpenFile, Stat, Tree};
-use crate::outbox::{Caller, Opened, OpenedFile, Outbox, SetAttr};
+use crate::outbox::{Caller, Opened, OpenedFile, Outbox, OutboxError, SetAttr};
 use errno::{errno, outbox_errno};
 use std::os::unix::fs::FileExt;
 
@@ -93,6 +93,36 @@ impl Fs {
         match self.handles.lock().unwrap().get(&fh.0) {
             Some(Handle::Outbox(f)) => Some(f.clone()),
             _ => None,
+        }
+    }
+
+    /// Runs an outbox change that answers with nothing; `EROFS` outside
+    /// the outbox.
+    fn outbox_change(
+        &self,
+        ino: INodeNo,
+        reply: ReplyEmpty,
+        change: impl FnOnce(&Outbox) -> Result<(), OutboxError>,
+    ) {
+        match self.ob(ino).map(|ob| change(ob)) {
+            Some(Ok(())) => reply.ok(),
+            Some(Err(e)) => reply.error(outbox_errno(&e)),
+            None => reply.error(errno(&FsError::ReadOnly)),
+        }
+    }
+
+    /// Runs an outbox change that makes an entry; `EROFS` outside the
+    /// outbox.
+    fn outbox_make(
+        &self,
+        parent: INodeNo,
+        reply: ReplyEntry,
+        make: impl FnOnce(&Outbox) -> Result<Entry, OutboxError>,
+    ) {
+        match self.ob(parent).map(|ob| make(ob)) {
+            Some(Ok(e)) => reply_entry(reply, &e),
+            Some(Err(e)) => reply.error(outbox_errno(&e)),
+            None => reply.error(errno(&FsError::ReadOnly)),
         }
     }
 
@@ -630,13 +660,9 @@ impl Filesystem for Fs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let Some(ob) = self.ob(parent) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.mknod(parent.0, name, mode, rdev, caller(req)) {
-            Ok(e) => reply_entry(reply, &e),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_make(parent, reply, |ob| {
+            ob.mknod(parent.0, name, mode, rdev, caller(req))
+        });
     }
 
     fn mkdir(
@@ -648,33 +674,17 @@ impl Filesystem for Fs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let Some(ob) = self.ob(parent) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.mkdir(parent.0, name, mode, caller(req)) {
-            Ok(e) => reply_entry(reply, &e),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_make(parent, reply, |ob| {
+            ob.mkdir(parent.0, name, mode, caller(req))
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(ob) = self.ob(parent) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_change(parent, reply, |ob| ob.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(ob) = self.ob(parent) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_change(parent, reply, |ob| ob.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -685,13 +695,9 @@ impl Filesystem for Fs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let Some(ob) = self.ob(parent) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.symlink(parent.0, name, target, caller(req)) {
-            Ok(e) => reply_entry(reply, &e),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_make(parent, reply, |ob| {
+            ob.symlink(parent.0, name, target, caller(req))
+        });
     }
 
     fn rename(
@@ -822,23 +828,11 @@ impl Filesystem for Fs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let Some(ob) = self.ob(ino) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_change(ino, reply, |ob| ob.setxattr(ino.0, name, value, flags));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some(ob) = self.ob(ino) else {
-            return reply.error(errno(&FsError::ReadOnly));
-        };
-        match ob.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(outbox_errno(&e)),
-        }
+        self.outbox_change(ino, reply, |ob| ob.removexattr(ino.0, name));
     }
 
     /// No file here is a terminal or device: every ioctl is
