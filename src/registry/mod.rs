@@ -302,33 +302,17 @@ impl RegistryClient {
         let what = format!("tag list of {repo}");
         let reference = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
         let auth = self.registry_auth(&ep.host);
-        let mut tags: Vec<String> = Vec::new();
-        let mut last: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let page = self
-                .retrying(&ep.host, &what, || async {
-                    self.inner
-                        .oci
-                        .list_tags(&reference, &auth, None, last.as_deref())
-                        .await
-                })
-                .await?;
-            let new: Vec<String> = page
-                .tags
-                .into_iter()
-                .filter(|t| !tags.contains(t))
-                .collect();
-            if new.is_empty() {
-                return Ok(tags);
+        self.paginate(&ep.host, &what, |last| {
+            let (reference, auth) = (&reference, &auth);
+            async move {
+                let page = self
+                    .inner
+                    .oci
+                    .list_tags(reference, auth, None, last.as_deref());
+                Ok(page.await?.tags)
             }
-            last = new.last().cloned();
-            tags.extend(new);
-        }
-        Err(RegistryError::Malformed {
-            registry: ep.host,
-            what,
-            reason: format!("tag list did not end after {MAX_PAGES} pages"),
         })
+        .await
     }
 
     /// Every repository `/v2/_catalog` lists (registries that do not serve
@@ -337,32 +321,49 @@ impl RegistryClient {
         let ep = self.inner.conf.primary(registry, "x");
         let reference = Reference::with_tag(ep.host.clone(), "x".into(), "latest".into());
         let auth = self.registry_auth(&ep.host);
-        let mut repos: Vec<String> = Vec::new();
+        self.paginate(&ep.host, "catalog", |last| {
+            let (reference, auth) = (&reference, &auth);
+            async move {
+                let page = self
+                    .inner
+                    .oci
+                    .catalog(reference, auth, None, last.as_deref());
+                Ok(page.await?.repositories)
+            }
+        })
+        .await
+    }
+
+    /// Follows a paginated list (tags, catalog) to its end: `page(last)`
+    /// fetches the names after `last`, until a page brings no new name, for
+    /// at most [`MAX_PAGES`] pages. Names keep their order; repeats (a
+    /// registry that ignores `last`) are dropped.
+    async fn paginate<F, Fut>(
+        &self,
+        host: &str,
+        what: &str,
+        mut page: F,
+    ) -> Result<Vec<String>, RegistryError>
+    where
+        F: FnMut(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<String>, OciDistributionError>>,
+    {
+        let mut names: Vec<String> = Vec::new();
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut last: Option<String> = None;
         for _ in 0..MAX_PAGES {
-            let page = self
-                .retrying(&ep.host, "catalog", || async {
-                    self.inner
-                        .oci
-                        .catalog(&reference, &auth, None, last.as_deref())
-                        .await
-                })
-                .await?;
-            let new: Vec<String> = page
-                .repositories
-                .into_iter()
-                .filter(|t| !repos.contains(t))
-                .collect();
-            if new.is_empty() {
-                return Ok(repos);
-            }
-            last = new.last().cloned();
-            repos.extend(new);
+            let got = self.retrying(host, what, || page(last.clone())).await?;
+            let new: Vec<String> = got.into_iter().filter(|n| seen.insert(n.clone())).collect();
+            let Some(end) = new.last() else {
+                return Ok(names);
+            };
+            last = Some(end.clone());
+            names.extend(new);
         }
         Err(RegistryError::Malformed {
-            registry: ep.host,
-            what: "catalog".into(),
-            reason: format!("catalog did not end after {MAX_PAGES} pages"),
+            registry: host.into(),
+            what: what.into(),
+            reason: format!("the list did not end after {MAX_PAGES} pages"),
         })
     }
 
