@@ -473,6 +473,83 @@ fn chroot_into_busybox_image() {
     );
 }
 
+/// An overlay with a writable upper directory on `rootfs/`: the way to run
+/// what writes (a package manager, a build) in an image never pulled. The
+/// colons of `HOST:PORT` are escaped, as overlay's option syntax needs.
+#[test]
+fn an_overlay_on_rootfs_makes_a_writable_chroot() {
+    require_env();
+    let work = tempdir();
+    let layout = busybox_image(work.path(), "bb");
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "bb"),
+        &format!("{h}/busybox:1"),
+        Format::Oci,
+    );
+    let m = mount_of(&reg);
+    let root = rootfs(&m, &h, "busybox", "1");
+    let (upper, wdir, merged) = (
+        work.path().join("upper"),
+        work.path().join("work"),
+        work.path().join("merged"),
+    );
+    for d in [&upper, &wdir, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let lower = root.to_str().unwrap().replace(':', "\\:");
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        wdir.display()
+    );
+    let (status, _, err) = run_bounded(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged),
+        Duration::from_secs(60),
+    );
+    assert!(
+        status.success(),
+        "mount -t overlay -o {opts}: {status}\n{err}"
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _overlay = Unmount(&merged);
+    let (status, out, err) = run_bounded(
+        Command::new("chroot").arg(&merged).args([
+            "/bin/sh",
+            "-c",
+            "echo changed > /etc/motd && rm /bin/ls && echo made > /tmp/new && \
+             cat /etc/motd /tmp/new && echo /bin/*",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(
+        status.success(),
+        "writes in the overlay chroot: {status}\n{err}"
+    );
+    assert_eq!(
+        out,
+        "changed\nmade\n/bin/busybox /bin/cat /bin/echo /bin/sh /bin/true\n"
+    );
+    // The image underneath is as it was; the changes are in the upper dir.
+    assert_eq!(
+        read_string(root.join("etc/motd")).unwrap(),
+        "hello from a busybox image\n"
+    );
+    assert!(stat(root.join("bin/ls")).is_ok());
+    assert_eq!(
+        fs::read_to_string(upper.join("etc/motd")).unwrap(),
+        "changed\n"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The cache
 // ---------------------------------------------------------------------------

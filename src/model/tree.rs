@@ -839,14 +839,14 @@ impl Tree {
 
     /// The whole listing of directory `ino` (without `.` and `..`).
     pub async fn list(&self, ino: u64) -> Res<Vec<DirEntry>> {
-        if let Some((rf, i)) = self.rootfs_of(ino) {
-            let (tree, i) = self.rootfs_node(&rf, i).await?;
+        if let Some((rf, d)) = self.rootfs_of(ino) {
+            let (tree, i) = self.rootfs_node(&rf, d).await?;
             return tree
                 .children(i)
                 .map(|(name, c)| {
                     Ok(DirEntry {
                         name: OsString::from_vec(name.to_vec()),
-                        entry: Self::rootfs_entry(&rf, &tree, c)?,
+                        entry: Self::rootfs_child_entry(&rf, &tree, d, name, c)?,
                     })
                 })
                 .collect();

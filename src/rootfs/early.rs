@@ -35,7 +35,11 @@
 //! - **Inodes.** Early entries get inode numbers of their own
 //!   ([`EarlyInodes`], above [`EARLY`] in the image's range) and zero
 //!   TTLs; once the tree is built every early inode maps to its node by
-//!   path, and fresh lookups return the tree's numbers.
+//!   path. A name keeps the number it was first answered with: lookups
+//!   and listings of the root or an early directory give a child its early
+//!   number if it has one, the tree's otherwise. A number that changed
+//!   would fail the kernel's revalidation of a dentry it holds, and an
+//!   overlay mounted on `rootfs/` answers `ESTALE` for that.
 //! - **Trust.** A layer's blob digest is known only at its end, so an early
 //!   read returns bytes before the digest check (each file is stored under
 //!   its own sha256, so what is read is what the stream carried). Should
@@ -371,6 +375,18 @@ impl EarlyInodes {
         EARLY + k
     }
 
+    /// The early node handed out for `name` in directory `parent`, if one
+    /// was (only the root and early directories have such children).
+    pub fn get(&self, parent: u32, name: &[u8]) -> Option<u32> {
+        if parent != 0 && parent < EARLY {
+            return None;
+        }
+        let g = self.inner.lock().unwrap();
+        g.by_key
+            .get(&(parent, Box::<[u8]>::from(name)))
+            .map(|&k| EARLY + k)
+    }
+
     /// The path of node `i` (0 or early) from the root; `None` for an
     /// unknown early number.
     pub fn path(&self, i: u32) -> Option<Vec<u8>> {
@@ -535,5 +551,10 @@ mod tests {
         assert_eq!(ino.path(bin).unwrap(), b"usr/bin");
         assert_eq!(ino.path(0).unwrap(), b"");
         assert_eq!(ino.path(EARLY + 99), None);
+        // What was handed out is found again; nothing else is made up.
+        assert_eq!(ino.get(0, b"usr"), Some(usr));
+        assert_eq!(ino.get(usr, b"bin"), Some(bin));
+        assert_eq!(ino.get(usr, b"lib"), None);
+        assert_eq!(ino.get(7, b"bin"), None, "tree directories have none");
     }
 }

@@ -115,7 +115,25 @@ impl Tree {
             e => e,
         })?;
         let c = tree.lookup(p, name).ok_or(FsError::NotFound)?;
-        Self::rootfs_entry(rf, &tree, c)
+        Self::rootfs_child_entry(rf, &tree, pi, name, c)
+    }
+
+    /// The entry of child `c`, named `name`, of directory `d` (a tree node
+    /// or an early inode) in the built tree: under the early number it was
+    /// answered with while the image streamed, if it was, so the kernel's
+    /// dentries stay valid; else under the tree's.
+    pub(super) fn rootfs_child_entry(
+        rf: &Rootfs,
+        tree: &MergedTree,
+        d: u32,
+        name: &[u8],
+        c: u32,
+    ) -> Res<Entry> {
+        let mut e = Self::rootfs_entry(rf, tree, c)?;
+        if let Some(k) = rf.early.get(d, name) {
+            e.stat.ino = rf.base + k as u64;
+        }
+        Ok(e)
     }
 
     /// What `pick` makes of the entry early inode `i`'s path shows, once
