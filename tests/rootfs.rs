@@ -1621,6 +1621,8 @@ fn held_image(name: &'static str, held: Held) -> HeldImage {
     let upper = vec![
         TarEntry::dir("etc/"),
         TarEntry::file("etc/early", EARLY_FILE).mode(0o640),
+        TarEntry::hardlink("etc/early-link", "etc/early"),
+        TarEntry::hardlink("etc/early-link2", "etc/early"),
         TarEntry::whiteout("etc", "gone"),
         TarEntry::file("big", pseudo_random(42, 8 << 20)),
         TarEntry::file("etc/late", "after the big file\n"),
@@ -1681,6 +1683,10 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
         std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777,
         0o640
     );
+    // A hard link answered early is the same inode as its target.
+    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(root.join(p)).unwrap());
+    let early_ino = ino("etc/early");
+    assert_eq!(ino("etc/early-link"), early_ino, "link and target, early");
     assert_streaming(
         &m,
         &held.fault.host(),
@@ -1729,6 +1735,17 @@ fn a_file_is_readable_as_soon_as_the_stream_has_passed_it() {
     );
     assert_trees_equal(&root, &held.oracle, "after the held layer ended");
     assert_eq!(read(root.join("etc/early")).unwrap(), EARLY_FILE);
+    // Once the tree is built, every name of the file shows the number the
+    // kernel was given early (one not looked up early too), and all links.
+    for name in ["etc/early", "etc/early-link", "etc/early-link2"] {
+        let md = fs::metadata(root.join(name)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&md),
+            early_ino,
+            "{name}"
+        );
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&md), 3, "{name}");
+    }
 }
 
 #[test]

@@ -39,7 +39,11 @@
 //!   and listings of the root or an early directory give a child its early
 //!   number if it has one, the tree's otherwise. A number that changed
 //!   would fail the kernel's revalidation of a dentry it holds, and an
-//!   overlay mounted on `rootfs/` answers `ESTALE` for that.
+//!   overlay mounted on `rootfs/` answers `ESTALE` for that. A hard link
+//!   answered early takes its target's number (when the target's path
+//!   shows the same entry), and once the tree is built every other name
+//!   of a hard-linked file shows the early number too, so `tar` and
+//!   `cp -a` still see one file. (Early, its link count is still 1.)
 //! - **Trust.** A layer's blob digest is known only at its end, so an early
 //!   read returns bytes before the digest check (each file is stored under
 //!   its own sha256, so what is read is what the stream carried). Should
@@ -358,13 +362,21 @@ struct EarlyInner {
     /// Early inode `EARLY + k`: parent node, name, and its tree node once
     /// resolved.
     nodes: Vec<(u32, Box<[u8]>, Option<u32>)>,
+    /// Every name an early number was answered for (a hard link's names
+    /// share their target's number).
     by_key: HashMap<(u32, Box<[u8]>), u32>,
+    /// Once the tree is built: the first early number of each tree node,
+    /// for the first `.1` early numbers.
+    by_tree: (HashMap<u32, u32>, usize),
 }
 
 impl EarlyInodes {
     /// The early node for `name` in directory `parent` (0 or early).
     pub fn child(&self, parent: u32, name: &[u8]) -> u32 {
-        let mut g = self.inner.lock().unwrap();
+        Self::child_locked(&mut self.inner.lock().unwrap(), parent, name)
+    }
+
+    fn child_locked(g: &mut EarlyInner, parent: u32, name: &[u8]) -> u32 {
         let key = (parent, Box::<[u8]>::from(name));
         if let Some(&k) = g.by_key.get(&key) {
             return EARLY + k;
@@ -373,6 +385,50 @@ impl EarlyInodes {
         g.nodes.push((parent, key.1.clone(), None));
         g.by_key.insert(key, k);
         EARLY + k
+    }
+
+    /// The early node for `name` in directory `parent` that is a hard link
+    /// to `target` (a path from the root): the target's node, so that every
+    /// name of the file shows one inode. A name answered before keeps its
+    /// number.
+    pub fn link(&self, parent: u32, name: &[u8], target: &[u8]) -> u32 {
+        let mut g = self.inner.lock().unwrap();
+        if let Some(&k) = g.by_key.get(&(parent, Box::<[u8]>::from(name))) {
+            return EARLY + k;
+        }
+        let mut node = 0;
+        for part in target.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+            node = Self::child_locked(&mut g, node, part);
+        }
+        if node < EARLY {
+            // No target path (never a file's): a number of its own.
+            return Self::child_locked(&mut g, parent, name);
+        }
+        g.by_key.insert((parent, name.into()), node - EARLY);
+        node
+    }
+
+    /// The early number first handed out for node `n` of the built `tree`,
+    /// if any: the number the other names of a hard-linked file must show.
+    pub fn of_tree_node(&self, tree: &MergedTree, n: u32) -> Option<u32> {
+        let (len, done) = {
+            let g = self.inner.lock().unwrap();
+            (g.nodes.len(), g.by_tree.1)
+        };
+        let found: Vec<(u32, u32)> = (done..len)
+            .filter_map(|k| {
+                let i = EARLY + k as u32;
+                Some((self.to_tree(tree, i)?, i))
+            })
+            .collect();
+        let mut g = self.inner.lock().unwrap();
+        if g.by_tree.1 == done {
+            for (t, i) in found {
+                g.by_tree.0.entry(t).or_insert(i);
+            }
+            g.by_tree.1 = len;
+        }
+        g.by_tree.0.get(&n).copied()
     }
 
     /// The early node handed out for `name` in directory `parent`, if one
@@ -556,5 +612,29 @@ mod tests {
         assert_eq!(ino.get(usr, b"bin"), Some(bin));
         assert_eq!(ino.get(usr, b"lib"), None);
         assert_eq!(ino.get(7, b"bin"), None, "tree directories have none");
+    }
+
+    #[test]
+    fn a_hard_link_shares_its_targets_early_number() {
+        let ino = EarlyInodes::default();
+        let usr = ino.child(0, b"usr");
+        let link = ino.link(usr, b"perl", b"usr/bin/perl5");
+        assert_eq!(ino.path(link).unwrap(), b"usr/bin/perl5");
+        let bin = ino
+            .get(usr, b"bin")
+            .expect("the target's directories are made");
+        assert_eq!(
+            ino.child(bin, b"perl5"),
+            link,
+            "the target looked up itself"
+        );
+        assert_eq!(ino.get(usr, b"perl"), Some(link));
+        assert_eq!(
+            ino.link(usr, b"perl", b"usr/bin/other"),
+            link,
+            "a name keeps its number"
+        );
+        let own = ino.link(0, b"odd", b"");
+        assert_eq!(ino.path(own).unwrap(), b"odd");
     }
 }

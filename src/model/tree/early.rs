@@ -103,7 +103,11 @@ impl Tree {
             let path = Self::early_path(rf, pi, name).ok_or(FsError::NotFound)?;
             match self.settle(rf, |v| resolve(v, &path)).await? {
                 Some(Answer::Shows(f)) => {
-                    let k = rf.early.child(pi, name);
+                    let k = if f.entry.path != path && self.target_shows(rf, &f) {
+                        rf.early.link(pi, name, &f.entry.path)
+                    } else {
+                        rf.early.child(pi, name)
+                    };
                     return Ok(early_entry(rf, k, &f.entry));
                 }
                 Some(Answer::Absent) => return Err(FsError::NotFound),
@@ -118,10 +122,19 @@ impl Tree {
         Self::rootfs_child_entry(rf, &tree, pi, name, c)
     }
 
+    /// Whether `f`, found through a hard link, is also what its target's
+    /// path shows now (an upper layer may have put another file there): then
+    /// the link and the target are one inode early, as in the tree.
+    fn target_shows(&self, rf: &Rootfs, f: &Found) -> bool {
+        resolve_found(&self.layers.live_views(&rf.image), &f.entry.path)
+            .is_some_and(|t| Arc::ptr_eq(&t.layer, &f.layer) && t.idx == f.idx)
+    }
+
     /// The entry of child `c`, named `name`, of directory `d` (a tree node
     /// or an early inode) in the built tree: under the early number it was
     /// answered with while the image streamed, if it was, so the kernel's
-    /// dentries stay valid; else under the tree's.
+    /// dentries stay valid; a hard-linked file with an early number shows it
+    /// under every name; else the tree's number.
     pub(super) fn rootfs_child_entry(
         rf: &Rootfs,
         tree: &MergedTree,
@@ -130,7 +143,13 @@ impl Tree {
         c: u32,
     ) -> Res<Entry> {
         let mut e = Self::rootfs_entry(rf, tree, c)?;
-        if let Some(k) = rf.early.get(d, name) {
+        let linked = || {
+            let n = tree.node(c)?;
+            (n.nlink > 1 && n.kind != EntryKind::Dir)
+                .then(|| rf.early.of_tree_node(tree, c))
+                .flatten()
+        };
+        if let Some(k) = rf.early.get(d, name).or_else(linked) {
             e.stat.ino = rf.base + k as u64;
         }
         Ok(e)
