@@ -11,7 +11,7 @@
 //! moves meanwhile.
 //!
 //! Opens of a listed directory's files may be prepared ahead
-//! (`prepared.rs`): a kernel-adapter concern, since what is prepared is the
+//! ([`prepared`]): a kernel-adapter concern, since what is prepared is the
 //! passthrough backing id; the model only says whether a file can be opened
 //! without waiting ([`Tree::open_ready`]).
 //!
