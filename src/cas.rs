@@ -244,19 +244,6 @@ impl ObjectStore {
         }
     }
 
-    /// Whether `file`, opened as object `id` by [`Self::get_verified`], is
-    /// still the verified object: still in the store and unchanged on disk
-    /// since it was hashed. Counts as a use.
-    pub fn still_verified(&self, id: &ObjectId, file: &File) -> bool {
-        let Ok(m) = file.metadata() else {
-            return false;
-        };
-        let mut st = self.state.lock().unwrap();
-        st.lru
-            .get(id)
-            .is_some_and(|i| i.verified == Stamp::of(&m).fingerprint())
-    }
-
     /// Hashes object `id`'s open `file`: the file (at its start) if it is
     /// intact, else `None` (a damaged file is removed).
     pub fn check(&self, id: &ObjectId, file: File) -> Option<File> {

@@ -181,16 +181,8 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     if !opts.passthrough {
         fs = fs.without_passthrough();
     }
-    let device_sink = fs.device_sink();
     let mut session = fuser::Session::new(fs, &opts.mountpoint, &cfg)
         .map_err(|e| format!("cannot mount {}: {e}", opts.mountpoint.display()))?;
-    if let Some(sink) = device_sink {
-        use std::os::fd::AsFd;
-        match session.as_fd().try_clone_to_owned() {
-            Ok(dev) => sink.set(dev),
-            Err(e) => tracing::debug!(error = %e, "no prepared passthrough opens"),
-        }
-    }
     tracing::info!(mountpoint = %opts.mountpoint.display(), cache = %opts.cache_dir.display(), "serving");
     if let Some(mut r) = ready.take() {
         let _ = r.write_all(b"ok\n");

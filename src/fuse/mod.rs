@@ -10,17 +10,11 @@
 //! contents at `open`, so readers see one consistent version even if a tag
 //! moves meanwhile.
 //!
-//! Opens of a listed directory's files may be prepared ahead
-//! ([`prepared`]): a kernel-adapter concern, since what is prepared is the
-//! passthrough backing id; the model only says whether a file can be opened
-//! without waiting ([`Tree::open_ready`]).
-//!
 //! Inodes at or above [`crate::outbox::OUTBOX_BASE`] belong to the writable outbox
 //! ([`crate::outbox`]); every request for them goes there (local disk I/O,
 //! answered inline). Writes anywhere else are `EROFS`.
 
 pub mod errno;
-mod prepared;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -66,8 +60,6 @@ pub struct Fs {
     backings: Arc<Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>>,
     /// Whether passthrough may be used at all (mount option).
     allow_passthrough: bool,
-    /// Opens prepared when their directory is opened.
-    preparer: Arc<prepared::Preparer>,
     /// The writable outbox, when mounted with one.
     outbox: Option<Arc<Outbox>>,
 }
@@ -77,13 +69,6 @@ impl Fs {
     pub fn without_passthrough(mut self) -> Fs {
         self.allow_passthrough = false;
         self
-    }
-
-    /// Where the session's FUSE device goes once mounted; `None` without
-    /// passthrough.
-    pub fn device_sink(&self) -> Option<DeviceSink> {
-        self.allow_passthrough
-            .then(|| DeviceSink(self.preparer.clone()))
     }
 
     /// Routes the outbox's inodes to `outbox`.
@@ -151,7 +136,6 @@ impl Fs {
             passthrough: false,
             backings: Arc::new(Mutex::new(HashMap::new())),
             allow_passthrough: true,
-            preparer: Arc::default(),
             outbox: None,
         }
     }
@@ -285,24 +269,10 @@ impl Filesystem for Fs {
             };
         }
         let (tree, handles) = (self.tree.clone(), self.handles.clone());
-        let (preparer, backings) = (self.preparer.clone(), self.backings.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.run(async move {
             match tree.list(ino.0).await {
                 Ok(list) => {
-                    let files = list
-                        .iter()
-                        .filter(|d| d.entry.stat.kind == Kind::File && d.entry.stat.size > 0)
-                        .map(|d| d.entry.stat.ino)
-                        .collect();
-                    let open_now = move |ino| {
-                        backings
-                            .lock()
-                            .unwrap()
-                            .get(&ino)
-                            .is_some_and(|w| w.strong_count() > 0)
-                    };
-                    preparer.prepare(&tree, files, open_now);
                     handles
                         .lock()
                         .unwrap()
@@ -430,21 +400,58 @@ impl Filesystem for Fs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(errno(&FsError::ReadOnly));
         }
+        let (tree, handles) = (self.tree.clone(), self.handles.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let opener = Opener {
-            handles: self.handles.clone(),
-            backings: self.backings.clone(),
-            passthrough: self.passthrough,
-        };
-        if let Some(p) = self.preparer.take(ino.0)
-            && self.tree.still_ready(&p.ready)
-        {
-            return opener.opened(reply, fh, ino.0, p.ready.file, p.backing);
-        }
-        let tree = self.tree.clone();
+        let passthrough = self.passthrough;
+        let backings = self.backings.clone();
         self.run(async move {
             match tree.open(ino.0).await {
-                Ok(f) => opener.opened(reply, fh, ino.0, f, None),
+                Ok(f) => {
+                    // Read-only: nothing to flush on close, so spare every
+                    // close() a round trip to the daemon.
+                    let mut flags = FopenFlags::FOPEN_NOFLUSH;
+                    if f.keep_cache {
+                        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    if f.direct_io {
+                        flags |= FopenFlags::FOPEN_DIRECT_IO;
+                    }
+                    // Complete local objects: let the kernel read the file itself.
+                    let backing = match (&f.content, passthrough) {
+                        (Content::File(file), true) => {
+                            let mut map = backings.lock().unwrap();
+                            match map.get(&ino.0).and_then(std::sync::Weak::upgrade) {
+                                Some(id) => Some(id),
+                                None => match reply.open_backing(&**file) {
+                                    Ok(id) => {
+                                        let id = Arc::new(id);
+                                        map.insert(ino.0, Arc::downgrade(&id));
+                                        Some(id)
+                                    }
+                                    Err(e) => {
+                                        tracing::debug!(error = %e, "passthrough unavailable for this open");
+                                        None
+                                    }
+                                },
+                            }
+                        }
+                        _ => None,
+                    };
+                    let f = Arc::new(f);
+                    match backing {
+                        Some(id) => {
+                            // The kernel refuses KEEP_CACHE with passthrough
+                            // (the backing file's page cache is used instead).
+                            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
+                            handles.lock().unwrap().insert(fh, Handle::File(f, Some(id.clone())));
+                            reply.opened_passthrough(FileHandle(fh), flags, &id);
+                        }
+                        None => {
+                            handles.lock().unwrap().insert(fh, Handle::File(f, None));
+                            reply.opened(FileHandle(fh), flags);
+                        }
+                    }
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -903,97 +910,6 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         reply.error(Errno::ENOSYS);
-    }
-}
-
-/// Hands the mounted session's FUSE device to [`Fs`] (which the session
-/// owns by then), so opens prepared ahead are registered for passthrough.
-pub struct DeviceSink(Arc<prepared::Preparer>);
-
-impl DeviceSink {
-    /// `dev`: a duplicate of the session's `/dev/fuse` descriptor.
-    pub fn set(&self, dev: std::os::fd::OwnedFd) {
-        self.0.set_device(dev);
-    }
-}
-
-/// What answering an `open` needs, to move into a task.
-struct Opener {
-    handles: Arc<Mutex<HashMap<u64, Handle>>>,
-    backings: Arc<Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>>,
-    passthrough: bool,
-}
-
-impl Opener {
-    /// Replies to an open of `ino` as `fh` reading `f`. A complete local
-    /// object is read by the kernel itself (passthrough), through the
-    /// inode's backing id if one is open, else `prepared`, else a new one.
-    fn opened(
-        &self,
-        reply: ReplyOpen,
-        fh: u64,
-        ino: u64,
-        f: OpenFile,
-        prepared: Option<prepared::RawBacking>,
-    ) {
-        // Read-only: nothing to flush on close, so spare every close() a
-        // round trip to the daemon.
-        let mut flags = FopenFlags::FOPEN_NOFLUSH;
-        if f.keep_cache {
-            flags |= FopenFlags::FOPEN_KEEP_CACHE;
-        }
-        if f.direct_io {
-            flags |= FopenFlags::FOPEN_DIRECT_IO;
-        }
-        let backing = match (&f.content, self.passthrough) {
-            (Content::File(file), true) => {
-                let mut map = self.backings.lock().unwrap();
-                match map.get(&ino).and_then(std::sync::Weak::upgrade) {
-                    Some(id) => Some(id),
-                    None => {
-                        let id = match prepared {
-                            // SAFETY: registered on this session's device
-                            // and handed over (`into_raw`) to be closed by
-                            // the BackingId alone.
-                            Some(p) => Ok(unsafe { reply.wrap_backing(p.into_raw()) }),
-                            None => reply.open_backing(&**file),
-                        };
-                        match id {
-                            Ok(id) => {
-                                let id = Arc::new(id);
-                                map.insert(ino, Arc::downgrade(&id));
-                                Some(id)
-                            }
-                            Err(e) => {
-                                tracing::debug!(error = %e, "passthrough unavailable for this open");
-                                None
-                            }
-                        }
-                    }
-                }
-            }
-            _ => None,
-        };
-        let f = Arc::new(f);
-        match backing {
-            Some(id) => {
-                // The kernel refuses KEEP_CACHE with passthrough (the
-                // backing file's page cache is used instead).
-                flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
-                self.handles
-                    .lock()
-                    .unwrap()
-                    .insert(fh, Handle::File(f, Some(id.clone())));
-                reply.opened_passthrough(FileHandle(fh), flags, &id);
-            }
-            None => {
-                self.handles
-                    .lock()
-                    .unwrap()
-                    .insert(fh, Handle::File(f, None));
-                reply.opened(FileHandle(fh), flags);
-            }
-        }
     }
 }
 

@@ -142,13 +142,5 @@ pub struct OpenFile {
     pub direct_io: bool,
 }
 
-/// A rootfs file opened ahead of its reader ([`Tree::open_ready`]).
-pub struct Ready {
-    /// The open file.
-    pub file: OpenFile,
-    /// Its object, to check it is still the verified one when used.
-    object: crate::cas::ObjectId,
-}
-
 /// How long immutable (digest-addressed) names and attributes are cached.
 pub const IMMUTABLE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);

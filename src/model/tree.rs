@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use super::image::{Image, select_platform};
 use super::node::{Inodes, MetaKind, Node, ROOT_INO};
-use super::{Content, DirEntry, Entry, FsError, IMMUTABLE_TTL, Kind, OpenFile, Ready, Stat};
+use super::{Content, DirEntry, Entry, FsError, IMMUTABLE_TTL, Kind, OpenFile, Stat};
 use crate::cfs::images::ImageStore;
 use crate::inspect::{InspectInput, inspect_json};
 use crate::layer::EntryKind;
@@ -393,36 +393,6 @@ impl Tree {
         match self.rootfs_of(ino) {
             None => Ok(Vec::new()),
             Some((rf, i)) => self.rootfs_xattrs(&rf, i).await,
-        }
-    }
-
-    /// Opens rootfs file `ino` now if nothing would wait: its image's tree
-    /// is built and its object is complete and verified in the store. For
-    /// opens prepared ahead of the reader ([`crate::fuse`]).
-    pub fn open_ready(&self, ino: u64) -> Option<Ready> {
-        let (rf, i) = self.rootfs_of(ino)?;
-        let tree = rf.built()?;
-        let n = tree.node(rf.early.to_tree(&tree, i)?)?;
-        if n.kind != EntryKind::File {
-            return None;
-        }
-        let file = self.layers.store().get_verified(&n.object).ok()??;
-        Some(Ready {
-            file: OpenFile {
-                content: Content::File(Arc::new(file)),
-                keep_cache: true,
-                direct_io: false,
-            },
-            object: n.object,
-        })
-    }
-
-    /// Whether an open prepared by [`Self::open_ready`] may still be used:
-    /// its object was neither evicted nor changed on disk since.
-    pub fn still_ready(&self, r: &Ready) -> bool {
-        match &r.file.content {
-            Content::File(f) => self.layers.store().still_verified(&r.object, f),
-            Content::Bytes(_) => false,
         }
     }
 

@@ -21,10 +21,10 @@
 //! forward extends it by half a window at a time, so each node is warmed
 //! once per pass.
 //!
-//! (Opening the objects ahead alone, and handing the open files to the
-//! FUSE open, did not move a warm `tar`; opening them and registering their
-//! passthrough backing ids does: [`crate::fuse`]'s prepared opens, made
-//! when a directory is listed. This stat still serves the opens those miss.)
+//! (Opening the objects ahead and handing the open files to the FUSE open
+//! was tried: it took ~5,000 `openat` + `statx` per tar pass off the FUSE
+//! threads, but tar's own `openat` stayed at ~34 µs and the end-to-end time
+//! did not move, so the simpler stat stays.)
 
 use std::sync::{Arc, Mutex};
 
