@@ -438,8 +438,9 @@ fn concurrent_readers_stream_each_layer_once() {
 // chroot
 // ---------------------------------------------------------------------------
 
-#[test]
-fn chroot_into_busybox_image() {
+/// The busybox image in a fresh registry, mounted: (work dir, registry,
+/// mount, its rootfs). Needs the real parts (`require_env`).
+fn busybox_mounted() -> (tempfile::TempDir, Registry, Mount, PathBuf) {
     require_env();
     let work = tempdir();
     let layout = busybox_image(work.path(), "bb");
@@ -452,6 +453,12 @@ fn chroot_into_busybox_image() {
     );
     let m = mount_of(&reg);
     let root = rootfs(&m, &h, "busybox", "1");
+    (work, reg, m, root)
+}
+
+#[test]
+fn chroot_into_busybox_image() {
+    let (_work, _reg, _m, root) = busybox_mounted();
     let (status, out, err) = run_bounded(
         Command::new("chroot")
             .arg(&root)
@@ -478,18 +485,7 @@ fn chroot_into_busybox_image() {
 /// colons of `HOST:PORT` are escaped, as overlay's option syntax needs.
 #[test]
 fn an_overlay_on_rootfs_makes_a_writable_chroot() {
-    require_env();
-    let work = tempdir();
-    let layout = busybox_image(work.path(), "bb");
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "bb"),
-        &format!("{h}/busybox:1"),
-        Format::Oci,
-    );
-    let m = mount_of(&reg);
-    let root = rootfs(&m, &h, "busybox", "1");
+    let (work, _reg, _m, root) = busybox_mounted();
     // The tree is built first: an overlay mounted while the layers still
     // stream hung once in CI (a chroot left in D state); until that is
     // understood, this covers the built tree, and the held-layer test
