@@ -8,7 +8,8 @@
 //!
 //! Contracts:
 //! - **Crash safety**: an object is written under `tmp/` while it is hashed,
-//!   then renamed to its name; a name never holds partial content.
+//!   then linked to its name ([`crate::publish`]: no filesystem-wide rename
+//!   lock); a name never holds partial content.
 //! - **Verification**: an object read back is verified against its name
 //!   the first time it is opened in this process and again whenever its
 //!   inode, size, mtime or ctime change (so a damaged or replaced file is
@@ -416,7 +417,7 @@ impl ObjectStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::rename(tmp, &path)?;
+        crate::publish::publish(tmp, &path)?;
         let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok();
         {
             let mut st = self.state.lock().unwrap();

@@ -9,6 +9,7 @@
 //! cas       the content store: file contents as objects by sha256, LRU-bounded
 //! objindex  the store's compact in-memory index (LRU order, ~60 B per object)
 //! pins      objects kept for kernel mounts, honoured by every process's eviction
+//! publish   naming a finished file without the filesystem-wide rename lock
 //! layer     reading a layer once into an index plus objects; indexes on disk
 //! rootfs    merging layer indexes into an image's tree, fetching on demand
 //! cfs       composefs: image.cfs from the merged tree, kernel mounts of it
@@ -31,6 +32,7 @@ pub mod model;
 pub mod objindex;
 pub mod outbox;
 pub mod pins;
+pub mod publish;
 pub mod registry;
 pub mod rootfs;
 pub mod singleflight;

@@ -69,7 +69,7 @@ impl MetaStore {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            crate::publish::publish(&tmp, &path)
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);

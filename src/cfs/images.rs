@@ -137,7 +137,7 @@ impl ImageStore {
             f.sync_all()
         };
         write(&tmp, image)?;
-        std::fs::rename(&tmp, self.path(manifest))?;
+        crate::publish::publish(&tmp, &self.path(manifest))?;
         let mut h = crate::cas::Sha256::new();
         h.update(image);
         let side = Sidecar {
@@ -146,7 +146,9 @@ impl ImageStore {
             builder: BUILDER.into(),
         };
         write(&tmp, &serde_json::to_vec(&side).map_err(io::Error::other)?)?;
-        std::fs::rename(&tmp, self.sidecar_path(manifest))?;
+        // A sidecar left by another builder must not stay beside this image.
+        let _ = std::fs::remove_file(self.sidecar_path(manifest));
+        crate::publish::publish(&tmp, &self.sidecar_path(manifest))?;
         let file = File::open(self.path(manifest))?;
         let m = file.metadata()?;
         self.verified
