@@ -486,44 +486,9 @@ fn chroot_into_busybox_image() {
 #[test]
 fn an_overlay_on_rootfs_makes_a_writable_chroot() {
     let (work, _reg, _m, root) = busybox_mounted();
-    // The tree is built first: an overlay mounted while the layers still
-    // stream hung once in CI (a chroot left in D state); until that is
-    // understood, this covers the built tree, and the held-layer test
-    // covers names keeping their early inode numbers.
-    list(&root).expect("ls rootfs");
-    let (upper, wdir, merged) = (
-        work.path().join("upper"),
-        work.path().join("work"),
-        work.path().join("merged"),
-    );
-    for d in [&upper, &wdir, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
-    let lower = root.to_str().unwrap().replace(':', "\\:");
-    let opts = format!(
-        "lowerdir={lower},upperdir={},workdir={}",
-        upper.display(),
-        wdir.display()
-    );
-    let (status, _, err) = run_bounded(
-        Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &opts])
-            .arg(&merged),
-        Duration::from_secs(60),
-    );
-    assert!(
-        status.success(),
-        "mount -t overlay -o {opts}: {status}\n{err}"
-    );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _overlay = Unmount(&merged);
+    let ovl = Overlay::mount(&root, work.path());
     let (status, out, err) = run_bounded(
-        Command::new("chroot").arg(&merged).args([
+        Command::new("chroot").arg(&ovl.merged).args([
             "/bin/sh",
             "-c",
             "echo changed > /etc/motd && rm /bin/ls && echo made > /tmp/new && \
@@ -546,9 +511,64 @@ fn an_overlay_on_rootfs_makes_a_writable_chroot() {
     );
     assert!(stat(root.join("bin/ls")).is_ok());
     assert_eq!(
-        fs::read_to_string(upper.join("etc/motd")).unwrap(),
+        fs::read_to_string(ovl.upper.join("etc/motd")).unwrap(),
         "changed\n"
     );
+}
+
+/// An overlay mounted on `rootfs/` while a layer still streams. The first
+/// write in it copies `etc/` up; overlayfs holds its upper filesystem's
+/// rename lock while it asks `rootfs/` about the directory. Neither may wait
+/// on the held layer: other renames on that filesystem (here the cache's,
+/// as on a machine with one root filesystem) go on, and once the layer
+/// arrives the write completes (it hung for good when the layer's objects
+/// were renamed into the cache under that lock).
+#[test]
+fn an_overlay_mounted_while_a_layer_streams_blocks_nothing() {
+    require_env();
+    let held = held_image("ovl", Held::Upper);
+    // The held layer must outlast a blocked rename, not time out first.
+    let m = Mount::builder()
+        .insecure(&held.fault.host())
+        .timeout(60)
+        .start();
+    let root = rootfs(&m, &held.fault.host(), "ovl/img", "1");
+    let dir = tempfile::tempdir_in(m.cache_dir().parent().unwrap()).unwrap();
+    let ovl = Overlay::mount(&root, dir.path());
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A file answered early (a new name would wait for the layer first).
+    let early = ovl.merged.join("etc/early");
+    thread::spawn(move || {
+        let _ = tx.send(fs::write(&early, "changed\n"));
+    });
+    // A rename between two directories of that filesystem, once the write
+    // had time to start copying etc/ up.
+    thread::sleep(Duration::from_secs(1));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    fs::write(a.join("f"), "x").unwrap();
+    let written = within(
+        Duration::from_secs(5),
+        "a rename beside the overlay's upper directory",
+        move || fs::rename(a.join("f"), b.join("f")),
+    );
+    written.expect("rename");
+    assert_streaming(&m, &held.fault.host(), "ovl/img", 1, "during the write");
+
+    held.gate.open();
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the write in the overlay still waits after the layer arrived")
+        .expect("write etc/early in the overlay");
+    assert_eq!(fs::read(ovl.upper.join("etc/early")).unwrap(), b"changed\n");
+    assert_eq!(read(ovl.merged.join("etc/early")).unwrap(), b"changed\n");
+    assert_eq!(read(root.join("etc/early")).unwrap(), EARLY_FILE);
+    assert_eq!(
+        read(ovl.merged.join("etc/base")).unwrap(),
+        b"from the lower layer\n"
+    );
+    assert_trees_equal(&root, &held.oracle, "after the layer arrived");
 }
 
 // ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 //! wait (network, disk), the future moves to the tokio runtime, which replies
 //! when it is done. Replies are `Send + 'static`, so that is safe.
 //!
-//! Handles: directory listings are snapshotted at `opendir` and file
+//! Handles: directory listings are snapshotted once per handle (at
+//! `opendir`; in `rootfs/` at the first `readdir`, see `opendir`) and file
 //! contents at `open`, so readers see one consistent version even if a tag
 //! moves meanwhile.
 //!
@@ -37,7 +38,8 @@ use errno::{errno, outbox_errno};
 use std::os::unix::fs::FileExt;
 
 enum Handle {
-    Dir(Arc<Vec<DirEntry>>),
+    /// A directory: its entries once listed.
+    Dir(Listing),
     /// An open file; the backing id (passthrough) must live until release.
     File(
         Arc<OpenFile>,
@@ -45,6 +47,14 @@ enum Handle {
     ),
     /// A staged outbox file.
     Outbox(Arc<OpenedFile>),
+}
+
+/// A directory handle's entries, listed once (at `opendir`, or at the first
+/// `readdir` in `rootfs/`).
+type Listing = Arc<tokio::sync::OnceCell<Arc<Vec<DirEntry>>>>;
+
+fn listed(list: Vec<DirEntry>) -> Listing {
+    Arc::new(tokio::sync::OnceCell::new_with(Some(Arc::new(list))))
 }
 
 /// The FUSE filesystem: a model plus the runtime that runs its waits.
@@ -258,15 +268,24 @@ impl Filesystem for Fs {
         });
     }
 
+    /// In `rootfs/` the listing waits for the first `readdir`: it may wait
+    /// for the image's layers, and an `opendir` must not. overlayfs opens a
+    /// lower directory (for its attributes) while it copies it up, holding
+    /// its upper filesystem's rename lock; every rename on that filesystem
+    /// would wait for the layers too.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if let Some(ob) = self.ob(ino) {
             return match ob.list(ino.0) {
                 Ok(list) => {
-                    let fh = self.put_handle(Handle::Dir(Arc::new(list)));
+                    let fh = self.put_handle(Handle::Dir(listed(list)));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(outbox_errno(&e)),
             };
+        }
+        if self.tree.is_rootfs(ino.0) {
+            let fh = self.put_handle(Handle::Dir(Listing::default()));
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
         }
         let (tree, handles) = (self.tree.clone(), self.handles.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +295,7 @@ impl Filesystem for Fs {
                     handles
                         .lock()
                         .unwrap()
-                        .insert(fh, Handle::Dir(Arc::new(list)));
+                        .insert(fh, Handle::Dir(listed(list)));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -290,28 +309,18 @@ impl Filesystem for Fs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let Some(list) = self.dir_handle(fh) else {
+        let Some(listing) = self.dir_handle(fh) else {
             return reply.error(Errno::EBADF);
         };
-        let dots = [
-            (ino.0, FileType::Directory, OsStr::new(".")),
-            (ino.0, FileType::Directory, OsStr::new("..")),
-        ];
-        let entries = dots.into_iter().chain(list.iter().map(|d| {
-            (
-                d.entry.stat.ino,
-                file_type(d.entry.stat.kind),
-                d.name.as_os_str(),
-            )
-        }));
-        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
-                break;
+        let tree = self.tree.clone();
+        self.run(async move {
+            match entries(&tree, ino, &listing).await {
+                Ok(list) => fill_readdir(ino, list, offset, reply),
+                Err(e) => reply.error(errno(&e)),
             }
-        }
-        reply.ok();
+        });
     }
 
     fn readdirplus(
@@ -320,50 +329,22 @@ impl Filesystem for Fs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let Some(list) = self.dir_handle(fh) else {
+        let Some(listing) = self.dir_handle(fh) else {
             return reply.error(Errno::EBADF);
         };
         if let Some(ob) = self.ob(ino) {
+            let list = listing.get().cloned().unwrap_or_default();
             return outbox_readdirplus(ob, ino, &list, offset, reply);
         }
-        // "." and ".." carry no entry (the kernel ignores their attributes).
-        let dot = Entry {
-            stat: Stat {
-                ino: ino.0,
-                kind: Kind::Dir,
-                size: 0,
-                perm: 0o555,
-                nlink: 2,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                mtime: std::time::UNIX_EPOCH,
-            },
-            entry_ttl: Duration::ZERO,
-            attr_ttl: Duration::ZERO,
-        };
-        let dots = [(OsStr::new("."), dot), (OsStr::new(".."), dot)];
-        let entries = dots
-            .into_iter()
-            .chain(list.iter().map(|d| (d.name.as_os_str(), d.entry)));
-        for (i, (name, e)) in entries.enumerate().skip(offset as usize) {
-            let ino = if i < 2 { ino.0 } else { e.stat.ino };
-            let mut a = attr(&e.stat);
-            a.ino = INodeNo(ino);
-            if reply.add(
-                INodeNo(ino),
-                (i + 1) as u64,
-                name,
-                &e.entry_ttl,
-                &a,
-                Generation(0),
-            ) {
-                break;
+        let tree = self.tree.clone();
+        self.run(async move {
+            match entries(&tree, ino, &listing).await {
+                Ok(list) => fill_readdirplus(ino, list, offset, reply),
+                Err(e) => reply.error(errno(&e)),
             }
-        }
-        reply.ok();
+        });
     }
 
     fn releasedir(
@@ -924,6 +905,78 @@ fn caller(req: &Request) -> Caller {
 /// readdirplus of an outbox directory: each entry sent is a lookup the
 /// kernel will forget later, so it is looked up (counted) as it is added,
 /// and uncounted if the reply buffer was full.
+/// The entries of a directory handle, listed now if they were not yet.
+async fn entries<'a>(
+    tree: &Tree,
+    ino: INodeNo,
+    listing: &'a Listing,
+) -> Result<&'a Arc<Vec<DirEntry>>, FsError> {
+    listing
+        .get_or_try_init(|| async { tree.list(ino.0).await.map(Arc::new) })
+        .await
+}
+
+/// Answers a `readdir` from `list`, from `offset` on.
+fn fill_readdir(ino: INodeNo, list: &[DirEntry], offset: u64, mut reply: ReplyDirectory) {
+    let dots = [
+        (ino.0, FileType::Directory, OsStr::new(".")),
+        (ino.0, FileType::Directory, OsStr::new("..")),
+    ];
+    let entries = dots.into_iter().chain(list.iter().map(|d| {
+        (
+            d.entry.stat.ino,
+            file_type(d.entry.stat.kind),
+            d.name.as_os_str(),
+        )
+    }));
+    for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
+/// Answers a `readdirplus` from `list`, from `offset` on.
+fn fill_readdirplus(ino: INodeNo, list: &[DirEntry], offset: u64, mut reply: ReplyDirectoryPlus) {
+    // "." and ".." carry no entry (the kernel ignores their attributes).
+    let dot = Entry {
+        stat: Stat {
+            ino: ino.0,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            mtime: std::time::UNIX_EPOCH,
+        },
+        entry_ttl: Duration::ZERO,
+        attr_ttl: Duration::ZERO,
+    };
+    let dots = [(OsStr::new("."), dot), (OsStr::new(".."), dot)];
+    let entries = dots
+        .into_iter()
+        .chain(list.iter().map(|d| (d.name.as_os_str(), d.entry)));
+    for (i, (name, e)) in entries.enumerate().skip(offset as usize) {
+        let ino = if i < 2 { ino.0 } else { e.stat.ino };
+        let mut a = attr(&e.stat);
+        a.ino = INodeNo(ino);
+        if reply.add(
+            INodeNo(ino),
+            (i + 1) as u64,
+            name,
+            &e.entry_ttl,
+            &a,
+            Generation(0),
+        ) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
 fn outbox_readdirplus(
     ob: &Outbox,
     ino: INodeNo,
@@ -972,7 +1025,7 @@ fn outbox_readdirplus(
 }
 
 impl Fs {
-    fn dir_handle(&self, fh: FileHandle) -> Option<Arc<Vec<DirEntry>>> {
+    fn dir_handle(&self, fh: FileHandle) -> Option<Listing> {
         match self.handles.lock().unwrap().get(&fh.0) {
             Some(Handle::Dir(d)) => Some(d.clone()),
             _ => None,

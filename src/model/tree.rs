@@ -229,6 +229,11 @@ impl Tree {
 
     // ----- rootfs -----------------------------------------------------
 
+    /// Whether `ino` is in a `rootfs/` (whose listings may wait for layers).
+    pub fn is_rootfs(&self, ino: u64) -> bool {
+        self.rootfs_of(ino).is_some()
+    }
+
     fn rootfs_of(&self, ino: u64) -> Option<(Arc<Rootfs>, u32)> {
         if ino < ROOTFS_BASE {
             return None;

@@ -3350,3 +3350,57 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Overlay mounts
+// ---------------------------------------------------------------------------
+
+/// An overlay with a writable upper directory on `lower` (a `rootfs/`):
+/// `upper/`, `work/` and `merged/` made under `dir`. Unmounted on drop
+/// (lazily if busy).
+pub struct Overlay {
+    pub upper: PathBuf,
+    pub merged: PathBuf,
+}
+
+impl Overlay {
+    /// Mounts it; the colons of `HOST:PORT` in `lower` are escaped, as
+    /// overlay's option syntax needs (else `ENOENT`).
+    pub fn mount(lower: &Path, dir: &Path) -> Overlay {
+        let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let lower = lower.to_str().unwrap().replace(':', "\\:");
+        let opts = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        let out = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t overlay -o {opts}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Overlay { upper, merged }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.merged)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
+        }
+    }
+}
