@@ -427,11 +427,7 @@ fn toc_failing_its_digest_is_eio_and_nothing_is_kept() {
         let digest = man["layers"][0]["digest"].as_str().unwrap().to_string();
         let m = Mount::builder().insecure(&h).start();
         let root = rootfs(&m, &h, &repo, "lying");
-        assert_errno(
-            fs::read_dir(&root).map(|_| ()),
-            libc::EIO,
-            "rootfs of a lying TOC",
-        );
+        assert_errno(list(&root), libc::EIO, "rootfs of a lying TOC");
         let log = m.log();
         assert!(
             log.contains(&wrong) && log.contains("TOC of layer"),
