@@ -480,6 +480,35 @@ fn chroot_into_busybox_image() {
     );
 }
 
+/// `tar` of a `rootfs/` nothing has read yet: tar compares the directory's
+/// `stat` before and after reading it, so `rootfs/` must not change its
+/// attributes when its tree is built under tar (it said "file changed as
+/// we read it" and exited 1).
+#[test]
+fn a_cold_tar_of_rootfs_is_complete_and_quiet() {
+    let (work, _reg, _m, root) = busybox_mounted();
+    let archive = work.path().join("rootfs.tar");
+    let (status, _, err) = run_bounded(
+        Command::new("tar")
+            .arg("cf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&root)
+            .arg("."),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "tar cf - -C rootfs .: {status}\n{err}");
+    assert_eq!(err, "", "tar's warnings");
+    let (status, out, err) = run_bounded(
+        Command::new("tar").arg("tf").arg(&archive),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "tar tf: {status}\n{err}");
+    for name in ["./bin/busybox", "./etc/motd"] {
+        assert!(out.lines().any(|l| l == name), "{name} not in\n{out}");
+    }
+}
+
 /// An overlay with a writable upper directory on `rootfs/`: the way to run
 /// what writes (a package manager, a build) in an image never pulled. The
 /// colons of `HOST:PORT` are escaped, as overlay's option syntax needs.

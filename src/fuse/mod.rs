@@ -7,7 +7,7 @@
 //! when it is done. Replies are `Send + 'static`, so that is safe.
 //!
 //! Handles: directory listings are snapshotted once per handle (at
-//! `opendir`; in `rootfs/` at the first `readdir`, see `opendir`) and file
+//! `opendir`; below `rootfs/` at the first `readdir`, see `opendir`) and file
 //! contents at `open`, so readers see one consistent version even if a tag
 //! moves meanwhile.
 //!
@@ -50,7 +50,7 @@ enum Handle {
 }
 
 /// A directory handle's entries, listed once (at `opendir`, or at the first
-/// `readdir` in `rootfs/`).
+/// `readdir` below `rootfs/`).
 type Listing = Arc<tokio::sync::OnceCell<Arc<Vec<DirEntry>>>>;
 
 fn listed(list: Vec<DirEntry>) -> Listing {
@@ -268,11 +268,14 @@ impl Filesystem for Fs {
         });
     }
 
-    /// In `rootfs/` the listing waits for the first `readdir`: it may wait
-    /// for the image's layers, and an `opendir` must not. overlayfs opens a
-    /// lower directory (for its attributes) while it copies it up, holding
-    /// its upper filesystem's rename lock; every rename on that filesystem
-    /// would wait for the layers too.
+    /// Below `rootfs/` the listing waits for the first `readdir`: it may
+    /// wait for the image's layers, and an `opendir` must not. overlayfs
+    /// opens a lower directory (for its attributes) while it copies it up,
+    /// holding its upper filesystem's rename lock; every rename on that
+    /// filesystem would wait for the layers too. `rootfs/` itself (never
+    /// copied up) lists at `opendir`: its attributes are a placeholder until
+    /// the tree is built, and `tar` compares the `fstat` it makes after
+    /// opening a directory with the one after reading it.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if let Some(ob) = self.ob(ino) {
             return match ob.list(ino.0) {
@@ -283,7 +286,7 @@ impl Filesystem for Fs {
                 Err(e) => reply.error(outbox_errno(&e)),
             };
         }
-        if self.tree.is_rootfs(ino.0) {
+        if self.tree.is_below_rootfs(ino.0) {
             let fh = self.put_handle(Handle::Dir(Listing::default()));
             return reply.opened(FileHandle(fh), FopenFlags::empty());
         }

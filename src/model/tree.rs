@@ -229,9 +229,11 @@ impl Tree {
 
     // ----- rootfs -----------------------------------------------------
 
-    /// Whether `ino` is in a `rootfs/` (whose listings may wait for layers).
-    pub fn is_rootfs(&self, ino: u64) -> bool {
-        self.rootfs_of(ino).is_some()
+    /// Whether `ino` is below a `rootfs/` (not `rootfs/` itself): answered
+    /// early while the layers stream, with the attributes the built tree
+    /// will show (the root's are a placeholder until then).
+    pub fn is_below_rootfs(&self, ino: u64) -> bool {
+        self.rootfs_of(ino).is_some_and(|(_, i)| i != 0)
     }
 
     fn rootfs_of(&self, ino: u64) -> Option<(Arc<Rootfs>, u32)> {
