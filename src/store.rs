@@ -6,12 +6,13 @@
 //! <cache-dir>/
 //! ├── blobs/sha256/<64 hex>     manifests, indexes, configs (never evicted)
 //! ├── objects/<2 hex>/<62 hex>  file contents (evictable, composefs layout)
-//! └── tmp/                      partial writes, renamed into place
+//! └── tmp/                      partial writes, linked into place
 //! ```
 //!
-//! Durability: a blob is written to `tmp/` and renamed into place, so a
-//! crash leaves either nothing or the whole blob. Reads re-verify the digest,
-//! so a damaged file is treated as missing (and removed), never served.
+//! Durability: a blob is written to `tmp/` and linked into place
+//! ([`crate::publish`]), so a crash leaves either nothing or the whole
+//! blob. Reads re-verify the digest, so a damaged file is treated as
+//! missing (and removed), never served.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

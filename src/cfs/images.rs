@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Contracts:
-//! - **Built once**: an image is written to `tmp/` and renamed into place,
+//! - **Built once**: an image is written to `tmp/` and linked into place
+//!   ([`crate::publish`]),
 //!   then its sidecar the same way; after a restart it is served from here,
 //!   never rebuilt.
 //! - **Never served damaged or stale**: an image is served only if its
