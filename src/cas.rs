@@ -417,8 +417,12 @@ impl ObjectStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        crate::publish::publish(tmp, &path)?;
-        let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok();
+        // A file already under the name (left by another process) is kept,
+        // and checked on its first open like any file not written here.
+        let stamp = match crate::publish::publish(tmp, &path)? {
+            true => std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok(),
+            false => None,
+        };
         {
             let mut st = self.state.lock().unwrap();
             if st

@@ -13,25 +13,46 @@
 //!
 //! Contract: for names that identify their content (a digest, or a manifest
 //! digest for what is built from it deterministically). A name that exists
-//! already is kept and the temporary file is dropped: both hold the same
-//! bytes. The name never holds partial content; a crash between the two
-//! steps leaves only the temporary file, which its owner's start-up sweep
-//! removes.
+//! already is kept and the temporary file is dropped; the caller learns so,
+//! and must not take the kept file for the one it verified. The name never
+//! holds partial content; a crash between the two steps leaves only the
+//! temporary file, which its owner's start-up sweep removes.
 
 use std::io;
 use std::path::Path;
 
-/// Gives `tmp`'s file the name `dst` (same filesystem) and removes `tmp`.
-/// An existing `dst` is kept. Falls back to `rename` on filesystems
-/// without hard links.
-pub fn publish(tmp: &Path, dst: &Path) -> io::Result<()> {
-    match std::fs::hard_link(tmp, dst) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) if no_hard_links(&e) => return std::fs::rename(tmp, dst),
+/// Gives `tmp`'s file the name `dst` (same filesystem) and removes `tmp`:
+/// true then, false if `dst` existed (it is kept). Falls back to `rename`
+/// on filesystems without hard links.
+pub fn publish(tmp: &Path, dst: &Path) -> io::Result<bool> {
+    let named = match std::fs::hard_link(tmp, dst) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) if no_hard_links(&e) => return std::fs::rename(tmp, dst).map(|()| true),
         Err(e) => return Err(e),
+    };
+    std::fs::remove_file(tmp)?;
+    Ok(named)
+}
+
+/// Like [`publish`], but an existing `dst` is replaced: removed first, so
+/// a reader may find no file for a moment, never a partial one.
+pub fn replace(tmp: &Path, dst: &Path) -> io::Result<()> {
+    for _ in 0..3 {
+        match std::fs::hard_link(tmp, dst) {
+            Ok(()) => return std::fs::remove_file(tmp),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match std::fs::remove_file(dst) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
+            Err(e) if no_hard_links(&e) => return std::fs::rename(tmp, dst),
+            Err(e) => return Err(e),
+        }
     }
-    std::fs::remove_file(tmp)
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{} keeps being recreated", dst.display()),
+    ))
 }
 
 /// Errors of `link` on a filesystem that has no hard links.
@@ -51,12 +72,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (a, b, dst) = (d.path().join("a"), d.path().join("b"), d.path().join("dst"));
         std::fs::write(&a, b"one").unwrap();
-        publish(&a, &dst).unwrap();
+        assert!(publish(&a, &dst).unwrap());
         assert!(!a.exists());
         assert_eq!(std::fs::read(&dst).unwrap(), b"one");
         std::fs::write(&b, b"two").unwrap();
-        publish(&b, &dst).unwrap();
+        assert!(!publish(&b, &dst).unwrap(), "the name existed");
         assert!(!b.exists(), "the temporary file is removed");
         assert_eq!(std::fs::read(&dst).unwrap(), b"one", "the name is kept");
+        std::fs::write(&b, b"three").unwrap();
+        replace(&b, &dst).unwrap();
+        assert!(!b.exists());
+        assert_eq!(std::fs::read(&dst).unwrap(), b"three", "replaced");
     }
 }

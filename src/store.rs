@@ -70,7 +70,7 @@ impl MetaStore {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            crate::publish::publish(&tmp, &path)
+            crate::publish::publish(&tmp, &path).map(|_| ())
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);

@@ -8,7 +8,7 @@
 //!
 //! Contracts:
 //! - **Built once**: an image is written to `tmp/` and linked into place
-//!   ([`crate::publish`]),
+//!   ([`crate::publish::replace`]),
 //!   then its sidecar the same way; after a restart it is served from here,
 //!   never rebuilt.
 //! - **Never served damaged or stale**: an image is served only if its
@@ -138,7 +138,7 @@ impl ImageStore {
             f.sync_all()
         };
         write(&tmp, image)?;
-        crate::publish::publish(&tmp, &self.path(manifest))?;
+        crate::publish::replace(&tmp, &self.path(manifest))?;
         let mut h = crate::cas::Sha256::new();
         h.update(image);
         let side = Sidecar {
@@ -147,9 +147,7 @@ impl ImageStore {
             builder: BUILDER.into(),
         };
         write(&tmp, &serde_json::to_vec(&side).map_err(io::Error::other)?)?;
-        // A sidecar left by another builder must not stay beside this image.
-        let _ = std::fs::remove_file(self.sidecar_path(manifest));
-        crate::publish::publish(&tmp, &self.sidecar_path(manifest))?;
+        crate::publish::replace(&tmp, &self.sidecar_path(manifest))?;
         let file = File::open(self.path(manifest))?;
         let m = file.metadata()?;
         self.verified
