@@ -944,17 +944,7 @@ fn fill_readdir(ino: INodeNo, list: &[DirEntry], offset: u64, mut reply: ReplyDi
 fn fill_readdirplus(ino: INodeNo, list: &[DirEntry], offset: u64, mut reply: ReplyDirectoryPlus) {
     // "." and ".." carry no entry (the kernel ignores their attributes).
     let dot = Entry {
-        stat: Stat {
-            ino: ino.0,
-            kind: Kind::Dir,
-            size: 0,
-            perm: 0o555,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            mtime: std::time::UNIX_EPOCH,
-        },
+        stat: Stat::made_dir(ino.0, std::time::UNIX_EPOCH),
         entry_ttl: Duration::ZERO,
         attr_ttl: Duration::ZERO,
     };

@@ -100,6 +100,24 @@ pub struct Stat {
     pub mtime: SystemTime,
 }
 
+impl Stat {
+    /// A directory the daemon makes up (not from an image): root's,
+    /// read-only, modified at `mtime`.
+    pub fn made_dir(ino: u64, mtime: SystemTime) -> Stat {
+        Stat {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            mtime,
+        }
+    }
+}
+
 /// A lookup answer: attributes plus how long the kernel may trust the name
 /// (`entry_ttl`) and the attributes (`attr_ttl`).
 #[derive(Debug, Clone, Copy)]

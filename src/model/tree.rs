@@ -478,17 +478,7 @@ impl Tree {
     // ----- attributes -------------------------------------------------
 
     fn dir_stat(&self, ino: u64) -> Stat {
-        Stat {
-            ino,
-            kind: Kind::Dir,
-            size: 0,
-            perm: 0o555,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            mtime: self.started,
-        }
+        Stat::made_dir(ino, self.started)
     }
 
     fn file_stat(&self, ino: u64, size: u64) -> Stat {
