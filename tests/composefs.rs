@@ -26,30 +26,6 @@ fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// A kernel mount made by a test; unmounted (lazily if busy) on drop.
-struct KernelMount(PathBuf);
-
-impl KernelMount {
-    fn umount(&mut self) {
-        let st = Command::new("umount").arg(&self.0).status().unwrap();
-        assert!(st.success(), "umount {}", self.0.display());
-    }
-}
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        for _ in 0..4 {
-            if !is_mountpoint(&self.0) {
-                return;
-            }
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-        if is_mountpoint(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
 /// Lines of /proc/self/mountinfo as (mount point, fs type, whole line).
 fn mounts() -> Vec<(String, String, String)> {
     fs::read_to_string("/proc/self/mountinfo")
@@ -62,11 +38,6 @@ fn mounts() -> Vec<(String, String, String)> {
             Some((mp, fstype, l.to_string()))
         })
         .collect()
-}
-
-fn is_mountpoint(p: &Path) -> bool {
-    let p = p.to_string_lossy();
-    mounts().iter().any(|(mp, _, _)| *mp == p)
 }
 
 /// erofs or overlay mounts that mention `cache` (the helper mounts live

@@ -3352,15 +3352,44 @@ impl Drop for Tmpfs {
 }
 
 // ---------------------------------------------------------------------------
-// Overlay mounts
+// Kernel mounts made by tests
 // ---------------------------------------------------------------------------
 
+/// Whether something is mounted at `p`.
+pub fn is_mountpoint(p: &Path) -> bool {
+    mount_fstype(p).is_some()
+}
+
+/// A kernel mount made by a test; unmounted (lazily if busy) on drop.
+pub struct KernelMount(pub PathBuf);
+
+impl KernelMount {
+    pub fn umount(&mut self) {
+        let st = Command::new("umount").arg(&self.0).status().unwrap();
+        assert!(st.success(), "umount {}", self.0.display());
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        for _ in 0..4 {
+            if !is_mountpoint(&self.0) {
+                return;
+            }
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+        if is_mountpoint(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
 /// An overlay with a writable upper directory on `lower` (a `rootfs/`):
-/// `upper/`, `work/` and `merged/` made under `dir`. Unmounted on drop
-/// (lazily if busy).
+/// `upper/`, `work/` and `merged/` made under `dir`. Unmounted on drop.
 pub struct Overlay {
     pub upper: PathBuf,
     pub merged: PathBuf,
+    _mount: KernelMount,
 }
 
 impl Overlay {
@@ -3388,19 +3417,10 @@ impl Overlay {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        Overlay { upper, merged }
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.merged)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
+        Overlay {
+            upper,
+            _mount: KernelMount(merged.clone()),
+            merged,
         }
     }
 }
