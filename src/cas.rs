@@ -417,12 +417,20 @@ impl ObjectStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        // A file already under the name (left by another process) is kept,
-        // and checked on its first open like any file not written here.
-        let stamp = match crate::publish::publish(tmp, &path)? {
-            true => std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok(),
-            false => None,
-        };
+        // A file already under the name that this process does not know
+        // (another process wrote it, or it outlived its index entry) is kept
+        // if it holds the content, else replaced by the one just written.
+        if !crate::publish::publish(tmp, &path)? {
+            let intact = File::open(&path)
+                .and_then(|f| hash_file(&f))
+                .is_ok_and(|h| h == id);
+            if intact {
+                std::fs::remove_file(tmp)?;
+            } else {
+                crate::publish::replace(tmp, &path)?;
+            }
+        }
+        let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok();
         {
             let mut st = self.state.lock().unwrap();
             if st
@@ -554,6 +562,12 @@ impl Sha256 {
 mod tests {
     use super::*;
 
+    fn sha256(data: &[u8]) -> ObjectId {
+        let mut h = Sha256::new();
+        h.update(data);
+        h.finish()
+    }
+
     fn put(s: &ObjectStore, data: &[u8]) -> ObjectId {
         let mut w = s.writer().unwrap();
         w.write_all(data).unwrap();
@@ -586,5 +600,30 @@ mod tests {
         let s = ObjectStore::open(d.path(), 25).unwrap();
         assert_eq!(s.stats().objects, 1);
         assert!(s.verify_all().is_empty());
+    }
+
+    /// A file under an object's name that the store does not know is kept
+    /// only if it holds the content; a damaged one is replaced.
+    #[test]
+    fn an_unknown_file_under_the_name_is_checked_when_stored() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let id = sha256(b"content");
+        std::fs::create_dir_all(s.path(&id).parent().unwrap()).unwrap();
+        std::fs::write(s.path(&id), b"damaged").unwrap();
+        assert_eq!(put(&s, b"content"), id);
+        assert_eq!(std::fs::read(s.path(&id)).unwrap(), b"content");
+        let mut got = Vec::new();
+        s.get(&id).unwrap().read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"content");
+
+        // An intact one is kept (same inode).
+        let other = sha256(b"other");
+        std::fs::create_dir_all(s.path(&other).parent().unwrap()).unwrap();
+        std::fs::write(s.path(&other), b"other").unwrap();
+        let ino = std::fs::metadata(s.path(&other)).unwrap().ino();
+        assert_eq!(put(&s, b"other"), other);
+        assert_eq!(std::fs::metadata(s.path(&other)).unwrap().ino(), ino);
+        assert!(s.get(&other).is_some());
     }
 }

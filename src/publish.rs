@@ -11,28 +11,25 @@
 //! overlay holds, hangs both for good. `link` then `unlink` locks only the
 //! two directories, so a finished object always reaches its name.
 //!
-//! Contract: for names that identify their content (a digest, or a manifest
-//! digest for what is built from it deterministically). A name that exists
-//! already is kept and the temporary file is dropped; the caller learns so,
-//! and must not take the kept file for the one it verified. The name never
-//! holds partial content; a crash between the two steps leaves only the
-//! temporary file, which its owner's start-up sweep removes.
+//! Contract: the name never holds partial content. A name that exists
+//! already is left alone by [`publish`], which says so and leaves the
+//! temporary file to the caller (to drop, or to [`replace`] what is there).
+//! A crash between the two steps leaves only the temporary file, which its
+//! owner's start-up sweep removes.
 
 use std::io;
 use std::path::Path;
 
 /// Gives `tmp`'s file the name `dst` (same filesystem) and removes `tmp`:
-/// true then, false if `dst` existed (it is kept). Falls back to `rename`
-/// on filesystems without hard links.
+/// true then. False if `dst` exists: both are left as they are. Falls
+/// back to `rename` on filesystems without hard links.
 pub fn publish(tmp: &Path, dst: &Path) -> io::Result<bool> {
-    let named = match std::fs::hard_link(tmp, dst) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-        Err(e) if no_hard_links(&e) => return std::fs::rename(tmp, dst).map(|()| true),
-        Err(e) => return Err(e),
-    };
-    std::fs::remove_file(tmp)?;
-    Ok(named)
+    match std::fs::hard_link(tmp, dst) {
+        Ok(()) => std::fs::remove_file(tmp).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if no_hard_links(&e) => std::fs::rename(tmp, dst).map(|()| true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Like [`publish`], but an existing `dst` is replaced: removed first, so
@@ -77,8 +74,9 @@ mod tests {
         assert_eq!(std::fs::read(&dst).unwrap(), b"one");
         std::fs::write(&b, b"two").unwrap();
         assert!(!publish(&b, &dst).unwrap(), "the name existed");
-        assert!(!b.exists(), "the temporary file is removed");
+        assert!(b.exists(), "the temporary file is the caller's");
         assert_eq!(std::fs::read(&dst).unwrap(), b"one", "the name is kept");
+        std::fs::remove_file(&b).unwrap();
         std::fs::write(&b, b"three").unwrap();
         replace(&b, &dst).unwrap();
         assert!(!b.exists());

@@ -66,11 +66,15 @@ impl MetaStore {
             .root
             .join("tmp")
             .join(format!("{}.{}", &digest[7..], std::process::id()));
-        let res = (|| {
+        let res = (|| -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            crate::publish::publish(&tmp, &path).map(|_| ())
+            // One there already: `get` checks it against its digest.
+            if !crate::publish::publish(&tmp, &path)? {
+                std::fs::remove_file(&tmp)?;
+            }
+            Ok(())
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
