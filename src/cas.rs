@@ -14,8 +14,9 @@
 //!   the first time it is opened in this process and again whenever its
 //!   inode, size, mtime or ctime change (so a damaged or replaced file is
 //!   caught); a bad object is deleted and reported missing, never served.
-//! - **Bound**: the total size of objects stays under the limit by evicting
-//!   the least recently used ones; eviction only unlinks, so readers holding
+//! - **Bound**: the total size of objects, plus the spills of layers being
+//!   read ([`ObjectStore::reserve_spill`]), stays under the limit by evicting
+//!   the least recently used objects; eviction only unlinks, so readers holding
 //!   an object open keep reading it. The most recently used object always
 //!   stays, even if it alone exceeds the bound.
 //! - **Pins**: objects pinned in this process ([`ObjectStore::pin`]) and
@@ -99,6 +100,20 @@ pub struct ObjectStore {
     evicted: AtomicU64,
     tmp_seq: AtomicU64,
     pins: crate::pins::Pins,
+    /// Bytes of the bound held by spills ([`ObjectStore::reserve_spill`]).
+    reserved: AtomicU64,
+}
+
+/// Room in the bound for one layer's spill, given back when dropped.
+pub struct SpillRoom {
+    store: std::sync::Arc<ObjectStore>,
+    bytes: u64,
+}
+
+impl Drop for SpillRoom {
+    fn drop(&mut self) {
+        self.store.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 impl ObjectStore {
@@ -151,6 +166,7 @@ impl ObjectStore {
             evicted: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             pins: crate::pins::Pins::open(cache_dir)?,
+            reserved: AtomicU64::new(0),
         };
         store.evict_to(limit);
         Ok(store)
@@ -305,7 +321,27 @@ impl ObjectStore {
             }
         }
         drop(st);
-        self.evict_to(self.limit);
+        self.evict_to(self.bound());
+    }
+
+    /// What objects may take: the limit less the spills' room.
+    fn bound(&self) -> u64 {
+        self.limit
+            .saturating_sub(self.reserved.load(Ordering::SeqCst))
+    }
+
+    /// Room for a layer's spill of `bytes` (its compressed bytes, on disk
+    /// under `tmp/` while it is read in two passes), counted against the
+    /// bound: objects are evicted to make it. A spill larger than the whole
+    /// bound leaves no room for objects (but the most recently used one, as
+    /// always) while it lives.
+    pub fn reserve_spill(self: &std::sync::Arc<Self>, bytes: u64) -> SpillRoom {
+        self.reserved.fetch_add(bytes, Ordering::SeqCst);
+        self.evict_to(self.bound());
+        SpillRoom {
+            store: self.clone(),
+            bytes,
+        }
     }
 
     /// The persistent pins of this cache directory.
@@ -447,8 +483,9 @@ impl ObjectStore {
                 st.total += size;
             }
         }
-        if self.stats().bytes > self.limit {
-            self.evict_to(self.limit);
+        let bound = self.bound();
+        if self.stats().bytes > bound {
+            self.evict_to(bound);
         }
         Ok(true)
     }

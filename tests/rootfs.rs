@@ -1069,19 +1069,29 @@ fn cache_verify_names_bad_objects() {
 #[test]
 fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
     // The 16 MiB spill itself does not fit.
-    tight_disk("tight", "8m", "3m");
+    tight_disk("tight", "8m", "3m", true);
 }
 
 /// The same when the spill fits but the disk fills while the contents are
-/// stored beside it (16 MiB spill + up to 8 MiB of objects on 20 MiB).
+/// stored beside it: 16 MiB spill + objects on 20 MiB, with a
+/// --cache-size larger than the disk.
 #[test]
 fn a_cache_disk_that_fills_beside_the_spill_still_serves_the_image() {
-    tight_disk("fills", "20m", "8m");
+    tight_disk("fills", "20m", "64m", true);
+}
+
+/// The spill counts against --cache-size while it lives: objects make room
+/// for it, so a disk that holds the bound never fills (16 MiB spill beside
+/// at most 8 MiB of objects did not fit 20 MiB when it was not counted).
+#[test]
+fn the_spill_counts_against_the_cache_size() {
+    tight_disk("counted", "20m", "8m", false);
 }
 
 /// One layer of 16 × 1 MiB that does not compress (a 16 MiB blob), read
-/// with the cache on a tmpfs of `disk` bytes and `--cache-size cache`.
-fn tight_disk(name: &str, disk: &str, cache: &str) {
+/// with the cache on a tmpfs of `disk` bytes and `--cache-size cache`;
+/// `fills`: whether the disk must run out of room for the spill.
+fn tight_disk(name: &str, disk: &str, cache: &str, fills: bool) {
     require_env();
     let work = tempdir();
     let mut layer = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
@@ -1102,9 +1112,10 @@ fn tight_disk(name: &str, disk: &str, cache: &str) {
     let m = mount_on_cache(&reg, &dir, &["--cache-size", cache]);
     let root = rootfs(&m, &h, name, "1");
     assert_trees_equal(&root, &oracle, "a layer beside a small disk");
-    assert!(
+    assert_eq!(
         m.log().contains("no room for the layer's spill"),
-        "the disk never filled, so this tested nothing; log:\n{}",
+        fills,
+        "whether the disk filled (expected {fills}); log:\n{}",
         m.log()
     );
     let bound: u64 = cache.trim_end_matches('m').parse::<u64>().unwrap() << 20;

@@ -459,15 +459,18 @@ impl Layers {
     ) -> Res<LayerIndex> {
         let size = desc.size;
         if let (Compression::Gzip, Some(live)) = (compression, &live) {
+            // The spill counts against --cache-size while it lives.
+            let room = self.store.reserve_spill(size);
             let (rx, feeder) = self.open_blob(registry, repo, desc, st).await?;
             let spilled = self
                 .stream_spilled(registry, repo, desc, st, rx, feeder, live.clone())
                 .await?;
+            drop(room);
             if let Some(idx) = spilled {
                 return Ok(idx);
             }
-            // No room for the spill: read the layer again, in one pass
-            // (objects are bounded by the cache size, the spill is not).
+            // No room on disk for the spill: read the layer again, in one
+            // pass.
             st.progress.bytes_fetched.store(0, Ordering::Relaxed);
         }
         let (rx, feeder) = self.open_blob(registry, repo, desc, st).await?;
