@@ -16,7 +16,8 @@
 //!   caught); a bad object is deleted and reported missing, never served.
 //! - **Bound**: the total size of objects, plus the spills of layers being
 //!   read ([`ObjectStore::reserve_spill`]), stays under the limit by evicting
-//!   the least recently used objects; eviction only unlinks, so readers holding
+//!   the least recently used objects; so does what a full disk holds (an
+//!   object write that meets `ENOSPC` evicts and retries, else fails); eviction only unlinks, so readers holding
 //!   an object open keep reading it. The most recently used object always
 //!   stays, even if it alone exceeds the bound.
 //! - **Pins**: objects pinned in this process ([`ObjectStore::pin`]) and
@@ -324,6 +325,25 @@ impl ObjectStore {
         self.evict_to(self.bound());
     }
 
+    /// After `ENOSPC` on the cache disk: evicts least recently used objects
+    /// (sparing pinned ones, as always) worth `want` bytes or a quarter of
+    /// what is stored, whichever is more. False if none could go: then the
+    /// caller's `ENOSPC` stands.
+    fn make_room(&self, want: u64) -> bool {
+        let stored = self.stats().bytes;
+        let before = self.evicted.load(Ordering::Relaxed);
+        self.evict_to(stored.saturating_sub(want.max(stored / 4)));
+        let freed = self.evicted.load(Ordering::Relaxed) > before;
+        if freed {
+            tracing::warn!(
+                stored,
+                now = self.stats().bytes,
+                "cache disk full: evicted least recently used objects to make room"
+            );
+        }
+        freed
+    }
+
     /// What objects may take: the limit less the spills' room.
     fn bound(&self) -> u64 {
         self.limit
@@ -502,11 +522,15 @@ pub struct ObjectWriter<'a> {
 
 impl Write for ObjectWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self
-            .file
-            .as_mut()
-            .expect("open until finished")
-            .write(buf)?;
+        let file = self.file.as_mut().expect("open until finished");
+        let n = loop {
+            match file.write(buf) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOSPC)
+                        && self.store.make_room(buf.len() as u64) => {}
+                r => break r?,
+            }
+        };
         self.hasher
             .as_mut()
             .expect("open until finished")

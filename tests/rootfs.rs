@@ -1069,15 +1069,23 @@ fn cache_verify_names_bad_objects() {
 #[test]
 fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
     // The 16 MiB spill itself does not fit.
-    tight_disk("tight", "8m", "3m", true);
+    tight_disk("tight", "8m", "3m", &[NO_SPILL]);
 }
 
-/// The same when the spill fits but the disk fills while the contents are
-/// stored beside it: 16 MiB spill + objects on 20 MiB, with a
-/// --cache-size larger than the disk.
+/// The spill fits but the disk fills while the contents are stored beside
+/// it (16 MiB spill + objects on 20 MiB, a --cache-size larger than the
+/// disk): objects are evicted to make room, the spill stays.
 #[test]
 fn a_cache_disk_that_fills_beside_the_spill_still_serves_the_image() {
-    tight_disk("fills", "20m", "64m", true);
+    tight_disk("fills", "20m", "64m", &[DISK_FULL]);
+}
+
+/// A disk smaller than the image and than the bound: the spill does not
+/// fit, and the one-pass read runs out of room too; objects are evicted to
+/// make room (the disk full, not the bound), and the image is served.
+#[test]
+fn a_cache_disk_smaller_than_the_image_evicts_to_make_room() {
+    tight_disk("small", "12m", "64m", &[NO_SPILL, DISK_FULL]);
 }
 
 /// The spill counts against --cache-size while it lives: objects make room
@@ -1085,13 +1093,19 @@ fn a_cache_disk_that_fills_beside_the_spill_still_serves_the_image() {
 /// at most 8 MiB of objects did not fit 20 MiB when it was not counted).
 #[test]
 fn the_spill_counts_against_the_cache_size() {
-    tight_disk("counted", "20m", "8m", false);
+    tight_disk("counted", "20m", "8m", &[]);
 }
+
+/// The daemon's log line when a layer's spill did not fit the disk.
+const NO_SPILL: &str = "no room for the layer's spill";
+/// The daemon's log line when objects were evicted for a full disk.
+const DISK_FULL: &str = "cache disk full";
 
 /// One layer of 16 × 1 MiB that does not compress (a 16 MiB blob), read
 /// with the cache on a tmpfs of `disk` bytes and `--cache-size cache`;
-/// `fills`: whether the disk must run out of room for the spill.
-fn tight_disk(name: &str, disk: &str, cache: &str, fills: bool) {
+/// `expect`: which of [`NO_SPILL`] and [`DISK_FULL`] must happen (the
+/// others must not).
+fn tight_disk(name: &str, disk: &str, cache: &str, expect: &[&str]) {
     require_env();
     let work = tempdir();
     let mut layer = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
@@ -1112,12 +1126,14 @@ fn tight_disk(name: &str, disk: &str, cache: &str, fills: bool) {
     let m = mount_on_cache(&reg, &dir, &["--cache-size", cache]);
     let root = rootfs(&m, &h, name, "1");
     assert_trees_equal(&root, &oracle, "a layer beside a small disk");
-    assert_eq!(
-        m.log().contains("no room for the layer's spill"),
-        fills,
-        "whether the disk filled (expected {fills}); log:\n{}",
-        m.log()
-    );
+    let log = m.log();
+    for line in [NO_SPILL, DISK_FULL] {
+        assert_eq!(
+            log.contains(line),
+            expect.contains(&line),
+            "{line:?} in the log (expected: {expect:?}):\n{log}"
+        );
+    }
     let bound: u64 = cache.trim_end_matches('m').parse::<u64>().unwrap() << 20;
     assert!(objects_bytes(&dir) <= bound);
     assert_objects_well_formed(&dir);
