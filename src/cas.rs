@@ -329,7 +329,7 @@ impl ObjectStore {
     /// (sparing pinned ones, as always) worth `want` bytes or a quarter of
     /// what is stored, whichever is more. False if none could go: then the
     /// caller's `ENOSPC` stands.
-    fn make_room(&self, want: u64) -> bool {
+    pub fn make_room(&self, want: u64) -> bool {
         let stored = self.stats().bytes;
         let before = self.evicted.load(Ordering::Relaxed);
         self.evict_to(stored.saturating_sub(want.max(stored / 4)));

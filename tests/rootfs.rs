@@ -1069,7 +1069,7 @@ fn cache_verify_names_bad_objects() {
 #[test]
 fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
     // The 16 MiB spill itself does not fit.
-    tight_disk("tight", "8m", "3m", &[NO_SPILL]);
+    tight_disk("tight", "8m", "3m", &[NO_SPILL], &[]);
 }
 
 /// The spill fits but the disk fills while the contents are stored beside
@@ -1077,7 +1077,7 @@ fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
 /// disk): objects are evicted to make room, the spill stays.
 #[test]
 fn a_cache_disk_that_fills_beside_the_spill_still_serves_the_image() {
-    tight_disk("fills", "20m", "64m", &[DISK_FULL]);
+    tight_disk("fills", "20m", "64m", &[DISK_FULL], &[NO_SPILL]);
 }
 
 /// A disk smaller than the image and than the bound: the spill does not
@@ -1085,7 +1085,7 @@ fn a_cache_disk_that_fills_beside_the_spill_still_serves_the_image() {
 /// make room (the disk full, not the bound), and the image is served.
 #[test]
 fn a_cache_disk_smaller_than_the_image_evicts_to_make_room() {
-    tight_disk("small", "12m", "64m", &[NO_SPILL, DISK_FULL]);
+    tight_disk("small", "12m", "64m", &[NO_SPILL, DISK_FULL], &[]);
 }
 
 /// The spill counts against --cache-size while it lives: objects make room
@@ -1093,7 +1093,14 @@ fn a_cache_disk_smaller_than_the_image_evicts_to_make_room() {
 /// at most 8 MiB of objects did not fit 20 MiB when it was not counted).
 #[test]
 fn the_spill_counts_against_the_cache_size() {
-    tight_disk("counted", "20m", "8m", &[]);
+    tight_disk("counted", "20m", "8m", &[], &[NO_SPILL, DISK_FULL]);
+}
+
+/// A disk full of another image's objects (a bound larger than the disk):
+/// the spill makes room by evicting them, and the layer is read once.
+#[test]
+fn a_disk_full_of_other_images_makes_room_for_the_spill() {
+    tight_disk_after_other("room", "24m", "64m", &[DISK_FULL], &[NO_SPILL], true);
 }
 
 /// The daemon's log line when a layer's spill did not fit the disk.
@@ -1103,9 +1110,21 @@ const DISK_FULL: &str = "cache disk full";
 
 /// One layer of 16 × 1 MiB that does not compress (a 16 MiB blob), read
 /// with the cache on a tmpfs of `disk` bytes and `--cache-size cache`;
-/// `expect`: which of [`NO_SPILL`] and [`DISK_FULL`] must happen (the
-/// others must not).
-fn tight_disk(name: &str, disk: &str, cache: &str, expect: &[&str]) {
+/// `must` and `must_not`: which of [`NO_SPILL`] and [`DISK_FULL`] must and
+/// must not happen.
+fn tight_disk(name: &str, disk: &str, cache: &str, must: &[&str], must_not: &[&str]) {
+    tight_disk_after_other(name, disk, cache, must, must_not, false);
+}
+
+/// [`tight_disk`], with another image of 8 × 1 MiB read first if `other`.
+fn tight_disk_after_other(
+    name: &str,
+    disk: &str,
+    cache: &str,
+    must: &[&str],
+    must_not: &[&str],
+    other: bool,
+) {
     require_env();
     let work = tempdir();
     let mut layer = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
@@ -1124,15 +1143,29 @@ fn tight_disk(name: &str, disk: &str, cache: &str, expect: &[&str]) {
     let dir = work.path().join("cache");
     let _disk = Tmpfs::mount(&dir, disk);
     let m = mount_on_cache(&reg, &dir, &["--cache-size", cache]);
+    if other {
+        let mut other = vec![TarEntry::dir("./"), TarEntry::dir("o/")];
+        for i in 0..8 {
+            other.push(TarEntry::file(
+                format!("o/{i:02}"),
+                pseudo_random(400 + i, 1 << 20),
+            ));
+        }
+        let layout = make_tar_image(work.path(), "other", &[other]);
+        let image = layout_ref(&layout, "other");
+        let o = umoci_unpack(&image, &work.path().join("other-bundle"));
+        push(&image, &format!("{h}/other:1"), Format::Oci);
+        assert_trees_equal(&rootfs(&m, &h, "other", "1"), &o, "the other image");
+        assert!(objects_bytes(&dir) >= 8 << 20, "the other image's objects");
+    }
     let root = rootfs(&m, &h, name, "1");
     assert_trees_equal(&root, &oracle, "a layer beside a small disk");
     let log = m.log();
-    for line in [NO_SPILL, DISK_FULL] {
-        assert_eq!(
-            log.contains(line),
-            expect.contains(&line),
-            "{line:?} in the log (expected: {expect:?}):\n{log}"
-        );
+    for line in must {
+        assert!(log.contains(line), "{line:?} not in the log:\n{log}");
+    }
+    for line in must_not {
+        assert!(!log.contains(line), "{line:?} in the log:\n{log}");
     }
     let bound: u64 = cache.trim_end_matches('m').parse::<u64>().unwrap() << 20;
     assert!(objects_bytes(&dir) <= bound);

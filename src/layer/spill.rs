@@ -18,17 +18,24 @@
 //!   appender returns early or panics, so no reader waits forever.
 //! - The file is unlinked from the start: it goes when the last handle
 //!   does, also after a crash.
+//! - **A full disk** calls the spill's `on_full` (the content store evicts
+//!   objects) and retries the append at the same offset; the append fails
+//!   only when no room could be made.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
+
+/// Makes room on a full disk for `n` more bytes; false if it could not.
+type OnFull = Box<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// A growing spill file.
 pub struct Spill {
     file: Arc<File>,
     state: Mutex<State>,
     grown: Condvar,
+    on_full: Option<OnFull>,
 }
 
 struct State {
@@ -44,7 +51,14 @@ impl Spill {
             file: Arc::new(file),
             state: Mutex::new(State { len: 0, done: None }),
             grown: Condvar::new(),
+            on_full: None,
         }
+    }
+
+    /// What to call when the disk is full (see the module contracts).
+    pub fn on_full(mut self, f: impl Fn(u64) -> bool + Send + Sync + 'static) -> Spill {
+        self.on_full = Some(Box::new(f));
+        self
     }
 
     /// The file, for positioned reads of bytes already appended.
@@ -54,7 +68,16 @@ impl Spill {
 
     /// Appends `buf` and publishes it to readers.
     pub fn append(&self, buf: &[u8]) -> io::Result<()> {
-        (&*self.file).write_all(buf)?;
+        // One appender: the length only it changes is where it writes.
+        let at = self.state.lock().unwrap().len;
+        loop {
+            match self.file.write_all_at(buf, at) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOSPC)
+                        && self.on_full.as_ref().is_some_and(|f| f(buf.len() as u64)) => {}
+                r => break r?,
+            }
+        }
         self.state.lock().unwrap().len += buf.len() as u64;
         self.grown.notify_all();
         Ok(())

@@ -555,7 +555,10 @@ impl Layers {
             tracing::warn!(layer = %desc.digest, error = %e, "no room for the layer's spill (or the cache disk failed); reading it again in one pass");
         };
         let spill = match self.store.spill_file() {
-            Ok(f) => Arc::new(Spill::new(f)),
+            Ok(f) => {
+                let store = self.store.clone();
+                Arc::new(Spill::new(f).on_full(move |n| store.make_room(n)))
+            }
             Err(e) => {
                 no_room(&e);
                 return Ok(None);
