@@ -16,10 +16,11 @@
 //!   caught); a bad object is deleted and reported missing, never served.
 //! - **Bound**: the total size of objects, plus the spills of layers being
 //!   read ([`ObjectStore::reserve_spill`]), stays under the limit by evicting
-//!   the least recently used objects; so does what a full disk holds (an
-//!   object write that meets `ENOSPC` evicts and retries, else fails); eviction only unlinks, so readers holding
-//!   an object open keep reading it. The most recently used object always
-//!   stays, even if it alone exceeds the bound.
+//!   the least recently used objects. A full disk evicts too: a write that
+//!   meets `ENOSPC` makes room ([`ObjectStore::make_room`]) and retries,
+//!   else fails. Eviction only unlinks, so readers holding an object open
+//!   keep reading it. The most recently used object always stays, even if
+//!   it alone exceeds the bound.
 //! - **Pins**: objects pinned in this process ([`ObjectStore::pin`]) and
 //!   objects of live persistent pins ([`crate::pins`]: kernel composefs
 //!   mounts, in any process) are never evicted. Eviction holds the pins lock
