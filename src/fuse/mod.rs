@@ -905,9 +905,6 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// readdirplus of an outbox directory: each entry sent is a lookup the
-/// kernel will forget later, so it is looked up (counted) as it is added,
-/// and uncounted if the reply buffer was full.
 /// The entries of a directory handle, listed now if they were not yet.
 async fn entries<'a>(
     tree: &Tree,
@@ -970,6 +967,9 @@ fn fill_readdirplus(ino: INodeNo, list: &[DirEntry], offset: u64, mut reply: Rep
     reply.ok();
 }
 
+/// readdirplus of an outbox directory: each entry sent is a lookup the
+/// kernel will forget later, so it is looked up (counted) as it is added,
+/// and uncounted if the reply buffer was full.
 fn outbox_readdirplus(
     ob: &Outbox,
     ino: INodeNo,
