@@ -504,10 +504,7 @@ impl ObjectStore {
                 st.total += size;
             }
         }
-        let bound = self.bound();
-        if self.stats().bytes > bound {
-            self.evict_to(bound);
-        }
+        self.evict_to(self.bound());
         Ok(true)
     }
 }
@@ -524,14 +521,8 @@ pub struct ObjectWriter<'a> {
 impl Write for ObjectWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let file = self.file.as_mut().expect("open until finished");
-        let n = loop {
-            match file.write(buf) {
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ENOSPC)
-                        && self.store.make_room(buf.len() as u64) => {}
-                r => break r?,
-            }
-        };
+        let store = self.store;
+        let n = when_full(|| store.make_room(buf.len() as u64), || file.write(buf))?;
         self.hasher
             .as_mut()
             .expect("open until finished")
@@ -574,6 +565,21 @@ impl Drop for ObjectWriter<'_> {
     fn drop(&mut self) {
         if self.file.is_some() {
             let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Runs `op`; while it fails with `ENOSPC` and `make_room` freed
+/// something, runs it again (`op` must be safe to repeat, e.g. a write at
+/// a fixed offset or one that wrote nothing).
+pub fn when_full<T>(
+    make_room: impl Fn() -> bool,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && make_room() => {}
+            r => return r,
         }
     }
 }

@@ -70,14 +70,10 @@ impl Spill {
     pub fn append(&self, buf: &[u8]) -> io::Result<()> {
         // One appender: the length only it changes is where it writes.
         let at = self.state.lock().unwrap().len;
-        loop {
-            match self.file.write_all_at(buf, at) {
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ENOSPC)
-                        && self.on_full.as_ref().is_some_and(|f| f(buf.len() as u64)) => {}
-                r => break r?,
-            }
-        }
+        crate::cas::when_full(
+            || self.on_full.as_ref().is_some_and(|f| f(buf.len() as u64)),
+            || self.file.write_all_at(buf, at),
+        )?;
         self.state.lock().unwrap().len += buf.len() as u64;
         self.grown.notify_all();
         Ok(())
