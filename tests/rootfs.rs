@@ -601,6 +601,88 @@ fn an_overlay_mounted_while_a_layer_streams_blocks_nothing() {
 }
 
 // ---------------------------------------------------------------------------
+// What the kernel keeps (FUSE requests counted with the tracepoint)
+// ---------------------------------------------------------------------------
+
+/// Every directory below `root`, `root` included, listed (as `find` does).
+fn list_every_dir(root: &Path) -> usize {
+    let mut dirs = 0;
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        dirs += 1;
+        for name in list(&d).unwrap() {
+            let p = d.join(name);
+            if stat(&p).unwrap().is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    dirs
+}
+
+/// Walks rootfs once (the tree equals umoci's), then returns the mount,
+/// rootfs and oracle for a second look.
+fn walked_once(work: &Path, reg: &Registry, repo: &str) -> (Mount, PathBuf, PathBuf) {
+    let layout = make_tar_image(work, repo, &two_layer_files());
+    let image = layout_ref(&layout, repo);
+    let oracle = umoci_unpack(&image, &work.join("bundle"));
+    let h = reg.host();
+    push(&image, &format!("{h}/{repo}:1"), Format::Oci);
+    let m = mount_of(reg);
+    let root = rootfs(&m, &h, repo, "1");
+    assert_trees_equal(&root, &oracle, "first walk");
+    (m, root, oracle)
+}
+
+#[test]
+fn a_second_walk_of_rootfs_lists_from_the_kernel_cache() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let (m, root, _oracle) = walked_once(work.path(), &reg, "walk");
+
+    let trace = FuseTrace::start(m.path());
+    let dirs = list_every_dir(&root);
+    let asked = trace.stop();
+    // Opening a directory still reaches the daemon: the trace sees this mount.
+    assert!(
+        asked.get("FUSE_OPENDIR").copied().unwrap_or(0) >= dirs,
+        "{dirs} directories opened, but the trace saw {asked:?}"
+    );
+    for op in ["FUSE_READDIR", "FUSE_READDIRPLUS"] {
+        assert_eq!(
+            asked.get(op).copied().unwrap_or(0),
+            0,
+            "a rootfs listing is immutable, yet the second walk asked the daemon again: {asked:?}"
+        );
+    }
+}
+
+#[test]
+fn a_stored_file_is_read_by_the_kernel_from_its_object() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let (m, root, oracle) = walked_once(work.path(), &reg, "passthrough");
+    let file = root.join("data/one");
+    evict_page_cache(&file);
+
+    let trace = FuseTrace::start(m.path());
+    let bytes = read(&file).unwrap();
+    let asked = trace.stop();
+    assert_eq!(bytes, fs::read(oracle.join("data/one")).unwrap());
+    assert!(
+        asked.get("FUSE_OPEN").copied().unwrap_or(0) >= 1,
+        "the file was opened, but the trace saw {asked:?}"
+    );
+    assert_eq!(
+        asked.get("FUSE_READ").copied().unwrap_or(0),
+        0,
+        "a complete object is read by the kernel itself (FUSE passthrough), yet the daemon was asked: {asked:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // The cache
 // ---------------------------------------------------------------------------
 

@@ -286,9 +286,16 @@ impl Filesystem for Fs {
                 Err(e) => reply.error(outbox_errno(&e)),
             };
         }
+        // A rootfs directory never changes: the kernel may keep its listing
+        // across opens (a second walk of the tree asks nothing of us).
+        let flags = if self.tree.in_rootfs(ino.0) {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
         if self.tree.is_below_rootfs(ino.0) {
             let fh = self.put_handle(Handle::Dir(Listing::default()));
-            return reply.opened(FileHandle(fh), FopenFlags::empty());
+            return reply.opened(FileHandle(fh), flags);
         }
         let (tree, handles) = (self.tree.clone(), self.handles.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +306,7 @@ impl Filesystem for Fs {
                         .lock()
                         .unwrap()
                         .insert(fh, Handle::Dir(listed(list)));
-                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                    reply.opened(FileHandle(fh), flags);
                 }
                 Err(e) => reply.error(errno(&e)),
             }

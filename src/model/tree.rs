@@ -229,6 +229,12 @@ impl Tree {
 
     // ----- rootfs -----------------------------------------------------
 
+    /// Whether `ino` is a `rootfs/` or below one: immutable content (a
+    /// rootfs is one manifest's, and its inode numbers are never reused).
+    pub fn in_rootfs(&self, ino: u64) -> bool {
+        self.rootfs_of(ino).is_some()
+    }
+
     /// Whether `ino` is below a `rootfs/` (not `rootfs/` itself): answered
     /// early while the layers stream, with the attributes the built tree
     /// will show (the root's are a placeholder until then).

@@ -3424,3 +3424,79 @@ impl Overlay {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// What the kernel asks of a mount
+// ---------------------------------------------------------------------------
+
+/// Counts the FUSE requests the kernel sends one mount, by opcode (the
+/// `fuse:fuse_request_send` tracepoint). How a test sees what the kernel
+/// caches: a request that never reaches the daemon was answered from the
+/// kernel's caches (readdir cache, passthrough, attribute TTLs).
+///
+/// Each trace has a tracefs instance of its own, filtered on the mount's
+/// connection, so tests running in parallel do not see each other's
+/// requests. tracefs and the FUSE tracepoints are required, like FUSE itself.
+pub struct FuseTrace {
+    dir: PathBuf,
+}
+
+impl FuseTrace {
+    /// Starts counting the requests sent to the FUSE mount at `mnt`.
+    pub fn start(mnt: &Path) -> FuseTrace {
+        let tracefs = Path::new("/sys/kernel/tracing");
+        if !tracefs.join("instances").is_dir() {
+            let _ = Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(tracefs)
+                .status();
+        }
+        let event = "events/fuse/fuse_request_send";
+        assert!(
+            tracefs.join(event).is_dir(),
+            "tracefs has no {event} at {}: the FUSE tracepoints are needed to see what the kernel caches",
+            tracefs.display()
+        );
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = tracefs.join("instances").join(format!(
+            "apt-layer-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let trace = FuseTrace { dir };
+        // The tracepoint's `connection` is the kernel's dev_t of the mount.
+        let dev = fs::metadata(mnt).unwrap().dev();
+        let kdev = (libc::major(dev) << 20) | libc::minor(dev);
+        let ev = trace.dir.join(event);
+        fs::write(ev.join("filter"), format!("connection == {kdev}")).unwrap();
+        fs::write(ev.join("enable"), "1").unwrap();
+        trace
+    }
+
+    /// Stops counting: how many requests of each opcode (`FUSE_READDIR`,
+    /// `FUSE_READ`, ...) were sent since [`FuseTrace::start`].
+    pub fn stop(self) -> BTreeMap<String, usize> {
+        let ev = self.dir.join("events/fuse/fuse_request_send");
+        fs::write(ev.join("enable"), "0").unwrap();
+        let text = fs::read_to_string(self.dir.join("trace")).unwrap();
+        let mut counts = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(op) = line
+                .split_once(" (")
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .map(|(op, _)| op)
+            {
+                *counts.entry(op.to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for FuseTrace {
+    fn drop(&mut self) {
+        let _ = fs::write(self.dir.join("events/fuse/fuse_request_send/enable"), "0");
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
