@@ -16,6 +16,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -680,6 +681,43 @@ fn a_stored_file_is_read_by_the_kernel_from_its_object() {
         0,
         "a complete object is read by the kernel itself (FUSE passthrough), yet the daemon was asked: {asked:?}"
     );
+}
+
+#[test]
+fn immutable_answers_are_kept_by_the_kernel() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "kept", &two_layer_files());
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "kept"),
+        &format!("{h}/kept:1"),
+        Format::Oci,
+    );
+    let m = mount_of(&reg);
+    let tag = m.join(format!("{h}/kept/1"));
+    let manifest = read(tag.join("manifest.json")).unwrap();
+    let file = tag.join("rootfs/data/one");
+    let st = stat(&file).unwrap();
+
+    let trace = FuseTrace::start(m.path());
+    assert_eq!(read(tag.join("manifest.json")).unwrap(), manifest);
+    assert_eq!(stat(&file).unwrap().ino(), st.ino());
+    let asked = trace.stop();
+    assert!(
+        asked.get("FUSE_OPEN").copied().unwrap_or(0) >= 1,
+        "manifest.json was opened, but the trace saw {asked:?}"
+    );
+    // (GETATTRs may come: on a read-write mount the kernel asks for the
+    // atime again after every read.)
+    for op in ["FUSE_READ", "FUSE_LOOKUP"] {
+        assert_eq!(
+            asked.get(op).copied().unwrap_or(0),
+            0,
+            "a manifest's bytes and a rootfs name never change, yet the kernel asked again: {asked:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
