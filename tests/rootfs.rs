@@ -601,6 +601,78 @@ fn an_overlay_mounted_while_a_layer_streams_blocks_nothing() {
     assert_trees_equal(&root, &held.oracle, "after the layer arrived");
 }
 
+/// The options of the mount at `mnt` in /proc/self/mountinfo.
+fn mount_options(mnt: &Path) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == mnt.to_str())
+        .map(|l| {
+            l.split(' ')
+                .nth(5)
+                .unwrap_or("")
+                .split(',')
+                .map(String::from)
+                .collect()
+        })
+        .expect("mount listed in mountinfo")
+}
+
+#[test]
+fn device_nodes_and_setuid_work_unless_turned_off() {
+    require_env();
+    let work = tempdir();
+    let layers = vec![vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("dev/"),
+        TarEntry::chardev("dev/null", 1, 3).mode(0o666),
+        TarEntry::dir("bin/"),
+        TarEntry::file("bin/su", "setuid\n").mode(0o4755),
+    ]];
+    let layout = make_tar_image(work.path(), "dev", &layers);
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "dev"),
+        &format!("{h}/dev:1"),
+        Format::Oci,
+    );
+
+    // Default: chroot needs both, so neither is turned off.
+    let m = mount_of(&reg);
+    let opts = mount_options(m.path());
+    assert!(
+        !opts.iter().any(|o| o == "nodev" || o == "nosuid"),
+        "default mount options {opts:?}"
+    );
+    let null = rootfs(&m, &h, "dev", "1").join("dev/null");
+    assert_eq!(read(&null).expect("read rootfs/dev/null"), b"");
+    assert_eq!(
+        stat(rootfs(&m, &h, "dev", "1").join("bin/su"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o4755
+    );
+    drop(m);
+
+    let m = Mount::builder()
+        .insecure(&h)
+        .option("nodev")
+        .option("nosuid")
+        .start();
+    let opts = mount_options(m.path());
+    assert!(
+        opts.iter().any(|o| o == "nodev") && opts.iter().any(|o| o == "nosuid"),
+        "-o nodev,nosuid gave mount options {opts:?}"
+    );
+    assert_errno(
+        read(rootfs(&m, &h, "dev", "1").join("dev/null")),
+        libc::EACCES,
+        "a device node on a nodev mount",
+    );
+}
+
 // ---------------------------------------------------------------------------
 // What the kernel keeps (FUSE requests counted with the tracepoint)
 // ---------------------------------------------------------------------------
