@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt as _;
@@ -693,6 +693,22 @@ fn list_every_dir(root: &Path) -> usize {
     dirs
 }
 
+/// How many `op` requests a [`FuseTrace`] counted.
+fn asked(counts: &BTreeMap<String, usize>, op: &str) -> usize {
+    counts.get(op).copied().unwrap_or(0)
+}
+
+/// None of `ops` reached the daemon; `why` says why none should have.
+fn assert_never_asked(counts: &BTreeMap<String, usize>, ops: &[&str], why: &str) {
+    for op in ops {
+        assert_eq!(
+            asked(counts, op),
+            0,
+            "{why}, yet the kernel sent {op}: {counts:?}"
+        );
+    }
+}
+
 /// Walks rootfs once (the tree equals umoci's), then returns the mount,
 /// rootfs and oracle for a second look.
 fn walked_once(work: &Path, reg: &Registry, repo: &str) -> (Mount, PathBuf, PathBuf) {
@@ -716,19 +732,17 @@ fn a_second_walk_of_rootfs_lists_from_the_kernel_cache() {
 
     let trace = FuseTrace::start(m.path());
     let dirs = list_every_dir(&root);
-    let asked = trace.stop();
+    let counts = trace.stop();
     // Opening a directory still reaches the daemon: the trace sees this mount.
     assert!(
-        asked.get("FUSE_OPENDIR").copied().unwrap_or(0) >= dirs,
-        "{dirs} directories opened, but the trace saw {asked:?}"
+        asked(&counts, "FUSE_OPENDIR") >= dirs,
+        "{dirs} directories opened, but the trace saw {counts:?}"
     );
-    for op in ["FUSE_READDIR", "FUSE_READDIRPLUS"] {
-        assert_eq!(
-            asked.get(op).copied().unwrap_or(0),
-            0,
-            "a rootfs listing is immutable, yet the second walk asked the daemon again: {asked:?}"
-        );
-    }
+    assert_never_asked(
+        &counts,
+        &["FUSE_READDIR", "FUSE_READDIRPLUS"],
+        "a rootfs listing is immutable and was listed before",
+    );
 }
 
 #[test]
@@ -742,16 +756,16 @@ fn a_stored_file_is_read_by_the_kernel_from_its_object() {
 
     let trace = FuseTrace::start(m.path());
     let bytes = read(&file).unwrap();
-    let asked = trace.stop();
+    let counts = trace.stop();
     assert_eq!(bytes, fs::read(oracle.join("data/one")).unwrap());
     assert!(
-        asked.get("FUSE_OPEN").copied().unwrap_or(0) >= 1,
-        "the file was opened, but the trace saw {asked:?}"
+        asked(&counts, "FUSE_OPEN") >= 1,
+        "the file was opened, but the trace saw {counts:?}"
     );
-    assert_eq!(
-        asked.get("FUSE_READ").copied().unwrap_or(0),
-        0,
-        "a complete object is read by the kernel itself (FUSE passthrough), yet the daemon was asked: {asked:?}"
+    assert_never_asked(
+        &counts,
+        &["FUSE_READ"],
+        "a complete object is read by the kernel itself (FUSE passthrough)",
     );
 }
 
@@ -776,20 +790,18 @@ fn immutable_answers_are_kept_by_the_kernel() {
     let trace = FuseTrace::start(m.path());
     assert_eq!(read(tag.join("manifest.json")).unwrap(), manifest);
     assert_eq!(stat(&file).unwrap().ino(), st.ino());
-    let asked = trace.stop();
+    let counts = trace.stop();
     assert!(
-        asked.get("FUSE_OPEN").copied().unwrap_or(0) >= 1,
-        "manifest.json was opened, but the trace saw {asked:?}"
+        asked(&counts, "FUSE_OPEN") >= 1,
+        "manifest.json was opened, but the trace saw {counts:?}"
     );
     // (GETATTRs may come: on a read-write mount the kernel asks for the
     // atime again after every read.)
-    for op in ["FUSE_READ", "FUSE_LOOKUP"] {
-        assert_eq!(
-            asked.get(op).copied().unwrap_or(0),
-            0,
-            "a manifest's bytes and a rootfs name never change, yet the kernel asked again: {asked:?}"
-        );
-    }
+    assert_never_asked(
+        &counts,
+        &["FUSE_READ", "FUSE_LOOKUP"],
+        "a manifest's bytes and a rootfs name never change and were read before",
+    );
 }
 
 // ---------------------------------------------------------------------------
