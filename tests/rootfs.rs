@@ -119,8 +119,7 @@ fn evict_page_cache(p: &Path) {
             unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         }
     });
-    unsafe { libc::sync() };
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3\n");
+    drop_caches();
 }
 
 /// (status, bytes sent) of every `GET` of blob `digest` in the registry's
@@ -728,6 +727,7 @@ fn a_second_walk_of_rootfs_lists_from_the_kernel_cache() {
     require_env();
     let work = tempdir();
     let reg = Registry::start();
+    let _kept = caches_kept();
     let (m, root, _oracle) = walked_once(work.path(), &reg, "walk");
 
     let trace = FuseTrace::start(m.path());
@@ -782,6 +782,7 @@ fn immutable_answers_are_kept_by_the_kernel() {
         Format::Oci,
     );
     let m = mount_of(&reg);
+    let _kept = caches_kept();
     let tag = m.join(format!("{h}/kept/1"));
     let manifest = read(tag.join("manifest.json")).unwrap();
     let file = tag.join("rootfs/data/one");
@@ -1078,8 +1079,7 @@ fn corrupted_object_is_detected_and_refetched() {
     flip_byte(&o1, 20_000);
     // No open before the read (the read's own open is the one that must
     // notice): drop the caches system-wide.
-    unsafe { libc::sync() };
-    fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    drop_caches();
     let got = read(root.join("data/victim1")).expect("read victim1 after corrupting its object");
     assert!(
         got == v1,

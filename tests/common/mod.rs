@@ -3110,9 +3110,20 @@ pub fn flip_byte(p: &Path, offset: u64) {
     f.sync_all().unwrap();
 }
 
+/// The tests of one binary run in parallel, and dropping the kernel's
+/// caches is system-wide: a test asserting what the kernel kept holds
+/// [`caches_kept`] while it looks, and [`drop_caches`] waits for it.
+static KERNEL_CACHES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// While held, no test of this binary drops the kernel's caches.
+pub fn caches_kept() -> std::sync::RwLockReadGuard<'static, ()> {
+    KERNEL_CACHES.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Drops the kernel's clean page cache (and dentries/inodes), so that the
 /// next read of a FUSE file goes to the daemon.
 pub fn drop_caches() {
+    let _alone = KERNEL_CACHES.write().unwrap_or_else(|e| e.into_inner());
     unsafe { libc::sync() };
     fs::write("/proc/sys/vm/drop_caches", "3\n").expect("write /proc/sys/vm/drop_caches");
 }
