@@ -874,14 +874,9 @@ fn ro_option_mounts_a_read_only_superblock_without_outbox() {
     let work = tempfile::tempdir().unwrap();
     push_simple(work.path(), &format!("{h}/app:t1"), Format::Oci);
     let m = Mount::builder().insecure(&h).option("ro").start();
-    let opts = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(m.path().to_str().unwrap()))
-        .map(|l| l.split(' ').nth(5).unwrap_or("").to_string())
-        .expect("mount listed in mountinfo");
+    let opts = mount_options(m.path()).expect("mount listed in mountinfo");
     assert!(
-        opts.split(',').next() == Some("ro"),
+        opts.first().map(String::as_str) == Some("ro"),
         "mount options {opts:?}"
     );
     assert_eq!(list(m.path()).expect("ls MNT"), vec![h.clone()]);

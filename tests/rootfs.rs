@@ -600,23 +600,6 @@ fn an_overlay_mounted_while_a_layer_streams_blocks_nothing() {
     assert_trees_equal(&root, &held.oracle, "after the layer arrived");
 }
 
-/// The options of the mount at `mnt` in /proc/self/mountinfo.
-fn mount_options(mnt: &Path) -> Vec<String> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .rfind(|l| l.split(' ').nth(4) == mnt.to_str())
-        .map(|l| {
-            l.split(' ')
-                .nth(5)
-                .unwrap_or("")
-                .split(',')
-                .map(String::from)
-                .collect()
-        })
-        .expect("mount listed in mountinfo")
-}
-
 #[test]
 fn device_nodes_and_setuid_work_unless_turned_off() {
     require_env();
@@ -639,7 +622,7 @@ fn device_nodes_and_setuid_work_unless_turned_off() {
 
     // Default: chroot needs both, so neither is turned off.
     let m = mount_of(&reg);
-    let opts = mount_options(m.path());
+    let opts = mount_options(m.path()).expect("mount listed in mountinfo");
     assert!(
         !opts.iter().any(|o| o == "nodev" || o == "nosuid"),
         "default mount options {opts:?}"
@@ -660,7 +643,7 @@ fn device_nodes_and_setuid_work_unless_turned_off() {
         .option("nodev")
         .option("nosuid")
         .start();
-    let opts = mount_options(m.path());
+    let opts = mount_options(m.path()).expect("mount listed in mountinfo");
     assert!(
         opts.iter().any(|o| o == "nodev") && opts.iter().any(|o| o == "nosuid"),
         "-o nodev,nosuid gave mount options {opts:?}"

@@ -1780,21 +1780,29 @@ impl Drop for Mount {
     }
 }
 
+/// The fields of the line of /proc/self/mountinfo for the mount at `path`
+/// (the last one mounted there), if any.
+fn mountinfo_fields(path: &Path) -> Option<Vec<String>> {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .map(|l| l.split(' ').map(String::from).collect::<Vec<_>>())
+        .rfind(|f| f.get(4) == Some(&want))
+}
+
 /// The fstype of the mount at `path` in /proc/self/mountinfo (the last one
 /// mounted there), if any.
 pub fn mount_fstype(path: &Path) -> Option<String> {
-    let want = path.to_string_lossy().replace(' ', "\\040");
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.get(4) != Some(&want.as_str()) {
-            continue;
-        }
-        let sep = fields.iter().position(|f| *f == "-")?;
-        found = fields.get(sep + 1).map(|s| s.to_string());
-    }
-    found
+    let fields = mountinfo_fields(path)?;
+    let sep = fields.iter().position(|f| f == "-")?;
+    fields.get(sep + 1).cloned()
+}
+
+/// The per-mount options (`ro`, `nosuid`, `nodev`, ...) of the mount at
+/// `path` in /proc/self/mountinfo (the last one mounted there), if any.
+pub fn mount_options(path: &Path) -> Option<Vec<String>> {
+    let fields = mountinfo_fields(path)?;
+    Some(fields.get(5)?.split(',').map(String::from).collect())
 }
 
 // ---------------------------------------------------------------------------
