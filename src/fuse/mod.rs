@@ -32,7 +32,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::model::{Content, DirEntry, Entry, FsError, Kind, OpenFile, Stat, Tree};
+use crate::model::{Content, DirEntry, Entry, FsError, Kind, OpenFile, RootfsPlace, Stat, Tree};
 use crate::outbox::{Caller, Opened, OpenedFile, Outbox, OutboxError, SetAttr};
 use errno::{errno, outbox_errno};
 use std::os::unix::fs::FileExt;
@@ -286,14 +286,15 @@ impl Filesystem for Fs {
                 Err(e) => reply.error(outbox_errno(&e)),
             };
         }
+        let place = self.tree.rootfs_place(ino.0);
         // A rootfs directory never changes: the kernel may keep its listing
         // across opens (a second walk of the tree asks nothing of us).
-        let flags = if self.tree.in_rootfs(ino.0) {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        } else {
+        let flags = if place == RootfsPlace::Outside {
             FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
         };
-        if self.tree.is_below_rootfs(ino.0) {
+        if place == RootfsPlace::Below {
             let fh = self.put_handle(Handle::Dir(Listing::default()));
             return reply.opened(FileHandle(fh), flags);
         }

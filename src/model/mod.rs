@@ -12,7 +12,7 @@ pub mod tree;
 
 use std::time::{Duration, SystemTime};
 
-pub use tree::Tree;
+pub use tree::{RootfsPlace, Tree};
 
 use crate::registry::RegistryError;
 

@@ -119,6 +119,21 @@ pub struct TreeOptions {
     pub configured: Vec<String>,
 }
 
+/// Where an inode stands relative to the rootfs trees ([`Tree::rootfs_place`]).
+/// A rootfs is immutable content: one manifest's, and its inode numbers
+/// are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootfsPlace {
+    /// Not in any rootfs.
+    Outside,
+    /// A `rootfs/` itself: its attributes are a placeholder until its tree
+    /// is built.
+    Root,
+    /// Below a `rootfs/`: answered early while the layers stream, with the
+    /// attributes the built tree will show.
+    Below,
+}
+
 /// The registry tree.
 pub struct Tree {
     client: RegistryClient,
@@ -229,17 +244,14 @@ impl Tree {
 
     // ----- rootfs -----------------------------------------------------
 
-    /// Whether `ino` is a `rootfs/` or below one: immutable content (a
-    /// rootfs is one manifest's, and its inode numbers are never reused).
-    pub fn in_rootfs(&self, ino: u64) -> bool {
-        self.rootfs_of(ino).is_some()
-    }
-
-    /// Whether `ino` is below a `rootfs/` (not `rootfs/` itself): answered
-    /// early while the layers stream, with the attributes the built tree
-    /// will show (the root's are a placeholder until then).
-    pub fn is_below_rootfs(&self, ino: u64) -> bool {
-        self.rootfs_of(ino).is_some_and(|(_, i)| i != 0)
+    /// Where `ino` stands: outside every rootfs, a `rootfs/` itself, or
+    /// below one.
+    pub fn rootfs_place(&self, ino: u64) -> RootfsPlace {
+        match self.rootfs_of(ino) {
+            None => RootfsPlace::Outside,
+            Some((_, 0)) => RootfsPlace::Root,
+            Some(_) => RootfsPlace::Below,
+        }
     }
 
     fn rootfs_of(&self, ino: u64) -> Option<(Arc<Rootfs>, u32)> {
