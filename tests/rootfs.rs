@@ -237,6 +237,76 @@ fn rootfs_equals_umoci_unpack_edge_cases() {
     );
 }
 
+/// A layer that names a path more than once: the later entry wins, as in
+/// `umoci unpack` (and GNU tar), whatever the two kinds are. A hard link
+/// made before its target is replaced keeps the old content.
+#[test]
+fn duplicate_entries_in_one_layer_equal_umoci_unpack() {
+    require_env();
+    let work = tempdir();
+    let layers = vec![
+        vec![
+            TarEntry::dir("./"),
+            TarEntry::dir("base/"),
+            TarEntry::file("base/keep", "lower\n"),
+            TarEntry::dir("base/sub/"),
+            TarEntry::file("base/sub/child", "lower child\n"),
+        ],
+        vec![
+            TarEntry::dir("dup/").mtime(1_600_000_000),
+            // Same kind twice.
+            TarEntry::file("dup/f", "first\n").mode(0o600),
+            TarEntry::file("dup/f", "second, longer\n").mode(0o644),
+            TarEntry::symlink("dup/s", "first-target"),
+            TarEntry::symlink("dup/s", "second-target"),
+            TarEntry::dir("dup/d/").mode(0o755).mtime(1_600_000_001),
+            TarEntry::file("dup/d/child", "child\n"),
+            TarEntry::dir("dup/d/").mode(0o700).mtime(1_600_000_002),
+            // A file, then a directory of the same name, and the reverse.
+            TarEntry::file("dup/x", "was a file\n"),
+            TarEntry::dir("dup/x/"),
+            TarEntry::file("dup/x/in", "in x\n"),
+            TarEntry::dir("dup/y/"),
+            TarEntry::file("dup/y/in", "gone with y\n"),
+            TarEntry::file("dup/y", "now a file\n"),
+            // A hard link to the final entry, and one to a replaced one.
+            TarEntry::hardlink("dup/f-link", "dup/f"),
+            TarEntry::file("dup/g", "old g\n"),
+            TarEntry::hardlink("dup/g-old", "dup/g"),
+            TarEntry::file("dup/g", "new g\n"),
+            // Twice over a lower layer's file and directory.
+            TarEntry::file("base/keep", "upper one\n"),
+            TarEntry::file("base/keep", "upper two\n"),
+            TarEntry::file("base/sub", "sub replaced\n"),
+            TarEntry::dir("base/sub/"),
+            TarEntry::file("base/sub/new", "new child\n"),
+        ],
+    ];
+    let layout = make_tar_image(work.path(), "dup", &layers);
+    let oracle = umoci_unpack(&layout_ref(&layout, "dup"), &work.path().join("bundle-dup"));
+    // The oracle is what the test means (so the comparison is not vacuous).
+    let read = |p: &str| fs::read_to_string(oracle.join(p)).unwrap();
+    assert_eq!(read("dup/f"), "second, longer\n");
+    assert_eq!(read("dup/g-old"), "old g\n");
+    assert_eq!(read("dup/g"), "new g\n");
+    assert_eq!(read("dup/y"), "now a file\n");
+    assert_eq!(read("base/keep"), "upper two\n");
+    assert!(!oracle.join("base/sub/child").exists());
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "dup"),
+        &format!("{h}/dup/img:1"),
+        Format::Oci,
+    );
+    let m = mount_of(&reg);
+    assert_trees_equal(
+        &rootfs(&m, &h, "dup/img", "1"),
+        &oracle,
+        "duplicate entries",
+    );
+}
+
 /// The same image with `tar+zstd` layers (skopeo --dest-compress-format
 /// zstd) and with uncompressed `tar` layers (pushed by hand: skopeo
 /// compresses them). umoci 0.4.7 cannot unpack zstd layers, so the oracle
