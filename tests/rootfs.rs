@@ -2196,6 +2196,69 @@ fn assert_streaming(m: &Mount, host: &str, repo: &str, layer: usize, why: &str) 
 /// The first file of [`held_image`]'s held upper layer.
 const EARLY_FILE: &[u8] = b"first in the upper layer\n";
 
+/// A crash (SIGKILL) while a layer streams loses nothing and leaves
+/// nothing half-made: a daemon started again on the same cache serves the
+/// same tree, fetches again only the layer that was cut (not the one that
+/// had been stored), and every object still hashes to its name.
+#[test]
+fn a_daemon_killed_while_a_layer_streams_restarts_on_a_sound_cache() {
+    require_env();
+    let held = held_image("crash", Held::Upper);
+    let host = held.fault.host();
+    let cache = tempdir();
+    let mut m = Mount::builder()
+        .insecure(&host)
+        .cache_dir(cache.path())
+        .start();
+    let root = rootfs(&m, &host, "crash/img", "1");
+    let (_, early) = read_within(root.join("etc/early"), Duration::from_secs(30));
+    let early = early.expect("etc/early readable while its layer is held half way");
+    assert_eq!(early.unwrap(), EARLY_FILE);
+    // The lower layer is stored and indexed; the upper one is cut by the kill.
+    let status = m.join(format!("{host}/crash/img/1/status"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lower = loop {
+        let s: Value = serde_json::from_slice(&read(&status).unwrap()).unwrap();
+        if s["layers"][0]["state"] == "indexed" {
+            break s["layers"][0]["digest"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "lower layer never indexed: {s}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_streaming(&m, &host, "crash/img", 1, "the kill would not cut it");
+    m.kill();
+    assert!(!m.is_mounted(), "a dead mount is left behind");
+
+    held.gate.open();
+    let before = held.fault.requests().len();
+    let m = Mount::builder()
+        .insecure(&host)
+        .cache_dir(cache.path())
+        .start();
+    let root = rootfs(&m, &host, "crash/img", "1");
+    assert_trees_equal(&root, &held.oracle, "restarted on a killed daemon's cache");
+    let fetched: Vec<String> = held.fault.requests()[before..]
+        .iter()
+        .filter(|(method, t)| method == "GET" && t.contains("/blobs/"))
+        .map(|(_, t)| t.clone())
+        .collect();
+    assert!(
+        !fetched.iter().any(|t| t.ends_with(&lower)),
+        "the stored lower layer {lower} was fetched again: {fetched:#?}"
+    );
+    assert!(
+        !fetched.is_empty(),
+        "the cut upper layer was not fetched again, yet the tree is whole?"
+    );
+    assert_objects_well_formed(cache.path());
+    let out = cache_cmd(cache.path(), &["verify"]);
+    assert!(out.status.success(), "verify after a crash: {out:?}");
+    let leftovers: Vec<_> = fs::read_dir(cache.path().join("tmp"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "half-made files left: {leftovers:?}");
+}
+
 #[test]
 fn noearly_reads_wait_for_the_checked_tree() {
     require_env();
