@@ -7,9 +7,10 @@
 //! ```
 //!
 //! Contracts:
-//! - **Crash safety**: an object is written under `tmp/` while it is hashed,
-//!   then linked to its name ([`crate::publish`]: no filesystem-wide rename
-//!   lock); a name never holds partial content.
+//! - **Crash safety**: an object is written under `tmp/`, unnamed, while it
+//!   is hashed, then linked to its name ([`crate::publish`]: no
+//!   filesystem-wide rename lock); a name never holds partial content, and
+//!   a crash leaves nothing in `tmp/` that another process could mistake.
 //! - **Verification**: an object read back is verified against its name
 //!   the first time it is opened in this process and again whenever its
 //!   inode, size, mtime or ctime change (so a damaged or replaced file is
@@ -38,6 +39,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::objindex::{Info, ObjIndex};
+use crate::publish::TempFile;
 
 /// sha256 of an object's content.
 pub type ObjectId = [u8; 32];
@@ -100,7 +102,6 @@ pub struct ObjectStore {
     limit: u64,
     state: Mutex<State>,
     evicted: AtomicU64,
-    tmp_seq: AtomicU64,
     pins: crate::pins::Pins,
     /// Bytes of the bound held by spills ([`ObjectStore::reserve_spill`]).
     reserved: AtomicU64,
@@ -127,11 +128,7 @@ impl ObjectStore {
         std::fs::create_dir_all(&objects)?;
         let tmp = cache_dir.join("tmp");
         std::fs::create_dir_all(&tmp)?;
-        for e in std::fs::read_dir(&tmp)?.flatten() {
-            if e.file_name().to_string_lossy().starts_with("obj.") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        crate::publish::sweep(&tmp);
         let mut found: Vec<(i64, ObjectId, u64)> = Vec::new();
         for d in std::fs::read_dir(&objects)?.flatten() {
             let dname = d.file_name().to_string_lossy().into_owned();
@@ -166,7 +163,6 @@ impl ObjectStore {
             limit,
             state: Mutex::new(state),
             evicted: AtomicU64::new(0),
-            tmp_seq: AtomicU64::new(0),
             pins: crate::pins::Pins::open(cache_dir)?,
             reserved: AtomicU64::new(0),
         };
@@ -198,16 +194,9 @@ impl ObjectStore {
 
     /// Starts writing a new object.
     pub fn writer(&self) -> io::Result<ObjectWriter<'_>> {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("obj.{}.{n}", std::process::id()));
-        let file = File::create(&tmp)?;
         Ok(ObjectWriter {
             store: self,
-            file: Some(file),
-            tmp,
+            tmp: Some(TempFile::new_in(&self.root.join("tmp"))?),
             hasher: Some(Sha256::new()),
             size: 0,
         })
@@ -464,10 +453,9 @@ impl ObjectStore {
     }
 
     /// Puts a finished temporary file in place; true if the object is new.
-    fn insert(&self, tmp: &Path, id: ObjectId, size: u64) -> io::Result<bool> {
+    fn insert(&self, mut tmp: TempFile, id: ObjectId, size: u64) -> io::Result<bool> {
         let path = self.path(&id);
         if self.contains(&id) && path.exists() {
-            let _ = std::fs::remove_file(tmp);
             self.state.lock().unwrap().lru.promote(&id);
             return Ok(false);
         }
@@ -477,14 +465,12 @@ impl ObjectStore {
         // A file already under the name that this process does not know
         // (another process wrote it, or it outlived its index entry) is kept
         // if it holds the content, else replaced by the one just written.
-        if !crate::publish::publish(tmp, &path)? {
+        if !tmp.publish(&path)? {
             let intact = File::open(&path)
                 .and_then(|f| hash_file(&f))
                 .is_ok_and(|h| h == id);
-            if intact {
-                std::fs::remove_file(tmp)?;
-            } else {
-                crate::publish::replace(tmp, &path)?;
+            if !intact {
+                tmp.replace(&path)?;
             }
         }
         let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok();
@@ -512,15 +498,15 @@ impl ObjectStore {
 /// An object being written: hashed as it goes, named when finished.
 pub struct ObjectWriter<'a> {
     store: &'a ObjectStore,
-    file: Option<File>,
-    tmp: PathBuf,
+    /// `None` once finished.
+    tmp: Option<TempFile>,
     hasher: Option<Sha256>,
     size: u64,
 }
 
 impl Write for ObjectWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let file = self.file.as_mut().expect("open until finished");
+        let mut file = self.tmp.as_ref().expect("open until finished").as_file();
         let store = self.store;
         let n = when_full(|| store.make_room(buf.len() as u64), || file.write(buf))?;
         self.hasher
@@ -554,18 +540,10 @@ impl ObjectWriter<'_> {
 
     /// Like [`ObjectWriter::finish`], also telling whether the object is new.
     pub fn finish_new(mut self) -> io::Result<(ObjectId, u64, bool)> {
-        drop(self.file.take());
+        let tmp = self.tmp.take().expect("finished once");
         let id = self.hasher.take().expect("finished once").finish();
-        let new = self.store.insert(&self.tmp, id, self.size)?;
+        let new = self.store.insert(tmp, id, self.size)?;
         Ok((id, self.size, new))
-    }
-}
-
-impl Drop for ObjectWriter<'_> {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }
 

@@ -62,22 +62,15 @@ impl MetaStore {
         if path.exists() {
             return;
         }
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{}", &digest[7..], std::process::id()));
         let res = (|| -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
+            let mut tmp = crate::publish::TempFile::new_in(&self.root.join("tmp"))?;
+            tmp.as_file().write_all(data)?;
+            tmp.as_file().sync_all()?;
             // One there already: `get` checks it against its digest.
-            if !crate::publish::publish(&tmp, &path)? {
-                std::fs::remove_file(&tmp)?;
-            }
+            tmp.publish(&path)?;
             Ok(())
         })();
         if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
             tracing::warn!(digest, error = %e, "cannot store metadata blob");
         }
     }

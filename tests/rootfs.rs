@@ -2259,6 +2259,93 @@ fn a_daemon_killed_while_a_layer_streams_restarts_on_a_sound_cache() {
     assert!(leftovers.is_empty(), "half-made files left: {leftovers:?}");
 }
 
+/// `apt-layer cache stats | verify` may run while a daemon on the same
+/// cache is writing objects: they must not take its half-written objects
+/// for a crash's leftovers.
+#[test]
+fn cache_commands_while_a_layer_streams_leave_its_objects_alone() {
+    require_env();
+    let held = held_image("busy", Held::Upper);
+    let host = held.fault.host();
+    let cache = tempdir();
+    let m = Mount::builder()
+        .insecure(&host)
+        .cache_dir(cache.path())
+        .start();
+    let root = rootfs(&m, &host, "busy/img", "1");
+    let (_, early) = read_within(root.join("etc/early"), Duration::from_secs(30));
+    assert_eq!(early.expect("etc/early while held").unwrap(), EARLY_FILE);
+    // The lower layer is stored; the held layer's spill and its big file's
+    // object are being written now.
+    let status = m.join(format!("{host}/busy/img/1/status"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s: Value = serde_json::from_slice(&read(&status).unwrap()).unwrap();
+        if s["layers"][0]["state"] == "indexed" && files_being_written(cache.path()) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held layer's object is not being written: {s}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    for cmd in ["stats", "verify"] {
+        let out = cache_cmd(cache.path(), &[cmd]);
+        assert!(out.status.success(), "cache {cmd} beside a daemon: {out:?}");
+    }
+
+    assert_streaming(&m, &host, "busy/img", 1, "the commands ran too late");
+    held.gate.open();
+    assert_trees_equal(&root, &held.oracle, "after cache commands ran mid-stream");
+
+    let s: Value =
+        serde_json::from_slice(&read(m.join(format!("{host}/busy/img/1/status"))).unwrap())
+            .unwrap();
+    for l in s["layers"].as_array().unwrap() {
+        assert_eq!(l["state"], "indexed", "{s}");
+        let digest = l["digest"].as_str().unwrap();
+        let gets = held
+            .fault
+            .requests()
+            .iter()
+            .filter(|(method, t)| method == "GET" && t.ends_with(&format!("/blobs/{digest}")))
+            .count();
+        assert_eq!(
+            gets,
+            1,
+            "layer {digest} fetched {gets} times; log:\n{}",
+            m.log()
+        );
+    }
+    assert_objects_well_formed(cache.path());
+    assert!(
+        !m.log().contains(" WARN ") && !m.log().contains(" ERROR "),
+        "the daemon complained:\n{}",
+        m.log()
+    );
+}
+
+/// How many non-empty files some process holds open under `cache`'s
+/// `tmp/`, named or not (spills and objects being written).
+fn files_being_written(cache: &Path) -> usize {
+    let tmp = cache.join("tmp");
+    let mut n = 0;
+    for p in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(&tmp))
+                && fs::metadata(fd.path()).is_ok_and(|m| m.is_file() && m.len() > 0)
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 #[test]
 fn noearly_reads_wait_for_the_checked_tree() {
     require_env();

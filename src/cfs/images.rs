@@ -8,7 +8,7 @@
 //!
 //! Contracts:
 //! - **Built once**: an image is written to `tmp/` and linked into place
-//!   ([`crate::publish::replace`]),
+//!   ([`crate::publish::TempFile::replace`]),
 //!   then its sidecar the same way; after a restart it is served from here,
 //!   never rebuilt.
 //! - **Never served damaged or stale**: an image is served only if its
@@ -131,14 +131,13 @@ impl ImageStore {
     /// Stores `image` for `manifest` (crash safe) and opens it.
     pub fn put(&self, manifest: &str, image: &[u8]) -> io::Result<(File, u64)> {
         let hex = hex_of(manifest);
-        let tmp = self.tmp.join(format!("cfs.{}.{hex}", std::process::id()));
-        let write = |p: &Path, data: &[u8]| -> io::Result<()> {
-            let mut f = File::create(p)?;
-            f.write_all(data)?;
-            f.sync_all()
+        let write = |data: &[u8], dst: &Path| -> io::Result<()> {
+            let mut tmp = crate::publish::TempFile::new_in(&self.tmp)?;
+            tmp.as_file().write_all(data)?;
+            tmp.as_file().sync_all()?;
+            tmp.replace(dst)
         };
-        write(&tmp, image)?;
-        crate::publish::replace(&tmp, &self.path(manifest))?;
+        write(image, &self.path(manifest))?;
         let mut h = crate::cas::Sha256::new();
         h.update(image);
         let side = Sidecar {
@@ -146,8 +145,10 @@ impl ImageStore {
             size: image.len() as u64,
             builder: BUILDER.into(),
         };
-        write(&tmp, &serde_json::to_vec(&side).map_err(io::Error::other)?)?;
-        crate::publish::replace(&tmp, &self.sidecar_path(manifest))?;
+        write(
+            &serde_json::to_vec(&side).map_err(io::Error::other)?,
+            &self.sidecar_path(manifest),
+        )?;
         let file = File::open(self.path(manifest))?;
         let m = file.metadata()?;
         self.verified
