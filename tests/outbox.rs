@@ -837,3 +837,60 @@ fn a_full_disk_while_staging_is_reported_and_loses_nothing() {
     let rootfs = pull_and_unpack(&format!("{host}/full:v1"), &work.path().join("p"), None);
     assert_eq!(list(&rootfs).unwrap(), vec!["keep"]);
 }
+
+/// Two daemons on one cache would both push the trees staged in its
+/// outbox, each blind to the other's writers (one could push a file the
+/// other still holds open). The second is refused with its reason, while
+/// `-o ro` (no outbox) shares the cache, and the first keeps serving.
+#[test]
+fn a_second_daemon_on_the_same_cache_is_refused_its_outbox() {
+    require_env();
+    let reg = Registry::start();
+    let h = reg.host();
+    let first = outbox_mount(&reg);
+    let cache = first.cache_dir().to_str().unwrap().to_string();
+    let mnt = tempfile::tempdir().unwrap();
+    let second = mnt.path().to_str().unwrap();
+    let out = apt_layer(
+        &[
+            "mount",
+            second,
+            "--cache-dir",
+            &cache,
+            "--insecure-registry",
+            &h,
+            "--registries-conf",
+            "/dev/null",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success(),
+        "a second daemon mounted on the same cache: {out:?}"
+    );
+    for needle in [cache.as_str(), "-o ro", "another"] {
+        assert!(
+            out.stderr.contains(needle),
+            "no {needle:?} in: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(mount_fstype(mnt.path()), None, "left a mount behind");
+
+    let ro = Mount::builder()
+        .insecure(&h)
+        .cache_dir(Path::new(&cache))
+        .option("ro")
+        .start();
+    assert!(fs::read_dir(ro.path()).is_ok(), "the -o ro daemon serves");
+    drop(ro);
+
+    let src = tempfile::tempdir().unwrap();
+    write_file(
+        src.path().join("f"),
+        b"still pushed by the first\n".to_vec(),
+    );
+    mkdir_p(first.join(format!("outbox/{h}/second")));
+    cp_a(src.path(), &first.join(format!("outbox/{h}/second/t1")));
+    wait_for_tag(&first, &h, "second", "t1", None);
+}

@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! <cache_dir>/outbox/                 mode 0700: staged files keep their modes and owners
+//! ├── .lock                           flock: held by the one daemon serving this outbox
 //! ├── tree/                           what users see as <mnt>/outbox/, exactly as written
 //! │   └── <registry>/<repository…>/<tag>/…
 //! ├── state/tag-<hash>.json           one per tag directory: the status file's content
@@ -57,6 +58,13 @@
 //! inode numbers, each held only to read or change the table. Staging I/O
 //! is local and runs inline on the FUSE thread; nothing here waits for the
 //! network.
+//!
+//! One daemon per outbox: the daemon holds an exclusive `flock` on
+//! `.lock` while it runs (the kernel drops it if the daemon dies). A second
+//! daemon on the same cache would push the same trees, blind to the writers
+//! of the first (it could push a file still being written through the
+//! other mount), so it is refused; `-o ro` shares the cache without an
+//! outbox.
 //!
 //! Durability: staged data is in ordinary files under the cache directory
 //! and survives a daemon restart (the tag decisions and push states too:
@@ -254,6 +262,53 @@ pub struct Outbox {
     status_inos: Mutex<(HashMap<String, u64>, HashMap<u64, String>)>,
     pusher: Pusher,
     started: SystemTime,
+    /// The outbox's `.lock`, held for the daemon's life.
+    _lock: File,
+}
+
+/// Takes `base/.lock` for this process (see the module's "one daemon per
+/// outbox"), waiting up to 5 s for a daemon that is exiting, and writes
+/// its pid there for the next one's error message.
+fn lock_outbox(base: &Path) -> std::io::Result<File> {
+    use std::io::{Read, Seek, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(base.join(".lock"))?;
+    // A daemon just unmounted may take a moment to exit (and let go).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // SAFETY: a valid open fd; the lock goes with `f`.
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let pid = pid.trim();
+        let who = if pid.is_empty() {
+            String::new()
+        } else {
+            format!(" (pid {pid})")
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "served by another apt-layer daemon{who}; give this mount another --cache-dir, \
+                 or mount it with -o ro to share the cache without an outbox"
+            ),
+        ));
+    }
+    f.set_len(0)?;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 /// A repository path component as the outbox takes it.
@@ -405,6 +460,7 @@ impl Outbox {
         let base = cache_dir.join("outbox");
         std::fs::create_dir_all(&base)?;
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+        let lock = lock_outbox(&base)?;
         let tree = base.join("tree");
         if !tree.exists() {
             std::fs::create_dir(&tree)?;
@@ -442,6 +498,7 @@ impl Outbox {
             status_inos: Mutex::new((HashMap::new(), HashMap::new())),
             pusher,
             started: SystemTime::now(),
+            _lock: lock,
         }))
     }
 
