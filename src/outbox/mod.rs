@@ -283,7 +283,9 @@ fn lock_outbox(base: &Path) -> std::io::Result<File> {
     while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e);
+            // A filesystem without locks: serve, unguarded, rather than not.
+            tracing::warn!(error = %e, dir = %base.display(), "cannot lock the outbox; a second daemon on this cache would not be refused");
+            return Ok(f);
         }
         if std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
