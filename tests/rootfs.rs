@@ -307,6 +307,49 @@ fn duplicate_entries_in_one_layer_equal_umoci_unpack() {
     );
 }
 
+/// Hard links to things that are not regular files: a symlink, a fifo, a
+/// device node (link() does not follow symlinks, so tar and umoci make a
+/// second name for the same symlink inode).
+#[test]
+fn hard_links_to_symlinks_fifos_and_devices_equal_umoci_unpack() {
+    require_env();
+    let work = tempdir();
+    let layers = vec![
+        vec![
+            TarEntry::dir("./"),
+            TarEntry::dir("k/"),
+            TarEntry::symlink("k/sym", "../target"),
+            TarEntry::hardlink("k/sym-link", "k/sym"),
+            TarEntry::fifo("k/fifo"),
+            TarEntry::hardlink("k/fifo-link", "k/fifo"),
+            TarEntry::chardev("k/null", 1, 3),
+            TarEntry::hardlink("k/null-link", "k/null"),
+        ],
+        vec![
+            TarEntry::dir("k/"),
+            // Across layers too.
+            TarEntry::hardlink("k/sym-upper", "k/sym"),
+        ],
+    ];
+    let layout = make_tar_image(work.path(), "kinds", &layers);
+    let oracle = umoci_unpack(&layout_ref(&layout, "kinds"), &work.path().join("bundle"));
+    let ino = |p: &str| fs::symlink_metadata(oracle.join(p)).unwrap().ino();
+    assert_eq!(ino("k/sym"), ino("k/sym-link"), "umoci linked the symlink");
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "kinds"),
+        &format!("{h}/kinds/img:1"),
+        Format::Oci,
+    );
+    let m = mount_of(&reg);
+    assert_trees_equal(
+        &rootfs(&m, &h, "kinds/img", "1"),
+        &oracle,
+        "hard links to non-files",
+    );
+}
+
 /// The same image with `tar+zstd` layers (skopeo --dest-compress-format
 /// zstd) and with uncompressed `tar` layers (pushed by hand: skopeo
 /// compresses them). umoci 0.4.7 cannot unpack zstd layers, so the oracle
