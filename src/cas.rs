@@ -562,6 +562,40 @@ pub fn when_full<T>(
     }
 }
 
+/// Whether two open files are the same file (device and inode).
+pub fn same_file(a: &File, b: &File) -> io::Result<bool> {
+    let (ma, mb) = (a.metadata()?, b.metadata()?);
+    Ok((ma.dev(), ma.ino()) == (mb.dev(), mb.ino()))
+}
+
+/// Whether two object files hold the same bytes: at once if they are the
+/// same file, else by reading both (a rare path: an object's file changed
+/// while an earlier open of it lives).
+pub fn same_content(a: &File, b: &File) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if same_file(a, b)? {
+        return Ok(true);
+    }
+    let (ma, mb) = (a.metadata()?, b.metadata()?);
+    if ma.len() != mb.len() {
+        return Ok(false);
+    }
+    let (mut x, mut y) = (vec![0u8; 256 << 10], vec![0u8; 256 << 10]);
+    let mut off = 0u64;
+    while off < ma.len() {
+        let n = a.read_at(&mut x, off)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        b.read_exact_at(&mut y[..n], off)?;
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
+}
+
 /// sha256 of a whole file.
 pub fn hash_file(mut f: &File) -> io::Result<ObjectId> {
     let mut h = Sha256::new();
@@ -618,6 +652,30 @@ mod tests {
         let mut w = s.writer().unwrap();
         w.write_all(data).unwrap();
         w.finish().unwrap().0
+    }
+
+    #[test]
+    fn same_content_compares_files_by_identity_then_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 600 << 10];
+        let (a, b, c, e) = (
+            d.path().join("a"),
+            d.path().join("b"),
+            d.path().join("c"),
+            d.path().join("e"),
+        );
+        std::fs::write(&a, &data).unwrap();
+        std::fs::write(&b, &data).unwrap();
+        let mut other = data.clone();
+        other[500 << 10] ^= 1;
+        std::fs::write(&c, &other).unwrap();
+        std::fs::write(&e, &data[..1000]).unwrap();
+        let open = |p: &Path| File::open(p).unwrap();
+        assert!(same_file(&open(&a), &open(&a)).unwrap());
+        assert!(!same_file(&open(&a), &open(&b)).unwrap());
+        assert!(same_content(&open(&a), &open(&b)).unwrap());
+        assert!(!same_content(&open(&a), &open(&c)).unwrap());
+        assert!(!same_content(&open(&a), &open(&e)).unwrap());
     }
 
     #[test]

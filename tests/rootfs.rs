@@ -1131,6 +1131,50 @@ fn shared_layer_is_stored_once() {
     );
 }
 
+/// An object damaged while its file is held open: the open file reads
+/// what the disk now holds (the kernel reads the object itself), but no
+/// later open is given those bytes. The kernel lets an inode have only
+/// one backing file while it is open, so a later open cannot get the
+/// refetched object either: it fails (`EIO`) until the first is closed,
+/// and then reads the right bytes.
+#[test]
+fn an_object_damaged_while_open_is_not_served_to_a_later_open() {
+    require_env();
+    let work = tempdir();
+    let v = pseudo_random(211, 40_000);
+    let layers = vec![vec![
+        TarEntry::dir("./"),
+        TarEntry::file("victim", v.clone()),
+    ]];
+    let layout = make_tar_image(work.path(), "held", &layers);
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "held"),
+        &format!("{h}/heldopen:1"),
+        Format::Oci,
+    );
+    let cache = tempdir();
+    let mut m = mount_on_cache(&reg, cache.path(), &[]);
+    let root = rootfs(&m, &h, "heldopen", "1");
+    assert_eq!(read(root.join("victim")).unwrap(), v);
+    let o = object_path(cache.path(), &sha256_hex(&v));
+    assert!(wait_until(Duration::from_secs(10), || o.exists()));
+
+    let first = fs::File::open(root.join("victim")).unwrap();
+    flip_byte(&o, 20_000);
+    match read(root.join("victim")) {
+        Ok(got) => assert!(got == v, "a later open read the damaged object"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    drop(first);
+    assert!(
+        read(root.join("victim")).unwrap() == v,
+        "wrong bytes once the damaged object's file was closed"
+    );
+    assert!(m.is_running());
+}
+
 #[test]
 fn corrupted_object_is_detected_and_refetched() {
     require_env();

@@ -11,6 +11,12 @@
 //! contents at `open`, so readers see one consistent version even if a tag
 //! moves meanwhile.
 //!
+//! Passthrough: a complete object is opened with a backing id, so the
+//! kernel reads the object file itself. The kernel takes one backing file
+//! per inode while any open of it lives, so later opens share it
+//! (`shared_backing`), but only while it still holds the verified bytes:
+//! an object damaged on disk while open is never handed to a later open.
+//!
 //! Inodes at or above [`crate::outbox::OUTBOX_BASE`] belong to the writable outbox
 //! ([`crate::outbox`]); every request for them goes there (local disk I/O,
 //! answered inline). Writes anywhere else are `EROFS`.
@@ -57,6 +63,12 @@ fn listed(list: Vec<DirEntry>) -> Listing {
     Arc::new(tokio::sync::OnceCell::new_with(Some(Arc::new(list))))
 }
 
+/// A live passthrough backing of an inode, and the object file it reads.
+struct Backing {
+    id: std::sync::Weak<fuser::BackingId>,
+    file: std::sync::Weak<std::fs::File>,
+}
+
 /// The FUSE filesystem: a model plus the runtime that runs its waits.
 pub struct Fs {
     tree: Arc<Tree>,
@@ -67,7 +79,7 @@ pub struct Fs {
     passthrough: bool,
     /// The kernel allows one backing file per inode at a time: opens of an
     /// inode share its backing id while any of them is open.
-    backings: Arc<Mutex<HashMap<u64, std::sync::Weak<fuser::BackingId>>>>,
+    backings: Arc<Mutex<HashMap<u64, Backing>>>,
     /// Whether passthrough may be used at all (mount option).
     allow_passthrough: bool,
     /// The writable outbox, when mounted with one.
@@ -411,20 +423,11 @@ impl Filesystem for Fs {
                     // Complete local objects: let the kernel read the file itself.
                     let backing = match (&f.content, passthrough) {
                         (Content::File(file), true) => {
-                            let mut map = backings.lock().unwrap();
-                            match map.get(&ino.0).and_then(std::sync::Weak::upgrade) {
-                                Some(id) => Some(id),
-                                None => match reply.open_backing(&**file) {
-                                    Ok(id) => {
-                                        let id = Arc::new(id);
-                                        map.insert(ino.0, Arc::downgrade(&id));
-                                        Some(id)
-                                    }
-                                    Err(e) => {
-                                        tracing::debug!(error = %e, "passthrough unavailable for this open");
-                                        None
-                                    }
-                                },
+                            match shared_backing(&backings, ino.0, file).await {
+                                Ok(id) => {
+                                    id.or_else(|| new_backing(&backings, ino.0, file, &reply))
+                                }
+                                Err(e) => return reply.error(errno(&e)),
                             }
                         }
                         _ => None,
@@ -435,7 +438,10 @@ impl Filesystem for Fs {
                             // The kernel refuses KEEP_CACHE with passthrough
                             // (the backing file's page cache is used instead).
                             flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
-                            handles.lock().unwrap().insert(fh, Handle::File(f, Some(id.clone())));
+                            handles
+                                .lock()
+                                .unwrap()
+                                .insert(fh, Handle::File(f, Some(id.clone())));
                             reply.opened_passthrough(FileHandle(fh), flags, &id);
                         }
                         None => {
@@ -902,6 +908,83 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         reply.error(Errno::ENOSYS);
+    }
+}
+
+/// The backing id of an open of `ino` that is still open, if any: the
+/// kernel takes no other while it lives. It reads the object file that
+/// was verified when it was made; if the object's file has changed since
+/// (evicted and fetched again, or damaged on disk and replaced), it is
+/// shared only if it still holds the same bytes as `file`, the one just
+/// verified. Otherwise this open fails (`EIO`) until the others close.
+async fn shared_backing(
+    backings: &Mutex<HashMap<u64, Backing>>,
+    ino: u64,
+    file: &Arc<std::fs::File>,
+) -> Result<Option<Arc<fuser::BackingId>>, FsError> {
+    let live = backings
+        .lock()
+        .unwrap()
+        .get(&ino)
+        .and_then(|b| Some((b.id.upgrade()?, b.file.upgrade()?)));
+    let Some((id, old)) = live else {
+        return Ok(None);
+    };
+    if crate::cas::same_file(&old, file).unwrap_or(false) {
+        return Ok(Some(id));
+    }
+    let (a, b) = (old.clone(), file.clone());
+    let same = tokio::task::spawn_blocking(move || crate::cas::same_content(&a, &b))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match same {
+        Ok(true) => Ok(Some(id)),
+        Ok(false) => {
+            tracing::error!(
+                ino,
+                "an object was damaged on disk while its file was open; other opens fail until it is closed"
+            );
+            Err(FsError::Io {
+                reason: "object damaged while open".into(),
+                no_space: false,
+            })
+        }
+        Err(reason) => Err(FsError::Io {
+            reason,
+            no_space: false,
+        }),
+    }
+}
+
+/// A new backing id for `ino` reading `file` (or the one another open
+/// made meanwhile); `None` if the kernel refuses passthrough for it.
+fn new_backing(
+    backings: &Mutex<HashMap<u64, Backing>>,
+    ino: u64,
+    file: &Arc<std::fs::File>,
+    reply: &ReplyOpen,
+) -> Option<Arc<fuser::BackingId>> {
+    let mut map = backings.lock().unwrap();
+    if let Some(id) = map.get(&ino).and_then(|b| b.id.upgrade()) {
+        return Some(id);
+    }
+    match reply.open_backing(&**file) {
+        Ok(id) => {
+            let id = Arc::new(id);
+            map.insert(
+                ino,
+                Backing {
+                    id: Arc::downgrade(&id),
+                    file: Arc::downgrade(file),
+                },
+            );
+            Some(id)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "passthrough unavailable for this open");
+            None
+        }
     }
 }
 
