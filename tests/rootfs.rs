@@ -350,6 +350,56 @@ fn hard_links_to_symlinks_fifos_and_devices_equal_umoci_unpack() {
     );
 }
 
+/// A job working in a tag's `rootfs/` (a chroot, a build) keeps its image
+/// when the tag moves to another one: paths walked afresh show the new
+/// image, while the directories and files it holds keep showing the old.
+#[test]
+fn a_tree_in_use_keeps_its_image_when_the_tag_moves() {
+    require_env();
+    let work = tempdir();
+    let image = |which: &str| {
+        vec![vec![
+            TarEntry::dir("./"),
+            TarEntry::file("which", format!("{which}\n")),
+            TarEntry::dir("d/"),
+            TarEntry::file(format!("d/only-{which}"), "x\n"),
+        ]]
+    };
+    let a = make_tar_image(work.path(), "a", &image("A"));
+    let b = make_tar_image(work.path(), "b", &image("B"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&layout_ref(&a, "a"), &format!("{h}/moving:t"), Format::Oci);
+    let m = Mount::builder().insecure(&h).tag_ttl(1).start();
+    let root = rootfs(&m, &h, "moving", "t");
+    assert_eq!(read(root.join("which")).unwrap(), b"A\n");
+    let held_dir = fs::File::open(root.join("d")).unwrap();
+    let held_file = fs::File::open(root.join("which")).unwrap();
+
+    push(&layout_ref(&b, "b"), &format!("{h}/moving:t"), Format::Oci);
+    assert!(
+        wait_until(Duration::from_secs(10), || read(root.join("which")).ok()
+            == Some(b"B\n".to_vec())),
+        "the tag's rootfs/ still shows the old image after it moved"
+    );
+    let via = |fd: &fs::File, rel: &str| {
+        PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(fd)
+        ))
+        .join(rel)
+    };
+    assert!(
+        via(&held_dir, "only-A").exists(),
+        "held directory lost its image"
+    );
+    assert!(!via(&held_dir, "only-B").exists());
+    assert_eq!(list(via(&held_dir, "")).unwrap(), vec!["only-A".to_string()]);
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut &held_file, &mut got).unwrap();
+    assert_eq!(got, "A\n", "held file changed");
+}
+
 /// The same image with `tar+zstd` layers (skopeo --dest-compress-format
 /// zstd) and with uncompressed `tar` layers (pushed by hand: skopeo
 /// compresses them). umoci 0.4.7 cannot unpack zstd layers, so the oracle
