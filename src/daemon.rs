@@ -131,6 +131,19 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
 
+    if !opts.tree_idle.is_zero() {
+        let (tree, idle) = (tree.clone(), opts.tree_idle);
+        let period = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                tree.unload_idle_trees(idle);
+            }
+        });
+    }
+
     if let Some(outbox) = &outbox {
         // outbox/ is served by the outbox; a push makes the registry view
         // forget its cached tag list of that repository.

@@ -394,10 +394,109 @@ fn a_tree_in_use_keeps_its_image_when_the_tag_moves() {
         "held directory lost its image"
     );
     assert!(!via(&held_dir, "only-B").exists());
-    assert_eq!(list(via(&held_dir, "")).unwrap(), vec!["only-A".to_string()]);
+    assert_eq!(
+        list(via(&held_dir, "")).unwrap(),
+        vec!["only-A".to_string()]
+    );
     let mut got = String::new();
     std::io::Read::read_to_string(&mut &held_file, &mut got).unwrap();
     assert_eq!(got, "A\n", "held file changed");
+}
+
+/// A long-running daemon serves image after image (tags move, CI jobs come
+/// and go); it must not keep every merged tree it ever built. A tree not
+/// used for `tree_idle` leaves memory, and its next use brings it back from
+/// the persisted layer indexes: nothing downloaded, the same inode numbers,
+/// the same tree.
+#[test]
+fn an_unused_tree_leaves_memory_and_comes_back_the_same() {
+    require_env();
+    const FILES: usize = 12_000;
+    let work = tempdir();
+    let mut layer = vec![TarEntry::dir("./")];
+    for d in 0..FILES / 1000 {
+        layer.push(TarEntry::dir(format!("d{d:02}/")));
+        for f in 0..1000 {
+            layer.push(TarEntry::file(format!("d{d:02}/file-{f:04}"), "same\n"));
+        }
+    }
+    let layout = make_tar_image(work.path(), "idle", &[layer]);
+    let oracle = umoci_unpack(&layout_ref(&layout, "idle"), &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "idle"),
+        &format!("{h}/idle/img:1"),
+        Format::Oci,
+    );
+    let m = Mount::builder().insecure(&h).option("tree_idle=2s").start();
+    let root = rootfs(&m, &h, "idle/img", "1");
+    let inos = |root: &Path| -> BTreeMap<PathBuf, u64> {
+        walk_paths(root)
+            .into_iter()
+            .map(|p| {
+                let ino = fs::symlink_metadata(root.join(&p)).unwrap().ino();
+                (p, ino)
+            })
+            .collect()
+    };
+    let before = inos(&root);
+    assert_eq!(before.len(), FILES + FILES / 1000);
+    let rss = || {
+        let s = fs::read_to_string(format!("/proc/{}/status", m.pid().unwrap())).unwrap();
+        let l = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .to_string();
+        l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let loaded = rss();
+    assert!(
+        wait_until(Duration::from_secs(20), || m
+            .log()
+            .contains("rootfs tree left memory")),
+        "the tree never left memory; log:\n{}",
+        m.log()
+    );
+    let unloaded = rss();
+    assert!(
+        loaded.saturating_sub(unloaded) > 50 * FILES as u64,
+        "RSS {loaded} -> {unloaded} bytes: the {FILES}-entry tree did not leave memory"
+    );
+
+    registry_log_barrier(&reg);
+    let off = reg.log_len();
+    drop_caches(); // the kernel forgets its inodes: every name is asked again
+    assert_eq!(
+        inos(&root),
+        before,
+        "inode numbers changed when the tree came back"
+    );
+    assert_trees_equal(&root, &oracle, "after the tree came back");
+    registry_log_barrier(&reg);
+    let blobs = reg
+        .requests_since(off)
+        .into_iter()
+        .filter(|r| r.contains("/blobs/"))
+        .collect::<Vec<_>>();
+    assert!(blobs.is_empty(), "fetched again: {blobs:?}");
+}
+
+/// Every path below `root`, relative to it.
+fn walk_paths(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in fs::read_dir(root.join(&rel)).unwrap().flatten() {
+            let p = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The same image with `tar+zstd` layers (skopeo --dest-compress-format

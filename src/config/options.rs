@@ -50,6 +50,10 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Log file when daemonised (default `<cache_dir>/apt-layer.log`).
     pub log_file: Option<PathBuf>,
+    /// A merged tree not used for this long leaves memory (it is rebuilt
+    /// from the persisted layer indexes when used again); zero keeps every
+    /// tree for the daemon's life.
+    pub tree_idle: Duration,
 }
 
 impl MountOptions {
@@ -68,6 +72,7 @@ impl MountOptions {
             tag_ttl: Duration::from_secs(30),
             timeout: Duration::from_secs(30),
             outbox_settle: Duration::from_secs(2),
+            tree_idle: Duration::from_secs(600),
             threads: 4,
             log_file: None,
             passthrough: true,
@@ -100,6 +105,7 @@ impl MountOptions {
                 "tag_ttl" => self.tag_ttl = parse_duration(need(v)?)?,
                 "timeout" => self.timeout = parse_duration(need(v)?)?,
                 "outbox_settle" => self.outbox_settle = parse_duration(need(v)?)?,
+                "tree_idle" => self.tree_idle = parse_duration(need(v)?)?,
                 "threads" => {
                     self.threads = need(v)?.parse().map_err(|_| format!("bad threads={v:?}"))?
                 }

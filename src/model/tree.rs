@@ -264,6 +264,33 @@ impl Tree {
         Some((rf, i))
     }
 
+    /// Lets the merged trees not used for `idle` leave memory (each comes
+    /// back from the persisted layer indexes when used again, with the same
+    /// inode numbers: [`Rootfs::unload_if_idle`]). Returns how many left.
+    pub fn unload_idle_trees(&self, idle: Duration) -> usize {
+        let slots = self.rootfs_slots.read().unwrap().clone();
+        let mut unloaded = 0;
+        for rf in slots {
+            if let Some(entries) = rf.unload_if_idle(idle, &self.layers) {
+                unloaded += 1;
+                tracing::info!(
+                    image = %format!("{}/{}@{}", rf.registry, rf.repo, rf.image.manifest.digest),
+                    entries,
+                    idle_secs = idle.as_secs(),
+                    "rootfs tree left memory (unused)"
+                );
+            }
+        }
+        if unloaded > 0 {
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+        unloaded
+    }
+
     /// The rootfs of `image` (one per platform manifest, shared by tags).
     pub fn rootfs_for(
         &self,

@@ -21,6 +21,11 @@
 //! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.
+//! - **Memory**: a [`Rootfs`] keeps its merged tree while it is used; one
+//!   unused for `-o tree_idle` leaves memory ([`Rootfs::unload_if_idle`])
+//!   and is merged again from the persisted layer indexes on its next use,
+//!   with the same node (inode) numbers. A daemon that serves image after
+//!   image for weeks thus holds the trees in use, not every tree it built.
 
 pub mod ahead;
 pub mod early;
@@ -28,7 +33,7 @@ pub mod lazy;
 pub mod merge;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -851,6 +856,19 @@ pub struct Rootfs {
     building: std::sync::atomic::AtomicBool,
     /// Why the last detached build failed.
     build_error: Mutex<Option<FsError>>,
+    /// The tree was built once (it may have left memory since).
+    ever_built: std::sync::atomic::AtomicBool,
+    /// When the tree was last asked for ([`now_secs`]).
+    last_used: AtomicU64,
+}
+
+/// Seconds since the process started (a coarse clock for idleness).
+fn now_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
 }
 
 impl Rootfs {
@@ -867,7 +885,38 @@ impl Rootfs {
             early: early::EarlyInodes::default(),
             building: std::sync::atomic::AtomicBool::new(false),
             build_error: Mutex::new(None),
+            ever_built: std::sync::atomic::AtomicBool::new(false),
+            last_used: AtomicU64::new(now_secs()),
         }
+    }
+
+    /// Whether the tree was built once: from then on every answer comes
+    /// from it (rebuilt from the persisted indexes if it left memory), never
+    /// early.
+    pub fn was_built(&self) -> bool {
+        self.ever_built.load(Ordering::Acquire)
+    }
+
+    /// Lets the tree leave memory if it was not asked for in `idle`, no
+    /// request holds it, and every layer's index is on disk (so it comes
+    /// back without the network, with the same node numbers: the merge is
+    /// deterministic). Returns the number of entries freed.
+    pub fn unload_if_idle(&self, idle: std::time::Duration, layers: &Layers) -> Option<usize> {
+        if now_secs().saturating_sub(self.last_used.load(Ordering::Relaxed)) < idle.as_secs() {
+            return None;
+        }
+        if !self
+            .image
+            .layers
+            .iter()
+            .all(|d| layers.state(&d.digest).phase() == LayerPhase::Indexed)
+        {
+            return None;
+        }
+        let mut slot = self.tree.lock().unwrap();
+        let n = slot.as_ref().filter(|t| Arc::strong_count(t) == 1)?.len();
+        *slot = None;
+        Some(n)
     }
 
     /// Starts building the tree on the runtime unless that is under way,
@@ -905,6 +954,7 @@ impl Rootfs {
 
     /// The merged tree, streaming and merging layers first if needed.
     pub async fn tree(&self, layers: &Layers) -> Res<Arc<MergedTree>> {
+        self.last_used.store(now_secs(), Ordering::Relaxed);
         if let Some(t) = self.built() {
             return Ok(t);
         }
@@ -950,6 +1000,7 @@ impl Rootfs {
                 }
                 tracing::info!(image = %name, entries = tree.len(), "rootfs ready");
                 *self.tree.lock().unwrap() = Some(tree.clone());
+                self.ever_built.store(true, Ordering::Release);
                 Ok(tree)
             })
             .await;

@@ -42,7 +42,7 @@ fn early_entry(rf: &Rootfs, i: u32, e: &IndexEntry) -> Entry {
 impl Tree {
     /// Whether node `i` of `rf` may be answered early.
     fn early_on(&self, rf: &Rootfs, i: u32) -> bool {
-        self.layers.early() && rf.built().is_none() && (i == 0 || i >= EARLY)
+        self.layers.early() && !rf.was_built() && (i == 0 || i >= EARLY)
     }
 
     /// Waits until `f` answers from the live layers (`Some`) or the tree is
@@ -58,7 +58,7 @@ impl Tree {
             let notified = self.layers.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if rf.built().is_some() {
+            if rf.was_built() {
                 return Ok(None);
             }
             if let Some(e) = rf.build_error() {
@@ -174,7 +174,7 @@ impl Tree {
 
     /// `getattr` of a rootfs node.
     pub(super) async fn rootfs_getattr(&self, rf: &Arc<Rootfs>, i: u32) -> Res<Entry> {
-        if rf.built().is_none() {
+        if !rf.was_built() {
             if i == 0 {
                 return Ok(self.rootfs_root_entry(rf, crate::model::IMMUTABLE_TTL));
             }
@@ -183,7 +183,7 @@ impl Tree {
                 return Ok(e);
             }
         }
-        let tree = rf.built().ok_or(FsError::Stale(rf.base + i as u64))?;
+        let tree = rf.tree(&self.layers).await?;
         let n = rf
             .early
             .to_tree(&tree, i)
