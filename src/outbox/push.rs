@@ -700,10 +700,9 @@ impl Shared {
                 *t.built.lock().unwrap() = None;
                 t.layer_progress.read.store(0, Relaxed);
                 t.layer_progress.total.store(0, Relaxed);
-                t.update(true, |s| {
-                    s.phase = Phase::Building;
-                    s.note = None;
-                });
+                // A note about the attempt before (superseded, refused)
+                // stays while this one builds: it says why it runs.
+                t.update(true, |s| s.phase = Phase::Building);
                 let src = self.tree_root.join(&t.path);
                 let tmp = self.tmp_dir.clone();
                 let prog = t.layer_progress.clone();
