@@ -265,6 +265,7 @@ impl Layers {
                 if let Ok(Err(e)) = saved {
                     tracing::warn!(layer = %desc.digest, error = %e, "cannot persist layer index");
                 }
+                st.set(LayerPhase::Indexed);
                 *st.index.lock().unwrap() = Arc::downgrade(&idx);
                 Ok(idx)
             })
@@ -314,6 +315,7 @@ impl Layers {
             let st = self.state(&desc.digest);
             let idx = self.stream(registry, repo, desc, &st).await?;
             let _ = self.indexes.save(&idx);
+            st.set(LayerPhase::Indexed);
             return Ok(());
         };
         let entry = index
@@ -431,8 +433,9 @@ impl Layers {
             .stream_inner(registry, repo, desc, st, compression, live)
             .await;
         match &r {
+            // `Indexed` is set by the caller once the index is saved: the
+            // status must not promise a layer a crash would fetch again.
             Ok(_) => {
-                st.set(LayerPhase::Indexed);
                 *st.error.lock().unwrap() = None;
                 if let Some(l) = st.live() {
                     l.end();
@@ -905,12 +908,10 @@ impl Rootfs {
         if now_secs().saturating_sub(self.last_used.load(Ordering::Relaxed)) < idle.as_secs() {
             return None;
         }
-        if !self
-            .image
-            .layers
-            .iter()
-            .all(|d| layers.state(&d.digest).phase() == LayerPhase::Indexed)
-        {
+        if !self.image.layers.iter().all(|d| {
+            layers.state(&d.digest).phase() == LayerPhase::Indexed
+                && layers.indexes.exists(&d.digest)
+        }) {
             return None;
         }
         let mut slot = self.tree.lock().unwrap();
