@@ -371,8 +371,11 @@ impl Builder {
 
     fn freeze(self) -> MergedTree {
         let mut out = MergedTree::default();
-        // Breadth-first renumbering of reachable nodes; hard links map to
-        // the first number their node got.
+        // Breadth-first renumbering of reachable nodes over sorted names;
+        // hard links map to the first number their node got. The numbers
+        // depend only on the merged tree, so merging the same indexes again
+        // gives the same inode numbers (an idle tree that left memory comes
+        // back under the numbers the kernel holds: `Rootfs::unload_if_idle`).
         let mut new_id: HashMap<u32, u32> = HashMap::new();
         let mut names: Vec<u32> = vec![0; 1]; // link counts by new id
         let mut order: Vec<u32> = vec![0];
@@ -559,6 +562,47 @@ mod tests {
         assert_eq!(f, l);
         assert_eq!(t.node(f).unwrap().nlink, 2);
         assert_eq!(t.node(0).unwrap().nlink, 2 + 4);
+    }
+
+    #[test]
+    fn merging_again_gives_the_same_numbers() {
+        let mut hl = e("z/link", EntryKind::Hardlink);
+        hl.link = b"m/f9".to_vec();
+        let mut entries: Vec<IndexEntry> = (0..50)
+            .flat_map(|d| {
+                let dir = format!("d{}", (d * 37) % 50);
+                [
+                    e(&dir, EntryKind::Dir),
+                    e(&format!("{dir}/f{d}"), EntryKind::File),
+                ]
+            })
+            .collect();
+        entries.extend([
+            e("m", EntryKind::Dir),
+            e("m/f9", EntryKind::File),
+            e("z", EntryKind::Dir),
+            hl,
+        ]);
+        let l = layer(entries);
+        let numbers = |t: &MergedTree| -> Vec<(Vec<u8>, u32)> {
+            let mut out = Vec::new();
+            let mut stack = vec![(Vec::new(), 0u32)];
+            while let Some((path, i)) = stack.pop() {
+                for (name, c) in t.children(i) {
+                    let mut p = path.clone();
+                    p.push(b'/');
+                    p.extend_from_slice(name);
+                    out.push((p.clone(), c));
+                    stack.push((p, c));
+                }
+            }
+            out.sort();
+            out
+        };
+        let a = MergedTree::build(&[&l]).unwrap();
+        let b = MergedTree::build(&[&l]).unwrap();
+        assert_eq!(numbers(&a), numbers(&b));
+        assert_eq!(numbers(&a).len(), 50 + 50 + 4);
     }
 
     #[test]
