@@ -2098,6 +2098,59 @@ fn evicted_file_of_a_gzip_layer_is_refetched_by_one_span() {
     );
 }
 
+/// Registries in the wild (Docker Hub, GHCR, Quay, ECR) answer a blob GET
+/// with a redirect to a CDN or object store on another host. Here a blob
+/// GET gets `307` to the real registry on another port: the layer streams
+/// through it, and an evicted file's Range request is redirected too and
+/// still answered `206` with only its span.
+#[test]
+fn blobs_redirected_to_another_host_stream_and_serve_ranges() {
+    require_env();
+    let work = tempdir();
+    // 48 × 128 KiB = 6 MiB: two gzip spans.
+    let layout = span_image(work.path(), "rd", 48, 128 << 10);
+    let image = layout_ref(&layout, "rd");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let cdn = Registry::start();
+    push(&image, &format!("{}/rd/img:1", cdn.host()), Format::Oci);
+    let layer = manifest_layer_digests(&layout_manifest(&layout, "rd"))[0].clone();
+    let target = cdn.host();
+    let fault = layout_server(&layout, "rd", "rd", move |d, _| FaultReply::Respond {
+        status: 307,
+        headers: vec![(
+            "Location".into(),
+            format!("http://{target}/v2/rd/img/blobs/{d}"),
+        )],
+        body: Vec::new(),
+    });
+    let cache = tempdir();
+    let m = Mount::builder()
+        .insecure(&fault.host())
+        .insecure(&cdn.host())
+        .cache_dir(cache.path())
+        .arg("--cache-size")
+        .arg("1m")
+        .start();
+    let root = rootfs(&m, &fault.host(), "rd/img", "1");
+    assert_trees_equal(&root, &oracle, "streamed through a redirect");
+    let name = "f/040";
+    let p = root.join(name);
+    registry_log_barrier(&cdn);
+    let off = cdn.log_len();
+    evict_page_cache(&p);
+    assert_eq!(read(&p).unwrap(), fs::read(oracle.join(name)).unwrap());
+    registry_log_barrier(&cdn);
+    let got = blob_get_responses_since(&cdn, off, &layer);
+    assert!(
+        !got.is_empty() && got.iter().all(|(s, _)| *s == 206),
+        "the evicted file was not refetched by a redirected Range request: {got:?}"
+    );
+    assert!(
+        fault.count("/v2/rd/img/blobs/") >= 2,
+        "blob GETs did not go through the registry first"
+    );
+}
+
 #[test]
 fn registry_ignoring_range_still_serves_evicted_content() {
     require_env();
