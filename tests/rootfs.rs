@@ -2151,6 +2151,62 @@ fn blobs_redirected_to_another_host_stream_and_serve_ranges() {
     );
 }
 
+/// A connection cut in the middle of a layer (a network hiccup) costs one
+/// Range request for the rest, not the layer, and readers see no error:
+/// the first blob GET is cut half way; later ones are redirected to the
+/// real registry, which answers the resumed Range.
+#[test]
+fn a_layer_stream_cut_mid_blob_resumes_where_it_stopped() {
+    require_env();
+    let work = tempdir();
+    let layout = span_image(work.path(), "cut", 32, 128 << 10);
+    let image = layout_ref(&layout, "cut");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let cdn = Registry::start();
+    push(&image, &format!("{}/cut/img:1", cdn.host()), Format::Oci);
+    let layer = manifest_layer_digests(&layout_manifest(&layout, "cut"))[0].clone();
+    let (target, l2) = (cdn.host(), layer.clone());
+    let cut_once = std::sync::atomic::AtomicBool::new(false);
+    let fault = layout_server(&layout, "cut", "cut", move |d, body| {
+        if d == l2 && !cut_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let first = body.len() / 2;
+            return FaultReply::Cut {
+                headers: vec![("Content-Type".into(), "application/octet-stream".into())],
+                body,
+                first,
+            };
+        }
+        FaultReply::Respond {
+            status: 307,
+            headers: vec![(
+                "Location".into(),
+                format!("http://{target}/v2/cut/img/blobs/{d}"),
+            )],
+            body: Vec::new(),
+        }
+    });
+    registry_log_barrier(&cdn);
+    let off = cdn.log_len();
+    let m = Mount::builder()
+        .insecure(&fault.host())
+        .insecure(&cdn.host())
+        .start();
+    let root = rootfs(&m, &fault.host(), "cut/img", "1");
+    assert_trees_equal(&root, &oracle, "after a cut and a resume");
+    registry_log_barrier(&cdn);
+    let got = blob_get_responses_since(&cdn, off, &layer);
+    let size = layout_blob(&layout, &layer).len() as u64;
+    assert!(
+        got.len() == 1 && got[0].0 == 206 && got[0].1 <= size / 2 + (64 << 10),
+        "the rest of the layer was not one Range request: {got:?} (layer {size} bytes)"
+    );
+    assert!(
+        m.log().contains("resuming with a Range request"),
+        "no word of the resume:\n{}",
+        m.log()
+    );
+}
+
 #[test]
 fn registry_ignoring_range_still_serves_evicted_content() {
     require_env();

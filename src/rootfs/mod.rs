@@ -10,6 +10,9 @@
 //!   again. A failed layer leaves no index and removes the objects it made.
 //! - **Refetch**: an object evicted (or found damaged) is fetched again by
 //!   re-reading its layer, once for all readers waiting on that layer.
+//! - **Resume**: a layer stream the network cuts after some progress goes
+//!   on from where it stopped with a Range request (`pump`), hashed as one
+//!   stream; readers see no error.
 //! - **Early answers** ([`early`]): while plain layers stream, their
 //!   entries are published as the stream passes them, and a lookup or read
 //!   the layers seen so far settle is answered before the merged tree
@@ -354,7 +357,7 @@ impl Layers {
             .client
             .blob_range_or_skip(registry, &canonical, &desc.digest, start, end - start)
             .await?;
-        let (rx, feeder) = pump(body, None, end - start);
+        let (rx, feeder) = pump(body, None, end - start, None);
         let store = self.store.clone();
         let found = tokio::task::spawn_blocking(move || {
             use crate::layer::stream as s;
@@ -532,7 +535,29 @@ impl Layers {
             .client
             .blob_stream(registry, &canonical, &desc.digest)
             .await?;
-        Ok(pump(body, Some(st.clone()), desc.size))
+        let (client, registry, digest, size) = (
+            self.client.clone(),
+            registry.to_string(),
+            desc.digest.clone(),
+            desc.size,
+        );
+        // A registry that ignores Range sends the blob again from its
+        // start: skipped to the offset, still no seam for the reader.
+        let resume: Resume = Box::new(move |offset| {
+            let (client, registry, repo, digest) = (
+                client.clone(),
+                registry.clone(),
+                canonical.clone(),
+                digest.clone(),
+            );
+            Box::pin(async move {
+                client
+                    .blob_range_or_skip(&registry, &repo, &digest, offset, size - offset)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+        Ok(pump(body, Some(st.clone()), desc.size, Some(resume)))
     }
 }
 
@@ -789,13 +814,32 @@ fn layer_compression(registry: &str, repo: &str, desc: &Descriptor) -> Res<Compr
 /// What [`pump`] saw: (sha256 digest, bytes, network error).
 type Pumped = (String, u64, Option<String>);
 
+/// Asks for the rest of a blob from a byte offset (a Range request): how a
+/// stream cut by the network goes on where it stopped.
+type Resume = Box<
+    dyn Fn(
+            u64,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<crate::registry::BlobBody, String>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// How many times one blob's stream is resumed after a cut.
+const RESUMES: u32 = 3;
+
 /// Moves a network body into a bounded channel for a blocking reader,
 /// hashing and counting as it goes (at most `limit` bytes are accepted).
+/// A body cut short after making progress is resumed from where it stopped
+/// with `resume` (up to [`RESUMES`] times), so a network hiccup late in a
+/// large layer costs one Range request, not the layer; the reader never
+/// sees the seam.
 /// The task's result is (sha256 digest, bytes, network error).
 fn pump(
     mut body: futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
     progress: Option<Arc<LayerState>>,
     limit: u64,
+    resume: Option<Resume>,
 ) -> (
     tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
     tokio::task::JoinHandle<Pumped>,
@@ -805,7 +849,33 @@ fn pump(
         let mut hasher = crate::cas::Sha256::new();
         let mut n = 0u64;
         let mut net_error = None;
-        while let Some(chunk) = body.next().await {
+        let (mut resumes, mut resumed_at) = (0, 0u64);
+        loop {
+            let chunk = match body.next().await {
+                None => break,
+                // Only a stream that made progress since it (re)started: a
+                // registry that stalls or fails at once gets no more tries
+                // (its fetch timeout, not a multiple of it, is what a
+                // reader waits).
+                Some(Err(e))
+                    if n < limit && n > resumed_at && resumes < RESUMES && resume.is_some() =>
+                {
+                    resumes += 1;
+                    resumed_at = n;
+                    tracing::warn!(offset = n, size = limit, error = %e, "blob stream cut; resuming with a Range request");
+                    match (resume.as_ref().expect("checked"))(n).await {
+                        Ok(rest) => {
+                            body = rest;
+                            continue;
+                        }
+                        Err(why) => Some(Err(std::io::Error::other(format!(
+                            "{e}; resuming at {n} failed: {why}"
+                        )))),
+                    }
+                }
+                c => c,
+            };
+            let Some(chunk) = chunk else { break };
             match chunk {
                 Ok(b) => {
                     hasher.update(&b);

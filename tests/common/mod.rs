@@ -1832,6 +1832,13 @@ pub enum FaultReply {
     },
     /// Read the request and cut the connection without answering.
     Close,
+    /// Answer 200 with `body`'s full Content-Length, send its first
+    /// `first` bytes, then cut the connection: a network failure mid-blob.
+    Cut {
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        first: usize,
+    },
     /// The default: `GET /v2/` → 200 `{}`, anything else → 404 registry error.
     Default,
 }
@@ -2057,6 +2064,18 @@ fn serve_conn(
                 if stream.write_all(&body[first..]).is_err() || close {
                     return;
                 }
+            }
+            FaultReply::Cut {
+                headers,
+                body,
+                first,
+            } => {
+                let out = response_head(200, &headers, body.len(), close);
+                let _ = stream.write_all(out.as_bytes());
+                let _ = stream.write_all(&body[..first.min(body.len())]);
+                let _ = stream.flush();
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
             }
             FaultReply::Default => unreachable!(),
             FaultReply::Respond {
