@@ -243,7 +243,6 @@ fn rootfs_equals_umoci_unpack_edge_cases() {
 #[test]
 fn duplicate_entries_in_one_layer_equal_umoci_unpack() {
     require_env();
-    let work = tempdir();
     let layers = vec![
         vec![
             TarEntry::dir("./"),
@@ -282,29 +281,35 @@ fn duplicate_entries_in_one_layer_equal_umoci_unpack() {
             TarEntry::file("base/sub/new", "new child\n"),
         ],
     ];
-    let layout = make_tar_image(work.path(), "dup", &layers);
-    let oracle = umoci_unpack(&layout_ref(&layout, "dup"), &work.path().join("bundle-dup"));
-    // The oracle is what the test means (so the comparison is not vacuous).
-    let read = |p: &str| fs::read_to_string(oracle.join(p)).unwrap();
-    assert_eq!(read("dup/f"), "second, longer\n");
-    assert_eq!(read("dup/g-old"), "old g\n");
-    assert_eq!(read("dup/g"), "new g\n");
-    assert_eq!(read("dup/y"), "now a file\n");
-    assert_eq!(read("base/keep"), "upper two\n");
-    assert!(!oracle.join("base/sub/child").exists());
+    served_as_umoci_unpacks(&layers, "duplicate entries", |oracle| {
+        // The oracle is what the test means (so the comparison is not vacuous).
+        let read = |p: &str| fs::read_to_string(oracle.join(p)).unwrap();
+        assert_eq!(read("dup/f"), "second, longer\n");
+        assert_eq!(read("dup/g-old"), "old g\n");
+        assert_eq!(read("dup/g"), "new g\n");
+        assert_eq!(read("dup/y"), "now a file\n");
+        assert_eq!(read("base/keep"), "upper two\n");
+        assert!(!oracle.join("base/sub/child").exists());
+    });
+}
+
+/// Makes an image of `layers` with umoci, checks its `umoci unpack` with
+/// `check_oracle`, pushes it to a registry, mounts that, and compares the
+/// image's `rootfs/` with the unpack.
+fn served_as_umoci_unpacks(layers: &[Vec<TarEntry>], what: &str, check_oracle: impl Fn(&Path)) {
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "img", layers);
+    let oracle = umoci_unpack(&layout_ref(&layout, "img"), &work.path().join("bundle"));
+    check_oracle(&oracle);
     let reg = Registry::start();
     let h = reg.host();
     push(
-        &layout_ref(&layout, "dup"),
-        &format!("{h}/dup/img:1"),
+        &layout_ref(&layout, "img"),
+        &format!("{h}/served/img:1"),
         Format::Oci,
     );
     let m = mount_of(&reg);
-    assert_trees_equal(
-        &rootfs(&m, &h, "dup/img", "1"),
-        &oracle,
-        "duplicate entries",
-    );
+    assert_trees_equal(&rootfs(&m, &h, "served/img", "1"), &oracle, what);
 }
 
 /// Hard links to things that are not regular files: a symlink, a fifo, a
@@ -313,7 +318,6 @@ fn duplicate_entries_in_one_layer_equal_umoci_unpack() {
 #[test]
 fn hard_links_to_symlinks_fifos_and_devices_equal_umoci_unpack() {
     require_env();
-    let work = tempdir();
     let layers = vec![
         vec![
             TarEntry::dir("./"),
@@ -331,23 +335,10 @@ fn hard_links_to_symlinks_fifos_and_devices_equal_umoci_unpack() {
             TarEntry::hardlink("k/sym-upper", "k/sym"),
         ],
     ];
-    let layout = make_tar_image(work.path(), "kinds", &layers);
-    let oracle = umoci_unpack(&layout_ref(&layout, "kinds"), &work.path().join("bundle"));
-    let ino = |p: &str| fs::symlink_metadata(oracle.join(p)).unwrap().ino();
-    assert_eq!(ino("k/sym"), ino("k/sym-link"), "umoci linked the symlink");
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "kinds"),
-        &format!("{h}/kinds/img:1"),
-        Format::Oci,
-    );
-    let m = mount_of(&reg);
-    assert_trees_equal(
-        &rootfs(&m, &h, "kinds/img", "1"),
-        &oracle,
-        "hard links to non-files",
-    );
+    served_as_umoci_unpacks(&layers, "hard links to non-files", |oracle| {
+        let ino = |p: &str| fs::symlink_metadata(oracle.join(p)).unwrap().ino();
+        assert_eq!(ino("k/sym"), ino("k/sym-link"), "umoci linked the symlink");
+    });
 }
 
 /// A job working in a tag's `rootfs/` (a chroot, a build) keeps its image
