@@ -2089,6 +2089,31 @@ fn evicted_file_of_a_gzip_layer_is_refetched_by_one_span() {
     );
 }
 
+/// A [`span_image`] of `n` × 128 KiB files pushed as `<tag>/img:1` to a
+/// new registry (the place blobs are redirected to): its layout, its
+/// `umoci unpack`, the registry and the layer's digest.
+fn span_image_on(work: &Path, tag: &str, n: usize) -> (PathBuf, PathBuf, Registry, String) {
+    let layout = span_image(work, tag, n, 128 << 10);
+    let image = layout_ref(&layout, tag);
+    let oracle = umoci_unpack(&image, &work.join("bundle"));
+    let reg = Registry::start();
+    push(&image, &format!("{}/{tag}/img:1", reg.host()), Format::Oci);
+    let layer = manifest_layer_digests(&layout_manifest(&layout, tag))[0].clone();
+    (layout, oracle, reg, layer)
+}
+
+/// `307` to blob `digest` of `<tag>/img` on `host`.
+fn redirect(host: &str, tag: &str, digest: &str) -> FaultReply {
+    FaultReply::Respond {
+        status: 307,
+        headers: vec![(
+            "Location".into(),
+            format!("http://{host}/v2/{tag}/img/blobs/{digest}"),
+        )],
+        body: Vec::new(),
+    }
+}
+
 /// Registries in the wild (Docker Hub, GHCR, Quay, ECR) answer a blob GET
 /// with a redirect to a CDN or object store on another host. Here a blob
 /// GET gets `307` to the real registry on another port: the layer streams
@@ -2099,21 +2124,9 @@ fn blobs_redirected_to_another_host_stream_and_serve_ranges() {
     require_env();
     let work = tempdir();
     // 48 × 128 KiB = 6 MiB: two gzip spans.
-    let layout = span_image(work.path(), "rd", 48, 128 << 10);
-    let image = layout_ref(&layout, "rd");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let cdn = Registry::start();
-    push(&image, &format!("{}/rd/img:1", cdn.host()), Format::Oci);
-    let layer = manifest_layer_digests(&layout_manifest(&layout, "rd"))[0].clone();
+    let (layout, oracle, cdn, layer) = span_image_on(work.path(), "rd", 48);
     let target = cdn.host();
-    let fault = layout_server(&layout, "rd", "rd", move |d, _| FaultReply::Respond {
-        status: 307,
-        headers: vec![(
-            "Location".into(),
-            format!("http://{target}/v2/rd/img/blobs/{d}"),
-        )],
-        body: Vec::new(),
-    });
+    let fault = layout_server(&layout, "rd", "rd", move |d, _| redirect(&target, "rd", d));
     let cache = tempdir();
     let m = Mount::builder()
         .insecure(&fault.host())
@@ -2150,12 +2163,7 @@ fn blobs_redirected_to_another_host_stream_and_serve_ranges() {
 fn a_layer_stream_cut_mid_blob_resumes_where_it_stopped() {
     require_env();
     let work = tempdir();
-    let layout = span_image(work.path(), "cut", 32, 128 << 10);
-    let image = layout_ref(&layout, "cut");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let cdn = Registry::start();
-    push(&image, &format!("{}/cut/img:1", cdn.host()), Format::Oci);
-    let layer = manifest_layer_digests(&layout_manifest(&layout, "cut"))[0].clone();
+    let (layout, oracle, cdn, layer) = span_image_on(work.path(), "cut", 32);
     let (target, l2) = (cdn.host(), layer.clone());
     let cut_once = std::sync::atomic::AtomicBool::new(false);
     let fault = layout_server(&layout, "cut", "cut", move |d, body| {
@@ -2167,14 +2175,7 @@ fn a_layer_stream_cut_mid_blob_resumes_where_it_stopped() {
                 first,
             };
         }
-        FaultReply::Respond {
-            status: 307,
-            headers: vec![(
-                "Location".into(),
-                format!("http://{target}/v2/cut/img/blobs/{d}"),
-            )],
-            body: Vec::new(),
-        }
+        redirect(&target, "cut", d)
     });
     registry_log_barrier(&cdn);
     let off = cdn.log_len();
