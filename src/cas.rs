@@ -28,7 +28,8 @@
 //!   from reading the pins until its last unlink. Pinned objects may take
 //!   the store over its bound.
 //! - **Locking**: one `std::sync::Mutex` over the LRU, never held across
-//!   I/O of object contents or an `.await`.
+//!   I/O of object contents or an `.await`; another makes `make_room`
+//!   calls take turns (held across the unlinks of one eviction).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -102,6 +103,8 @@ pub struct ObjectStore {
     limit: u64,
     state: Mutex<State>,
     evicted: AtomicU64,
+    /// Held by [`ObjectStore::make_room`].
+    making_room: Mutex<()>,
     pins: crate::pins::Pins,
     /// Bytes of the bound held by spills ([`ObjectStore::reserve_spill`]).
     reserved: AtomicU64,
@@ -163,6 +166,7 @@ impl ObjectStore {
             limit,
             state: Mutex::new(state),
             evicted: AtomicU64::new(0),
+            making_room: Mutex::new(()),
             pins: crate::pins::Pins::open(cache_dir)?,
             reserved: AtomicU64::new(0),
         };
@@ -318,8 +322,12 @@ impl ObjectStore {
     /// After `ENOSPC` on the cache disk: evicts least recently used objects
     /// (sparing pinned ones, as always) worth `want` bytes or a quarter of
     /// what is stored, whichever is more. False if none could go: then the
-    /// caller's `ENOSPC` stands.
+    /// caller's `ENOSPC` stands. One call at a time: two writers that fill
+    /// the disk together (a spill and the objects stored from it) each get
+    /// room, where the second used to find the first had just evicted what
+    /// it meant to, return false, and fail its write.
     pub fn make_room(&self, want: u64) -> bool {
+        let _one = self.making_room.lock().unwrap();
         let stored = self.stats().bytes;
         let before = self.evicted.load(Ordering::Relaxed);
         self.evict_to(stored.saturating_sub(want.max(stored / 4)));
