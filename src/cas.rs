@@ -211,13 +211,7 @@ impl ObjectStore {
     /// stored ([`crate::layer::stream::scan_layer`]). Not counted against
     /// the cache size; it lives only while its layer is read.
     pub fn spill_file(&self) -> io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE)
-            .open(self.root.join("tmp"))
+        crate::publish::unnamed_in(&self.root.join("tmp"), 0o600)
     }
 
     /// Opens object `id` for reading, verified; `None` when it is absent
@@ -573,7 +567,11 @@ pub fn when_full<T>(
 /// Whether two open files are the same file (device and inode).
 pub fn same_file(a: &File, b: &File) -> io::Result<bool> {
     let (ma, mb) = (a.metadata()?, b.metadata()?);
-    Ok((ma.dev(), ma.ino()) == (mb.dev(), mb.ino()))
+    Ok(same_inode(&ma, &mb))
+}
+
+fn same_inode(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
 }
 
 /// Whether two object files hold the same bytes: at once if they are the
@@ -581,10 +579,10 @@ pub fn same_file(a: &File, b: &File) -> io::Result<bool> {
 /// while an earlier open of it lives).
 pub fn same_content(a: &File, b: &File) -> io::Result<bool> {
     use std::os::unix::fs::FileExt;
-    if same_file(a, b)? {
+    let (ma, mb) = (a.metadata()?, b.metadata()?);
+    if same_inode(&ma, &mb) {
         return Ok(true);
     }
-    let (ma, mb) = (a.metadata()?, b.metadata()?);
     if ma.len() != mb.len() {
         return Ok(false);
     }

@@ -52,13 +52,7 @@ impl TempFile {
     /// A new empty file in `dir` (which must be on the filesystem of the
     /// names it will be published under), open for reading and writing.
     pub fn new_in(dir: &Path) -> io::Result<TempFile> {
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o666)
-            .custom_flags(libc::O_TMPFILE)
-            .open(dir)
-        {
+        match unnamed_in(dir, 0o666) {
             Ok(file) => return Ok(TempFile { file, name: None }),
             // No O_TMPFILE here (old kernels report EISDIR).
             Err(e)
@@ -69,6 +63,15 @@ impl TempFile {
             Err(e) => return Err(e),
         }
         Self::named_in(dir)
+    }
+
+    /// A [`TempFile::new_in`] holding `data`, flushed to the disk.
+    pub fn with_data(dir: &Path, data: &[u8]) -> io::Result<TempFile> {
+        use std::io::Write;
+        let t = TempFile::new_in(dir)?;
+        t.as_file().write_all(data)?;
+        t.as_file().sync_all()?;
+        Ok(t)
     }
 
     /// The fallback: a named file, locked while it lives.
@@ -154,6 +157,17 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(name);
         }
     }
+}
+
+/// A file in `dir` with no name (`O_TMPFILE`), open for reading and
+/// writing: gone when closed, even after a crash.
+pub fn unnamed_in(dir: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(mode)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
 }
 
 /// `linkat` of an `O_TMPFILE` file: through `/proc/self/fd` (any user),

@@ -14,7 +14,6 @@
 //! blob. Reads re-verify the digest, so a damaged file is treated as
 //! missing (and removed), never served.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -63,9 +62,7 @@ impl MetaStore {
             return;
         }
         let res = (|| -> std::io::Result<()> {
-            let mut tmp = crate::publish::TempFile::new_in(&self.root.join("tmp"))?;
-            tmp.as_file().write_all(data)?;
-            tmp.as_file().sync_all()?;
+            let mut tmp = crate::publish::TempFile::with_data(&self.root.join("tmp"), data)?;
             // One there already: `get` checks it against its digest.
             tmp.publish(&path)?;
             Ok(())

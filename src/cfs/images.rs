@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -131,11 +131,8 @@ impl ImageStore {
     /// Stores `image` for `manifest` (crash safe) and opens it.
     pub fn put(&self, manifest: &str, image: &[u8]) -> io::Result<(File, u64)> {
         let hex = hex_of(manifest);
-        let write = |data: &[u8], dst: &Path| -> io::Result<()> {
-            let mut tmp = crate::publish::TempFile::new_in(&self.tmp)?;
-            tmp.as_file().write_all(data)?;
-            tmp.as_file().sync_all()?;
-            tmp.replace(dst)
+        let write = |data: &[u8], dst: &Path| {
+            crate::publish::TempFile::with_data(&self.tmp, data)?.replace(dst)
         };
         write(image, &self.path(manifest))?;
         let mut h = crate::cas::Sha256::new();

@@ -263,16 +263,24 @@ impl Layers {
                     }
                 };
                 st.set_mode(idx.mode);
-                let (indexes, to_save) = (self.indexes.clone(), idx.clone());
-                let saved = tokio::task::spawn_blocking(move || indexes.save(&to_save)).await;
-                if let Ok(Err(e)) = saved {
-                    tracing::warn!(layer = %desc.digest, error = %e, "cannot persist layer index");
-                }
-                st.set(LayerPhase::Indexed);
+                self.persist(desc, &st, idx.clone()).await;
                 *st.index.lock().unwrap() = Arc::downgrade(&idx);
                 Ok(idx)
             })
             .await
+    }
+
+    /// Saves a streamed layer's index (off the runtime's threads), then
+    /// marks the layer `Indexed`: the status never promises a layer that a
+    /// crash would fetch again. A failed save is logged; the layer is whole
+    /// in memory and serves this process.
+    async fn persist(&self, desc: &Descriptor, st: &LayerState, idx: Arc<LayerIndex>) {
+        let indexes = self.indexes.clone();
+        let saved = tokio::task::spawn_blocking(move || indexes.save(&idx)).await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!(layer = %desc.digest, error = %e, "cannot persist layer index");
+        }
+        st.set(LayerPhase::Indexed);
     }
 
     /// Fetches object `id` of layer `desc` (evicted, damaged, or never
@@ -317,8 +325,7 @@ impl Layers {
             tracing::info!(layer = %desc.digest, "no index on disk; reading the layer again");
             let st = self.state(&desc.digest);
             let idx = self.stream(registry, repo, desc, &st).await?;
-            let _ = self.indexes.save(&idx);
-            st.set(LayerPhase::Indexed);
+            self.persist(desc, &st, Arc::new(idx)).await;
             return Ok(());
         };
         let entry = index
@@ -436,8 +443,7 @@ impl Layers {
             .stream_inner(registry, repo, desc, st, compression, live)
             .await;
         match &r {
-            // `Indexed` is set by the caller once the index is saved: the
-            // status must not promise a layer a crash would fetch again.
+            // `Indexed` is set once the index is saved (`Layers::persist`).
             Ok(_) => {
                 *st.error.lock().unwrap() = None;
                 if let Some(l) = st.live() {
@@ -975,7 +981,9 @@ impl Rootfs {
     /// back without the network, with the same node numbers: the merge is
     /// deterministic). Returns the number of entries freed.
     pub fn unload_if_idle(&self, idle: std::time::Duration, layers: &Layers) -> Option<usize> {
-        if now_secs().saturating_sub(self.last_used.load(Ordering::Relaxed)) < idle.as_secs() {
+        if self.built().is_none()
+            || now_secs().saturating_sub(self.last_used.load(Ordering::Relaxed)) < idle.as_secs()
+        {
             return None;
         }
         if !self.image.layers.iter().all(|d| {
