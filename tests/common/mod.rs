@@ -2052,14 +2052,10 @@ fn serve_conn(
                 first,
                 gate,
             } => {
-                let out = response_head(200, &headers, body.len(), close);
                 let first = first.min(body.len());
-                if stream.write_all(out.as_bytes()).is_err()
-                    || stream.write_all(&body[..first]).is_err()
-                {
+                if !send_first(&mut stream, &headers, &body, first, close) {
                     return;
                 }
-                let _ = stream.flush();
                 gate.wait();
                 if stream.write_all(&body[first..]).is_err() || close {
                     return;
@@ -2070,11 +2066,8 @@ fn serve_conn(
                 body,
                 first,
             } => {
-                let out = response_head(200, &headers, body.len(), close);
-                let _ = stream.write_all(out.as_bytes());
-                let _ = stream.write_all(&body[..first.min(body.len())]);
-                let _ = stream.flush();
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                send_first(&mut stream, &headers, &body, first.min(body.len()), close);
+                let _ = stream.shutdown(Shutdown::Both);
                 return;
             }
             FaultReply::Default => unreachable!(),
@@ -2093,6 +2086,21 @@ fn serve_conn(
             }
         }
     }
+}
+
+/// Sends a 200 with `body`'s full Content-Length but only its first
+/// `first` bytes (flushed); false if the client has gone.
+fn send_first(
+    stream: &mut TcpStream,
+    headers: &[(String, String)],
+    body: &[u8],
+    first: usize,
+    close: bool,
+) -> bool {
+    let out = response_head(200, headers, body.len(), close);
+    let sent = stream.write_all(out.as_bytes()).is_ok() && stream.write_all(&body[..first]).is_ok();
+    let _ = stream.flush();
+    sent
 }
 
 /// Status line and headers of an answer with a `len`-byte body (a JSON
