@@ -36,8 +36,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::objindex::{Info, ObjIndex};
 use crate::publish::TempFile;
@@ -125,31 +125,18 @@ impl Drop for SpillRoom {
 impl ObjectStore {
     /// Opens the store under `cache_dir`, indexing the objects already
     /// there (oldest mtime = least recently used) and removing leftovers of
-    /// interrupted writes.
+    /// interrupted writes. For a process that does not live long (the cache
+    /// commands): what other processes store meanwhile stays unknown to it.
     pub fn open(cache_dir: &Path, limit: u64) -> io::Result<ObjectStore> {
         let objects = cache_dir.join("objects");
         std::fs::create_dir_all(&objects)?;
         let tmp = cache_dir.join("tmp");
+
         std::fs::create_dir_all(&tmp)?;
         crate::publish::sweep(&tmp);
         let mut found: Vec<(i64, ObjectId, u64)> = Vec::new();
-        for d in std::fs::read_dir(&objects)?.flatten() {
-            let dname = d.file_name().to_string_lossy().into_owned();
-            if dname.len() != 2 || !d.path().is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(d.path())?.flatten() {
-                let fname = f.file_name().to_string_lossy().into_owned();
-                let mut id = [0u8; 32];
-                if fname.len() != 62
-                    || hex::decode_to_slice(format!("{dname}{fname}"), &mut id).is_err()
-                {
-                    continue;
-                }
-                if let Ok(m) = f.metadata() {
-                    found.push((m.mtime(), id, m.len()));
-                }
-            }
+        for (id, m) in scan(&objects)? {
+            found.push((m.mtime(), id, m.len()));
         }
         found.sort();
         let mut state = State {
@@ -172,6 +159,107 @@ impl ObjectStore {
         };
         store.evict_to(limit);
         Ok(store)
+    }
+
+    /// [`ObjectStore::open`] for a daemon: it also follows what other
+    /// processes store in and evict from the same cache
+    /// ([`crate::objwatch`]), so it uses their objects and, with them,
+    /// keeps the whole cache under `limit`. If the cache cannot be watched
+    /// (no inotify), it says so and bounds only its own objects.
+    pub fn open_shared(cache_dir: &Path, limit: u64) -> io::Result<Arc<ObjectStore>> {
+        let objects = cache_dir.join("objects");
+        std::fs::create_dir_all(&objects)?;
+        // Watching starts before the scan, so no object falls in between.
+        let watcher = crate::objwatch::Watcher::new(&objects)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    error = %e,
+                    "cannot watch the cache for other processes' objects: this daemon \
+                     bounds only its own"
+                )
+            })
+            .ok();
+        let store = Arc::new(Self::open(cache_dir, limit)?);
+        if let Some(w) = watcher {
+            w.spawn(Arc::downgrade(&store))?;
+        }
+        Ok(store)
+    }
+
+    /// Makes the index agree with the disk about object `id`, which another
+    /// process may have stored or evicted ([`crate::objwatch`]): added
+    /// unverified if its file is there and unknown, dropped if known and
+    /// its file is gone. `appeared` is what the event said, if one did:
+    /// an event that agrees with the index (most are this process's own)
+    /// costs no `stat`.
+    pub(crate) fn learn(&self, id: &ObjectId, appeared: Option<bool>) {
+        let path = self.path(id);
+        let known = self.contains(id);
+        if appeared == Some(known) {
+            return;
+        }
+        let size = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => Some(m.len()),
+            _ => None,
+        };
+        if known == size.is_some() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        match size {
+            Some(size) => {
+                if !st.lru.contains(id) {
+                    st.lru.put(*id, Info { size, verified: 0 });
+                    st.total += size;
+                }
+            }
+            None => {
+                if let Some(i) = st.lru.pop(id) {
+                    st.total -= i.size;
+                }
+            }
+        }
+    }
+
+    /// [`ObjectStore::learn`] for every object in directory `objects/<b>`
+    /// (one just created, whose first objects came before its watch).
+    pub(crate) fn learn_dir(&self, b: u8) {
+        let dir = self.objects_dir().join(format!("{b:02x}"));
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Some(id) = crate::objwatch::object_id(b, &f.file_name()) {
+                self.learn(&id, None);
+            }
+        }
+    }
+
+    /// Makes the whole index agree with the disk (after events were lost).
+    pub(crate) fn rescan(&self) {
+        let Ok(on_disk) = scan(&self.objects_dir()) else {
+            return;
+        };
+        let present: std::collections::HashSet<ObjectId> =
+            on_disk.iter().map(|(id, _)| *id).collect();
+        let gone: Vec<ObjectId> = {
+            let st = self.state.lock().unwrap();
+            st.lru
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !present.contains(id))
+                .collect()
+        };
+        for id in gone.iter().chain(present.iter()) {
+            self.learn(id, None);
+        }
+    }
+
+    /// Whether the objects take more than the bound.
+    pub(crate) fn over_bound(&self) -> bool {
+        self.state.lock().unwrap().total > self.bound()
+    }
+
+    /// Evicts down to the bound.
+    pub(crate) fn evict_to_bound(&self) {
+        self.evict_to(self.bound());
     }
 
     /// Where object `id` lives.
@@ -497,6 +585,26 @@ impl ObjectStore {
     }
 }
 
+/// The objects under `objects/`, with their metadata.
+fn scan(objects: &Path) -> io::Result<Vec<(ObjectId, std::fs::Metadata)>> {
+    let mut found = Vec::new();
+    for d in std::fs::read_dir(objects)?.flatten() {
+        let Some(b) = crate::objwatch::dir_byte(&d.file_name()) else {
+            continue;
+        };
+        if !d.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for f in std::fs::read_dir(d.path())?.flatten() {
+            if let (Some(id), Ok(m)) = (crate::objwatch::object_id(b, &f.file_name()), f.metadata())
+            {
+                found.push((id, m));
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// An object being written: hashed as it goes, named when finished.
 pub struct ObjectWriter<'a> {
     store: &'a ObjectStore,
@@ -710,6 +818,53 @@ mod tests {
         let s = ObjectStore::open(d.path(), 25).unwrap();
         assert_eq!(s.stats().objects, 1);
         assert!(s.verify_all().is_empty());
+    }
+
+    /// A daemon's store follows another process on the same cache: it
+    /// learns the objects stored there (unverified: a damaged one is not
+    /// served), forgets the ones evicted there, and keeps the two within
+    /// its bound.
+    #[test]
+    fn a_shared_store_follows_another_process_on_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let daemon = ObjectStore::open_shared(d.path(), 30).unwrap();
+        let own = put(&daemon, b"0123456789");
+        let other = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        // In a directory the daemon already watches, and in new ones.
+        let same_dir = (0u32..)
+            .map(|i| i.to_le_bytes())
+            .find(|c| sha256(c)[0] == own[0] && sha256(c) != own)
+            .unwrap();
+        let ids: Vec<ObjectId> = [&same_dir[..], b"b", b"c"]
+            .iter()
+            .map(|c| put(&other, c))
+            .collect();
+        let settle = |what: &str, cond: &dyn Fn() -> bool| {
+            let t = std::time::Instant::now();
+            while !cond() {
+                assert!(t.elapsed().as_secs() < 5, "{what}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        settle("learned the other's objects", &|| {
+            ids.iter().all(|id| daemon.contains(id))
+        });
+        assert_eq!(daemon.stats().bytes, 10 + 4 + 1 + 1);
+        std::fs::write(other.path(&ids[1]), b"x").unwrap();
+        assert!(daemon.get(&ids[1]).is_none(), "served a damaged object");
+        other.remove(&ids[2]);
+        settle("forgot an object the other evicted", &|| {
+            !daemon.contains(&ids[2])
+        });
+        assert!(daemon.contains(&ids[0]));
+
+        // 10 (own) + 4 + 20 from elsewhere > 30: the daemon evicts its
+        // least recently used object.
+        let big = put(&other, &[b'z'; 20]);
+        settle("evicted down to the bound", &|| {
+            !daemon.path(&own).exists() && daemon.stats().bytes <= 30
+        });
+        assert!(daemon.contains(&big));
     }
 
     /// A file under an object's name that the store does not know is kept

@@ -96,9 +96,8 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     configured.extend(opts.insecure_registries.iter().cloned());
     configured.retain(|r| crate::registry::name::is_registry(r));
     let cache_err = |e: std::io::Error| format!("cache dir {}: {e}", opts.cache_dir.display());
-    let objects = Arc::new(
-        crate::cas::ObjectStore::open(&opts.cache_dir, opts.cache_size).map_err(cache_err)?,
-    );
+    let objects = crate::cas::ObjectStore::open_shared(&opts.cache_dir, opts.cache_size)
+        .map_err(cache_err)?;
     let indexes = crate::layer::IndexStore::open(&opts.cache_dir).map_err(cache_err)?;
     let images =
         Arc::new(crate::cfs::images::ImageStore::open(&opts.cache_dir).map_err(cache_err)?);

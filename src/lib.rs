@@ -8,6 +8,7 @@
 //! store     what is kept on disk: metadata blobs by digest (never evicted)
 //! cas       the content store: file contents as objects by sha256, LRU-bounded
 //! objindex  the store's compact in-memory index (LRU order, ~60 B per object)
+//! objwatch  a daemon's store following other processes on the same cache
 //! pins      objects kept for kernel mounts, honoured by every process's eviction
 //! publish   naming a finished file without the filesystem-wide rename lock
 //! layer     reading a layer once into an index plus objects; indexes on disk
@@ -30,6 +31,7 @@ pub mod inspect;
 pub mod layer;
 pub mod model;
 pub mod objindex;
+pub mod objwatch;
 pub mod outbox;
 pub mod pins;
 pub mod publish;

@@ -1184,6 +1184,73 @@ fn eviction_under_small_cache_size_then_reread_correct() {
     );
 }
 
+/// A read-only daemon beside the read-write one (the README's way to share a
+/// cache) or any two daemons on one `--cache-dir`: each uses the objects the
+/// other stored, without fetching them again, and the two together keep the
+/// objects under `--cache-size`, as one daemon does.
+#[test]
+fn two_daemons_on_one_cache_share_its_objects_and_keep_its_size() {
+    require_env();
+    const LIMIT: u64 = 64 * 1024;
+    let work = tempdir();
+    let small = make_tar_image(work.path(), "small", &many_files(3, 4 * 1024, 700));
+    let one = make_tar_image(work.path(), "one", &many_files(16, 12 * 1024, 800));
+    let two = make_tar_image(work.path(), "two", &many_files(16, 12 * 1024, 900));
+    let reg = Registry::start();
+    let h = reg.host();
+    let mut oracles = Vec::new();
+    for (layout, tag) in [(&small, "small"), (&one, "one"), (&two, "two")] {
+        let image = layout_ref(layout, tag);
+        oracles.push(umoci_unpack(&image, &work.path().join(format!("b-{tag}"))));
+        push(&image, &format!("{h}/share:{tag}"), Format::Oci);
+    }
+    let cache = tempdir();
+    let rw = mount_on_cache(&reg, cache.path(), &["--cache-size", "64k"]);
+    let ro = Mount::builder()
+        .insecure(&h)
+        .cache_dir(cache.path())
+        .option("ro")
+        .arg("--cache-size")
+        .arg("64k")
+        .start();
+
+    assert_trees_equal(
+        &rootfs(&rw, &h, "share", "small"),
+        &oracles[0],
+        "small via rw",
+    );
+    registry_log_barrier(&reg);
+    let since = reg.log_len();
+    assert_trees_equal(
+        &rootfs(&ro, &h, "share", "small"),
+        &oracles[0],
+        "small via ro",
+    );
+    registry_log_barrier(&reg);
+    for layer in manifest_layer_digests(&layout_manifest(&small, "small")) {
+        let gets = blob_get_responses_since(&reg, since, &layer);
+        assert!(
+            gets.is_empty(),
+            "the ro daemon fetched layer {layer} the rw daemon had stored: {gets:?}"
+        );
+    }
+
+    assert_trees_equal(&rootfs(&rw, &h, "share", "one"), &oracles[1], "one via rw");
+    assert_trees_equal(&rootfs(&ro, &h, "share", "two"), &oracles[2], "two via ro");
+    assert_trees_equal(&rootfs(&rw, &h, "share", "one"), &oracles[1], "one again");
+    let within = wait_until(Duration::from_secs(5), || {
+        objects_bytes(cache.path()) <= LIMIT
+    });
+    assert!(
+        within,
+        "two daemons with --cache-size 64k hold {} bytes of objects",
+        objects_bytes(cache.path())
+    );
+    drop(ro);
+    drop(rw);
+    assert_objects_well_formed(cache.path());
+}
+
 #[test]
 fn shared_layer_is_stored_once() {
     require_env();
