@@ -22,6 +22,12 @@
 //!   else fails. Eviction only unlinks, so readers holding an object open
 //!   keep reading it. The most recently used object always stays, even if
 //!   it alone exceeds the bound.
+//! - **Sharing**: a daemon's store ([`ObjectStore::open_shared`]) follows
+//!   the objects other processes store in and evict from the same cache
+//!   ([`crate::objwatch`]): it uses theirs (verified on first open, as any
+//!   object found on disk) and counts them against its bound, so daemons
+//!   sharing a cache stay under it together. The spills of other
+//!   processes are not counted.
 //! - **Pins**: objects pinned in this process ([`ObjectStore::pin`]) and
 //!   objects of live persistent pins ([`crate::pins`]: kernel composefs
 //!   mounts, in any process) are never evicted. Eviction holds the pins lock
@@ -247,8 +253,11 @@ impl ObjectStore {
                 .filter(|id| !present.contains(id))
                 .collect()
         };
-        for id in gone.iter().chain(present.iter()) {
-            self.learn(id, None);
+        for id in &gone {
+            self.learn(id, Some(false));
+        }
+        for id in &present {
+            self.learn(id, Some(true));
         }
     }
 
@@ -865,6 +874,22 @@ mod tests {
             !daemon.path(&own).exists() && daemon.stats().bytes <= 30
         });
         assert!(daemon.contains(&big));
+    }
+
+    /// After lost events (a queue overflow) the index is made to agree
+    /// with the disk again.
+    #[test]
+    fn a_rescan_finds_what_changed_behind_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let gone = put(&s, b"gone");
+        let other = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let new = put(&other, b"new!");
+        std::fs::remove_file(s.path(&gone)).unwrap();
+        assert!(s.contains(&gone) && !s.contains(&new));
+        s.rescan();
+        assert!(!s.contains(&gone) && s.contains(&new));
+        assert_eq!(s.stats().bytes, 4);
     }
 
     /// A file under an object's name that the store does not know is kept

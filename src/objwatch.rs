@@ -8,7 +8,7 @@
 //! Contracts:
 //! - **Events are hints**: an inotify event only names an object. Its file
 //!   is then looked at, and the index made to agree with the disk
-//!   ([`ObjectStore::learn`]), so events that arrive late, out of order, or
+//!   (`ObjectStore::learn`), so events that arrive late, out of order, or
 //!   from this process's own writes do no harm.
 //! - **No gap**: the watches are in place before the store's first scan of
 //!   `objects/`, and a new `<2 hex>/` directory is listed once it is
