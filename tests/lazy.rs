@@ -378,7 +378,14 @@ fn background_fill_completes_a_layer_after_first_use() {
         present(&m),
         m.log()
     );
-    assert!(m.log().contains("background fill complete"));
+    // The line follows the last object by a moment.
+    assert!(
+        wait_until(Duration::from_secs(5), || m
+            .log()
+            .contains("background fill complete")),
+        "no \"background fill complete\" in:\n{}",
+        m.log()
+    );
     for i in [5usize, 50, 95] {
         let p = root.join(format!("data/d{}/f{i:04}", i % 8));
         assert!(read(p).unwrap() == file_content(i, size));
