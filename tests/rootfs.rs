@@ -394,6 +394,77 @@ fn a_tree_in_use_keeps_its_image_when_the_tag_moves() {
     assert_eq!(got, "A\n", "held file changed");
 }
 
+/// Two tags of one image (and its `@sha256:` directory) are one image but
+/// three trees to the kernel: each `rootfs/` has inode numbers of its own.
+/// Shared numbers made each directory one dentry with three parents, so a
+/// mount inside one tag's tree (the `/proc` of a chroot) showed under the
+/// others, and the path of a process's cwd moved to whichever tag was
+/// walked last.
+#[test]
+fn tags_of_one_image_are_separate_trees_to_the_kernel() {
+    require_env();
+    let work = tempdir();
+    let layers = vec![vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("proc/"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/os-release", "ID=test\n"),
+    ]];
+    let layout = make_tar_image(work.path(), "one", &layers);
+    let reg = Registry::start();
+    let h = reg.host();
+    let digest = push(
+        &layout_ref(&layout, "one"),
+        &format!("{h}/same:a"),
+        Format::Oci,
+    );
+    push(
+        &layout_ref(&layout, "one"),
+        &format!("{h}/same:b"),
+        Format::Oci,
+    );
+    let m = mount_of(&reg);
+    let roots = [
+        rootfs(&m, &h, "same", "a"),
+        rootfs(&m, &h, "same", "b"),
+        m.join(format!("{h}/same/@{digest}/rootfs")),
+    ];
+    let ino = |p: &Path| stat(p).unwrap().ino();
+    for rel in ["", "etc", "etc/os-release", "proc"] {
+        let inos: BTreeSet<u64> = roots.iter().map(|r| ino(&r.join(rel))).collect();
+        assert_eq!(inos.len(), 3, "{rel:?}: one inode under several trees");
+    }
+
+    // The kernel keeps a mount on a dentry: one on a's proc/ stays there.
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "apt-layer-test"])
+        .arg(roots[0].join("proc")));
+    fs::write(roots[0].join("proc/mounted"), b"").unwrap();
+    let leaked: Vec<String> = roots[1..]
+        .iter()
+        .flat_map(|r| list(r.join("proc")).unwrap())
+        .collect();
+    let cwd = run(Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$1/etc\" && ls \"$2/etc\" >/dev/null && readlink /proc/self/cwd")
+        .arg("sh")
+        .arg(&roots[0])
+        .arg(&roots[1]));
+    run(Command::new("umount").arg(roots[0].join("proc")));
+    assert!(
+        leaked.is_empty(),
+        "a mount in tag a shows in b and @sha256: {leaked:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&cwd).trim_end(),
+        roots[0].join("etc").to_str().unwrap(),
+        "a cwd in tag a moved to tag b"
+    );
+    for r in &roots {
+        assert_eq!(read(r.join("etc/os-release")).unwrap(), b"ID=test\n");
+    }
+}
+
 /// A long-running daemon serves image after image (tags move, CI jobs come
 /// and go); it must not keep every merged tree it ever built. A tree not
 /// used for `tree_idle` leaves memory, and its next use brings it back from

@@ -134,6 +134,10 @@ pub enum RootfsPlace {
     Below,
 }
 
+/// A `rootfs/`: the directory showing it (0: none) and its platform
+/// manifest digest.
+type RootfsKey = (u64, Arc<str>);
+
 /// The registry tree.
 pub struct Tree {
     client: RegistryClient,
@@ -161,9 +165,10 @@ pub struct Tree {
     blob_flights: Flights<RefKey, Res<Bytes>>,
     /// Layers and the content store.
     layers: Arc<Layers>,
-    /// Rootfs by slot (inode range), and by platform manifest digest.
+    /// Rootfs by slot (inode range), and by (directory showing it, platform
+    /// manifest digest); directory 0 is none (`image.cfs` builds from it).
     rootfs_slots: RwLock<Vec<Arc<Rootfs>>>,
-    rootfs_by_manifest: Mutex<HashMap<Arc<str>, Arc<Rootfs>>>,
+    rootfs_by_manifest: Mutex<HashMap<RootfsKey, Arc<Rootfs>>>,
     /// Built `image.cfs` files on disk.
     cfs_store: Arc<ImageStore>,
     /// One build per image (by platform manifest digest).
@@ -291,29 +296,49 @@ impl Tree {
         unloaded
     }
 
-    /// The rootfs of `image` (one per platform manifest, shared by tags).
+    /// The rootfs of `image` (one per platform manifest) that no directory
+    /// shows: what `image.cfs` is built from.
     pub fn rootfs_for(
         &self,
         registry: &Arc<str>,
         repo: &Arc<str>,
         image: &Arc<Image>,
     ) -> Arc<Rootfs> {
-        let key: Arc<str> = arc(&image.manifest.digest);
+        self.rootfs_in(0, registry, repo, image)
+    }
+
+    /// The `rootfs/` of `image` in directory `dir` (a tag or `@sha256:`
+    /// directory): an inode range of its own over the image's one tree
+    /// ([`Rootfs`] says why).
+    fn rootfs_in(
+        &self,
+        dir: u64,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        image: &Arc<Image>,
+    ) -> Arc<Rootfs> {
+        let digest: Arc<str> = arc(&image.manifest.digest);
         let mut by = self.rootfs_by_manifest.lock().unwrap();
-        if let Some(r) = by.get(&key) {
+        if let Some(r) = by.get(&(dir, digest.clone())) {
             return r.clone();
         }
+        let shared = by.get(&(0, digest.clone())).cloned();
         let mut slots = self.rootfs_slots.write().unwrap();
-        let base = ROOTFS_BASE + ((slots.len() as u64) << 32);
-        let rf = Arc::new(Rootfs::new(
-            base,
-            registry.clone(),
-            repo.clone(),
-            image.clone(),
-        ));
-        slots.push(rf.clone());
-        by.insert(key, rf.clone());
-        rf
+        let mut add = |dir: u64, make: &dyn Fn(u64) -> Rootfs| {
+            let rf = Arc::new(make(ROOTFS_BASE + ((slots.len() as u64) << 32)));
+            slots.push(rf.clone());
+            by.insert((dir, digest.clone()), rf.clone());
+            rf
+        };
+        let shared = shared.unwrap_or_else(|| {
+            add(0, &|base| {
+                Rootfs::new(base, registry.clone(), repo.clone(), image.clone())
+            })
+        });
+        if dir == 0 {
+            return shared;
+        }
+        add(dir, &|base| shared.view(base))
     }
 
     fn rootfs_stat(rf: &Rootfs, tree: &MergedTree, i: u32) -> Option<Stat> {
@@ -640,7 +665,7 @@ impl Tree {
                 ),
                 _ => return Err(FsError::NotFound),
             };
-            let rf = self.rootfs_for(registry, repo, &image);
+            let rf = self.rootfs_in(parent, registry, repo, &image);
             return Ok(self.rootfs_root_entry(&rf, ttl));
         }
         let (child, pinned) = match &*parent_node {
@@ -964,7 +989,10 @@ impl Tree {
                 for (n, c) in self.image_children(registry, repo, Some(tag), &image) {
                     children.push((n.into(), c));
                 }
-                rootfs = Some((self.rootfs_for(registry, repo, &image), self.opts.tag_ttl));
+                rootfs = Some((
+                    self.rootfs_in(ino, registry, repo, &image),
+                    self.opts.tag_ttl,
+                ));
             }
             Node::Pinned {
                 registry,
@@ -976,7 +1004,7 @@ impl Tree {
                 for (n, c) in self.image_children(registry, repo, None, &image) {
                     children.push((n.into(), c));
                 }
-                rootfs = Some((self.rootfs_for(registry, repo, &image), IMMUTABLE_TTL));
+                rootfs = Some((self.rootfs_in(ino, registry, repo, &image), IMMUTABLE_TTL));
             }
             Node::Meta { .. } | Node::Inspect { .. } | Node::Status { .. } | Node::Cfs { .. } => {
                 return Err(FsError::NotDir);

@@ -915,10 +915,31 @@ fn pump(
     (rx, task)
 }
 
-/// One image's rootfs: its inode range and its merged tree, once built.
+/// One image's rootfs as one directory shows it: an inode range over the
+/// image's [`RootfsCore`], which every directory showing the image shares.
+///
+/// Each `rootfs/` (of each tag, and of the `@sha256:` directory) gets a
+/// range of its own, so the kernel sees separate trees: with one range, a
+/// directory would be one dentry with several parents, and the kernel moves
+/// such a dentry to wherever it was looked up last, taking with it the
+/// mounts on it (a chroot's `/proc`) and the path of any cwd in it.
 pub struct Rootfs {
     /// Inode number of the root; node `i` is `base + i`.
     pub base: u64,
+    core: Arc<RootfsCore>,
+}
+
+impl std::ops::Deref for Rootfs {
+    type Target = RootfsCore;
+    fn deref(&self) -> &RootfsCore {
+        &self.core
+    }
+}
+
+/// What the directories showing one image share: the image, its merged
+/// tree (built once, single-flight) and its early answers (numbered within
+/// the range, the same in every [`Rootfs`] of it).
+pub struct RootfsCore {
     /// Registry to fetch from.
     pub registry: Arc<str>,
     /// Repository to fetch from.
@@ -955,20 +976,41 @@ impl Rootfs {
     pub fn new(base: u64, registry: Arc<str>, repo: Arc<str>, image: Arc<Image>) -> Rootfs {
         Rootfs {
             base,
-            registry,
-            repo,
-            image,
-            tree: Mutex::new(None),
-            flight: Flights::default(),
-            ahead: ahead::Ahead::default(),
-            early: early::EarlyInodes::default(),
-            building: std::sync::atomic::AtomicBool::new(false),
-            build_error: Mutex::new(None),
-            ever_built: std::sync::atomic::AtomicBool::new(false),
-            last_used: AtomicU64::new(now_secs()),
+            core: Arc::new(RootfsCore {
+                registry,
+                repo,
+                image,
+                tree: Mutex::new(None),
+                flight: Flights::default(),
+                ahead: ahead::Ahead::default(),
+                early: early::EarlyInodes::default(),
+                building: std::sync::atomic::AtomicBool::new(false),
+                build_error: Mutex::new(None),
+                ever_built: std::sync::atomic::AtomicBool::new(false),
+                last_used: AtomicU64::new(now_secs()),
+            }),
         }
     }
 
+    /// The same image under another inode range (another directory's
+    /// `rootfs/`): it shares the tree, its build and the early answers.
+    pub fn view(&self, base: u64) -> Rootfs {
+        Rootfs {
+            base,
+            core: self.core.clone(),
+        }
+    }
+
+    /// Starts building the tree on the runtime unless that is under way,
+    /// so that early answers can return while it goes on (a build is never
+    /// the future of a caller that may stop waiting). When it ends,
+    /// `layers.changed` wakes the waiters.
+    pub fn start(&self, layers: &Arc<Layers>) {
+        self.core.start(layers)
+    }
+}
+
+impl RootfsCore {
     /// Whether the tree was built once: from then on every answer comes
     /// from it (rebuilt from the persisted indexes if it left memory), never
     /// early.
@@ -998,11 +1040,7 @@ impl Rootfs {
         Some(n)
     }
 
-    /// Starts building the tree on the runtime unless that is under way,
-    /// so that early answers can return while it goes on (a build is never
-    /// the future of a caller that may stop waiting). When it ends,
-    /// `layers.changed` wakes the waiters.
-    pub fn start(self: &Arc<Self>, layers: &Arc<Layers>) {
+    fn start(self: &Arc<Self>, layers: &Arc<Layers>) {
         if self.built().is_some() || self.building.swap(true, Ordering::AcqRel) {
             return;
         }
