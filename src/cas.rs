@@ -233,7 +233,7 @@ impl ObjectStore {
         let dir = self.objects_dir().join(format!("{b:02x}"));
         for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if let Some(id) = crate::objwatch::object_id(b, &f.file_name()) {
-                self.learn(&id, None);
+                self.learn(&id, Some(true));
             }
         }
     }
@@ -331,7 +331,16 @@ impl ObjectStore {
             st.lru.get(id).map(|i| i.verified)
         };
         let Some(verified) = known else {
-            return Ok(None);
+            // Unknown here, but another process may have stored it a moment
+            // ago (before the watcher told this one): taken, and hashed
+            // before it is used, like any object found on disk.
+            return match File::open(self.path(id)) {
+                Ok(file) => {
+                    self.learn(id, Some(true));
+                    Err(file)
+                }
+                Err(_) => Ok(None),
+            };
         };
         let file = match File::open(self.path(id)) {
             Ok(f) => f,

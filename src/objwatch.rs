@@ -19,7 +19,10 @@
 //!   watcher first waits until the events stop for a moment (the other
 //!   process evicts right after it stores), then evicts what is still over.
 //! - One blocking thread per store, holding only a `Weak` of it: it ends
-//!   at the first event after the store is dropped.
+//!   at the first event after the store is dropped. An event after a quiet
+//!   spell is read at once; while they keep coming they are read in
+//!   batches (50 ms apart), so others' objects are known within about
+//!   that long.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -41,6 +44,9 @@ const OBJECT_EVENTS: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
     .union(WatchMask::MOVED_FROM)
     .union(WatchMask::ONLYDIR);
+
+/// How long events gather before they are read, while they keep coming.
+const GATHER: Duration = Duration::from_millis(50);
 
 /// How long the events must stop before what is over the bound is evicted.
 const QUIET: Duration = Duration::from_millis(100);
@@ -107,6 +113,7 @@ impl Watcher {
         let mut buf = vec![0u8; 64 * 1024];
         // When the store went over its bound through objects learned here.
         let mut over_since: Option<Instant> = None;
+        let mut last_read = Instant::now() - GATHER;
         loop {
             let wait = over_since.map(|_| QUIET);
             if !readable(&self.inotify, wait) {
@@ -123,6 +130,12 @@ impl Watcher {
                     return;
                 }
             };
+            // Most events are this process's own objects, thousands a
+            // second while a layer is stored: while they keep coming,
+            // gather them rather than wake for each one (the storing needs
+            // the cores). An event after a quiet spell is read at once.
+            let busy = last_read.elapsed() < GATHER;
+            last_read = Instant::now();
             let Some(store) = store.upgrade() else { return };
             for s in seen {
                 match s {
@@ -144,6 +157,10 @@ impl Watcher {
                 }
             } else {
                 over_since = None;
+            }
+            drop(store);
+            if busy {
+                std::thread::sleep(GATHER);
             }
         }
     }

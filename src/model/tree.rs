@@ -271,7 +271,7 @@ impl Tree {
 
     /// Lets the merged trees not used for `idle` leave memory (each comes
     /// back from the persisted layer indexes when used again, with the same
-    /// inode numbers: [`Rootfs::unload_if_idle`]). Returns how many left.
+    /// inode numbers: [`crate::rootfs::RootfsCore::unload_if_idle`]). Returns how many left.
     pub fn unload_idle_trees(&self, idle: Duration) -> usize {
         let slots = self.rootfs_slots.read().unwrap().clone();
         let mut unloaded = 0;

@@ -375,7 +375,7 @@ impl Builder {
         // hard links map to the first number their node got. The numbers
         // depend only on the merged tree, so merging the same indexes again
         // gives the same inode numbers (an idle tree that left memory comes
-        // back under the numbers the kernel holds: `Rootfs::unload_if_idle`).
+        // back under the numbers the kernel holds: `RootfsCore::unload_if_idle`).
         let mut new_id: HashMap<u32, u32> = HashMap::new();
         let mut names: Vec<u32> = vec![0; 1]; // link counts by new id
         let mut order: Vec<u32> = vec![0];

@@ -25,7 +25,7 @@
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.
 //! - **Memory**: a [`Rootfs`] keeps its merged tree while it is used; one
-//!   unused for `-o tree_idle` leaves memory ([`Rootfs::unload_if_idle`])
+//!   unused for `-o tree_idle` leaves memory ([`RootfsCore::unload_if_idle`])
 //!   and is merged again from the persisted layer indexes on its next use,
 //!   with the same node (inode) numbers. A daemon that serves image after
 //!   image for weeks thus holds the trees in use, not every tree it built.
