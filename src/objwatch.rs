@@ -22,7 +22,8 @@
 //!   at the first event after the store is dropped. An event after a quiet
 //!   spell is read at once; while they keep coming they are read in
 //!   batches (50 ms apart), so others' objects are known within about
-//!   that long.
+//!   that long. Reading does not wait for it: an object the index lacks is
+//!   looked for on disk before it is fetched (`ObjectStore::get_verified`).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
