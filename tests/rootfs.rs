@@ -436,9 +436,17 @@ fn tags_of_one_image_are_separate_trees_to_the_kernel() {
     }
 
     // The kernel keeps a mount on a dentry: one on a's proc/ stays there.
+    // Unmounted however the test ends, or the daemon's mount stays busy.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
     run(Command::new("mount")
         .args(["-t", "tmpfs", "apt-layer-test"])
         .arg(roots[0].join("proc")));
+    let tmpfs = Unmount(roots[0].join("proc"));
     fs::write(roots[0].join("proc/mounted"), b"").unwrap();
     let leaked: Vec<String> = roots[1..]
         .iter()
@@ -450,7 +458,7 @@ fn tags_of_one_image_are_separate_trees_to_the_kernel() {
         .arg("sh")
         .arg(&roots[0])
         .arg(&roots[1]));
-    run(Command::new("umount").arg(roots[0].join("proc")));
+    drop(tmpfs);
     assert!(
         leaked.is_empty(),
         "a mount in tag a shows in b and @sha256: {leaked:?}"
