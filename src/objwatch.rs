@@ -62,6 +62,8 @@ pub struct Watcher {
     top: WatchDescriptor,
     /// Watched `<2 hex>/` directories, by their first byte.
     dirs: HashMap<WatchDescriptor, u8>,
+    /// A directory could not be watched, and the log said so.
+    warned: bool,
 }
 
 /// What one event says happened to an object.
@@ -85,6 +87,7 @@ impl Watcher {
             objects: objects.to_path_buf(),
             top,
             dirs: HashMap::new(),
+            warned: false,
         };
         for d in std::fs::read_dir(objects)?.flatten() {
             if let Some(b) = dir_byte(&d.file_name()) {
@@ -142,8 +145,19 @@ impl Watcher {
                 match s {
                     Seen::Object(id, appeared) => store.learn(&id, Some(appeared)),
                     Seen::Dir(b) => {
-                        if let Err(e) = self.add_dir(b) {
-                            tracing::warn!(error = %e, dir = b, "cannot watch an objects directory");
+                        if let Err(e) = self.add_dir(b)
+                            && !std::mem::replace(&mut self.warned, true)
+                        {
+                            // Once: it fails alike for every directory
+                            // after (most often fs.inotify.max_user_watches).
+                            tracing::warn!(
+                                error = %e,
+                                dir = %self.objects.join(format!("{b:02x}")).display(),
+                                "cannot watch an objects directory (raise \
+                                 fs.inotify.max_user_watches?): objects other processes \
+                                 store there are not counted against this daemon's \
+                                 --cache-size"
+                            );
                         }
                         store.learn_dir(b);
                     }
