@@ -137,7 +137,6 @@ impl ObjectStore {
         let objects = cache_dir.join("objects");
         std::fs::create_dir_all(&objects)?;
         let tmp = cache_dir.join("tmp");
-
         std::fs::create_dir_all(&tmp)?;
         crate::publish::sweep(&tmp);
         let mut found: Vec<(i64, ObjectId, u64)> = Vec::new();
@@ -195,30 +194,30 @@ impl ObjectStore {
     /// Makes the index agree with the disk about object `id`, which another
     /// process may have stored or evicted ([`crate::objwatch`]): added
     /// unverified if its file is there and unknown, dropped if known and
-    /// its file is gone. `appeared` is what the event said, if one did:
-    /// an event that agrees with the index (most are this process's own)
-    /// costs no `stat`.
-    pub(crate) fn learn(&self, id: &ObjectId, appeared: Option<bool>) {
-        let path = self.path(id);
-        let known = self.contains(id);
-        if appeared == Some(known) {
+    /// its file is gone. `appeared` is what the event said (its name came
+    /// or went): an event that agrees with the index (most are this
+    /// process's own) costs no `stat`.
+    pub(crate) fn learn(&self, id: &ObjectId, appeared: bool) {
+        if appeared == self.contains(id) {
             return;
         }
-        let size = match std::fs::symlink_metadata(&path) {
+        let size = match std::fs::symlink_metadata(self.path(id)) {
             Ok(m) if m.is_file() => Some(m.len()),
             _ => None,
         };
-        if known == size.is_some() {
-            return;
-        }
+        self.agree(id, size);
+    }
+
+    /// Makes the index say what the disk says of object `id`: a file of
+    /// `size` bytes (added unverified if unknown), or none (dropped).
+    fn agree(&self, id: &ObjectId, size: Option<u64>) {
         let mut st = self.state.lock().unwrap();
         match size {
-            Some(size) => {
-                if !st.lru.contains(id) {
-                    st.lru.put(*id, Info { size, verified: 0 });
-                    st.total += size;
-                }
+            Some(size) if !st.lru.contains(id) => {
+                st.lru.put(*id, Info { size, verified: 0 });
+                st.total += size;
             }
+            Some(_) => {}
             None => {
                 if let Some(i) = st.lru.pop(id) {
                     st.total -= i.size;
@@ -230,34 +229,35 @@ impl ObjectStore {
     /// [`ObjectStore::learn`] for every object in directory `objects/<b>`
     /// (one just created, whose first objects came before its watch).
     pub(crate) fn learn_dir(&self, b: u8) {
-        let dir = self.objects_dir().join(format!("{b:02x}"));
+        let dir = crate::objwatch::dir_path(&self.objects_dir(), b);
         for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if let Some(id) = crate::objwatch::object_id(b, &f.file_name()) {
-                self.learn(&id, Some(true));
+                self.learn(&id, true);
             }
         }
     }
 
-    /// Makes the whole index agree with the disk (after events were lost).
+    /// Makes the whole index agree with the disk (after events were lost),
+    /// from one scan of it.
     pub(crate) fn rescan(&self) {
         let Ok(on_disk) = scan(&self.objects_dir()) else {
             return;
         };
-        let present: std::collections::HashSet<ObjectId> =
-            on_disk.iter().map(|(id, _)| *id).collect();
+        let present: HashMap<ObjectId, u64> =
+            on_disk.iter().map(|(id, m)| (*id, m.len())).collect();
         let gone: Vec<ObjectId> = {
             let st = self.state.lock().unwrap();
             st.lru
                 .iter()
                 .map(|(id, _)| *id)
-                .filter(|id| !present.contains(id))
+                .filter(|id| !present.contains_key(id))
                 .collect()
         };
         for id in &gone {
-            self.learn(id, Some(false));
+            self.agree(id, None);
         }
-        for id in &present {
-            self.learn(id, Some(true));
+        for (id, &size) in &present {
+            self.agree(id, Some(size));
         }
     }
 
@@ -334,9 +334,9 @@ impl ObjectStore {
             // Unknown here, but another process may have stored it a moment
             // ago (before the watcher told this one): taken, and hashed
             // before it is used, like any object found on disk.
-            return match File::open(self.path(id)) {
-                Ok(file) => {
-                    self.learn(id, Some(true));
+            return match File::open(self.path(id)).and_then(|f| Ok((f.metadata()?, f))) {
+                Ok((m, file)) => {
+                    self.agree(id, Some(m.len()));
                     Err(file)
                 }
                 Err(_) => Ok(None),

@@ -98,8 +98,10 @@ impl Watcher {
     }
 
     fn add_dir(&mut self, b: u8) -> io::Result<()> {
-        let dir = self.objects.join(format!("{b:02x}"));
-        let wd = self.inotify.watches().add(dir, OBJECT_EVENTS)?;
+        let wd = self
+            .inotify
+            .watches()
+            .add(dir_path(&self.objects, b), OBJECT_EVENTS)?;
         self.dirs.insert(wd, b);
         Ok(())
     }
@@ -143,7 +145,7 @@ impl Watcher {
             let Some(store) = store.upgrade() else { return };
             for s in seen {
                 match s {
-                    Seen::Object(id, appeared) => store.learn(&id, Some(appeared)),
+                    Seen::Object(id, appeared) => store.learn(&id, appeared),
                     Seen::Dir(b) => {
                         if let Err(e) = self.add_dir(b)
                             && !std::mem::replace(&mut self.warned, true)
@@ -152,7 +154,7 @@ impl Watcher {
                             // after (most often fs.inotify.max_user_watches).
                             tracing::warn!(
                                 error = %e,
-                                dir = %self.objects.join(format!("{b:02x}")).display(),
+                                dir = %dir_path(&self.objects, b).display(),
                                 "cannot watch an objects directory (raise \
                                  fs.inotify.max_user_watches?): objects other processes \
                                  store there are not counted against this daemon's \
@@ -229,6 +231,11 @@ fn readable(inotify: &Inotify, wait: Option<Duration>) -> bool {
             return true; // let the read report it
         }
     }
+}
+
+/// Directory `objects/<2 hex>` of byte `b`.
+pub(crate) fn dir_path(objects: &Path, b: u8) -> PathBuf {
+    objects.join(format!("{b:02x}"))
 }
 
 /// The byte a `<2 hex>` directory name stands for.

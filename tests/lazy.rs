@@ -380,9 +380,7 @@ fn background_fill_completes_a_layer_after_first_use() {
     );
     // The line follows the last object by a moment.
     assert!(
-        wait_until(Duration::from_secs(5), || m
-            .log()
-            .contains("background fill complete")),
+        m.log_shows_within("background fill complete", Duration::from_secs(5)),
         "no \"background fill complete\" in:\n{}",
         m.log()
     );

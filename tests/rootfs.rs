@@ -523,9 +523,7 @@ fn an_unused_tree_leaves_memory_and_comes_back_the_same() {
     };
     let loaded = rss();
     assert!(
-        wait_until(Duration::from_secs(20), || m
-            .log()
-            .contains("rootfs tree left memory")),
+        m.log_shows_within("rootfs tree left memory", Duration::from_secs(20)),
         "the tree never left memory; log:\n{}",
         m.log()
     );

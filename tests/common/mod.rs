@@ -1689,6 +1689,12 @@ impl Mount {
         String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
     }
 
+    /// Whether `needle` shows in the daemon's log within `timeout` (a
+    /// line written a moment after what the test saw happen).
+    pub fn log_shows_within(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
