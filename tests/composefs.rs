@@ -231,9 +231,11 @@ fn image_cfs_copied_from_fuse_mounts_by_hand_and_is_built_once() {
         let tag = m.join(format!("{h}/edge/1"));
         assert!(list(&tag).unwrap().iter().any(|n| n == "image.cfs"));
         digest = read_string(tag.join("digest")).unwrap().trim().to_string();
-        // stat builds: the size is exact before anything is read.
-        let size = stat(tag.join("image.cfs")).unwrap().len();
-        assert!(size > 0);
+        // Looking is not opening: `stat` does not build (it would stream
+        // every layer), so the size is 0 until the first open.
+        assert_eq!(stat(tag.join("image.cfs")).unwrap().len(), 0);
+        assert!(!m.log().contains("image.cfs built"), "{}", m.log());
+        // cp opens it (which builds), then learns the size from fstat.
         let st = Command::new("cp")
             .arg(tag.join("image.cfs"))
             .arg(&copied)
@@ -241,6 +243,8 @@ fn image_cfs_copied_from_fuse_mounts_by_hand_and_is_built_once() {
             .unwrap();
         assert!(st.success());
         let bytes = fs::read(&copied).unwrap();
+        let size = stat(tag.join("image.cfs")).unwrap().len();
+        assert!(size > 0);
         assert_eq!(bytes.len() as u64, size, "cp got every byte");
         assert_eq!(&bytes[1024..1028], &[0xe2, 0xe1, 0xf5, 0xe0], "EROFS magic");
         let pinned = read(m.join(format!("{h}/edge/@{digest}/image.cfs"))).unwrap();
@@ -297,8 +301,15 @@ fn image_cfs_copied_from_fuse_mounts_by_hand_and_is_built_once() {
     let before = fs::metadata(&cached).unwrap().ino();
     {
         let m = Mount::builder().insecure(&h).cache_dir(&cache).start();
-        let bytes = read(m.join(format!("{h}/edge/1/image.cfs"))).unwrap();
-        assert_eq!(bytes, fs::read(&copied).unwrap());
+        let cfs = m.join(format!("{h}/edge/1/image.cfs"));
+        let built = fs::read(&copied).unwrap();
+        assert_eq!(
+            stat(&cfs).unwrap().len(),
+            built.len() as u64,
+            "built before"
+        );
+        let bytes = read(&cfs).unwrap();
+        assert_eq!(bytes, built);
         assert_eq!(
             fs::metadata(&cached).unwrap().ino(),
             before,

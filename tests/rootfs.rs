@@ -687,11 +687,23 @@ fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
         "no rootfs in {names:?}"
     );
     for n in &names {
-        if n == "image.cfs" {
-            continue; // made on first open: not part of opening the tag
-        }
         stat(tag.join(n)).unwrap_or_else(|e| panic!("stat {n}: {e}"));
     }
+    // What users type to look at a tag stats every name, `image.cfs` too.
+    for args in [&["-l"][..], &["-lL"][..]] {
+        let out = Command::new("ls").args(args).arg(&tag).output().unwrap();
+        assert!(out.status.success(), "ls {args:?}: {out:?}");
+    }
+    let out = Command::new("find")
+        .args([
+            tag.as_os_str(),
+            "-maxdepth".as_ref(),
+            "1".as_ref(),
+            "-ls".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "find -ls: {out:?}");
     for f in ["manifest.json", "config.json", "digest", "inspect.json"] {
         read(tag.join(f)).unwrap_or_else(|e| panic!("read {f}: {e}"));
     }

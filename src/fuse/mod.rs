@@ -1044,11 +1044,14 @@ fn fill_readdirplus(ino: INodeNo, list: &[DirEntry], offset: u64, mut reply: Rep
         let ino = if i < 2 { ino.0 } else { e.stat.ino };
         let mut a = attr(&e.stat);
         a.ino = INodeNo(ino);
+        // One TTL for the name and its attributes: the shorter, so that a
+        // file whose size is not known yet (`image.cfs` before it is
+        // built, `status`) is asked for again, as a lookup would be.
         if reply.add(
             INodeNo(ino),
             (i + 1) as u64,
             name,
-            &e.entry_ttl,
+            &e.entry_ttl.min(e.attr_ttl),
             &a,
             Generation(0),
         ) {

@@ -389,11 +389,9 @@ impl Tree {
 
     // ----- image.cfs --------------------------------------------------
 
-    /// The `image.cfs` of an image: built on first lookup or open (which
-    /// streams the layers if needed), then kept in the cache by manifest
-    /// digest. Lookup builds so that the size `stat` shows is always exact
-    /// and `cp` gets every byte; listings never build (see
-    /// [`Tree::cfs_listed_entry`]).
+    /// The `image.cfs` of an image: built on first open (which streams the
+    /// layers if needed), then kept in the cache by manifest digest. A
+    /// lookup, `stat` or listing never builds it (see [`Tree::cfs_entry`]).
     async fn cfs_image(&self, registry: &Arc<str>, repo: &Arc<str>, top: &str) -> Res<CfsFile> {
         let image = self.pinned_image(registry, repo, top).await?;
         let rf = self.rootfs_for(registry, repo, &image);
@@ -411,52 +409,30 @@ impl Tree {
             .await
     }
 
-    /// The entry of `image.cfs` in a listing: the real size if the image
-    /// was built before, else size 0 with a name and attributes the kernel
-    /// must not cache, so `stat` looks it up again (and builds). Listing a
-    /// tag must not stream its layers.
-    fn cfs_listed_entry(&self, node: Node, pinned: bool) -> Entry {
-        let Node::Cfs {
-            registry,
-            repo,
-            top,
-        } = &node
-        else {
-            unreachable!("only image.cfs nodes");
-        };
-        let manifest = self
-            .images_known(registry, repo, top)
-            .and_then(|m| self.cfs_store.size(&m));
-        let ino = self.inodes.ino(node.clone());
+    /// The entry of `image.cfs`, given its size if it was built: the real
+    /// size then; before, size 0 with attributes the kernel must not cache,
+    /// so that once an open has built it the next `stat` (or a read past the
+    /// size the kernel holds) asks again and gets the real size. Looking at
+    /// a tag (`ls -l`, `find -ls`, `du`) must not stream its layers.
+    fn cfs_entry(&self, node: Node, built: Option<u64>, pinned: bool) -> Entry {
+        let ino = self.inodes.ino(node);
         let entry_ttl = if pinned {
             IMMUTABLE_TTL
         } else {
             self.opts.tag_ttl
         };
-        match manifest {
+        match built {
             Some(size) => Entry {
                 stat: self.file_stat(ino, size),
                 entry_ttl,
                 attr_ttl: IMMUTABLE_TTL,
             },
-            // readdirplus gives the kernel one TTL for name and attributes:
-            // both zero, so the next `stat` is a lookup, which builds.
             None => Entry {
                 stat: self.file_stat(ino, 0),
-                entry_ttl: Duration::ZERO,
+                entry_ttl,
                 attr_ttl: Duration::ZERO,
             },
         }
-    }
-
-    /// The platform manifest digest of a resolved image, if in memory.
-    fn images_known(&self, registry: &Arc<str>, repo: &Arc<str>, top: &Arc<str>) -> Option<String> {
-        let key = (registry.clone(), repo.clone(), top.clone());
-        self.images
-            .lock()
-            .unwrap()
-            .get(&key)
-            .map(|i| i.manifest.digest.to_string())
     }
 
     /// `readlink`.
@@ -588,12 +564,15 @@ impl Tree {
                 IMMUTABLE_TTL,
             ),
             Node::Inspect { .. } | Node::Status { .. } => (false, 0, mutable, Duration::ZERO),
-            Node::Cfs { .. } => (
-                false,
-                0,
-                if pinned { IMMUTABLE_TTL } else { mutable },
-                IMMUTABLE_TTL,
-            ),
+            Node::Cfs {
+                registry,
+                repo,
+                top,
+            } => {
+                let image = self.pinned_image(registry, repo, top).await?;
+                let built = self.cfs_store.size(&image.manifest.digest);
+                return Ok(self.cfs_entry(node, built, pinned));
+            }
         };
         let ino = self.inodes.ino(node.clone());
         let stat = if kind_dir {
@@ -607,11 +586,6 @@ impl Tree {
                 Node::Inspect { .. } | Node::Status { .. } => {
                     self.generate(ino, &node).await?.len() as u64
                 }
-                Node::Cfs {
-                    registry,
-                    repo,
-                    top,
-                } => self.cfs_image(registry, repo, top).await?.1,
                 _ => size,
             };
             self.file_stat(ino, size)
@@ -1012,10 +986,7 @@ impl Tree {
         }
         let mut out = Vec::with_capacity(children.len());
         for (name, node) in children {
-            let entry = match &node {
-                Node::Cfs { .. } => self.cfs_listed_entry(node, pinned),
-                _ => self.entry_of(node, pinned).await?,
-            };
+            let entry = self.entry_of(node, pinned).await?;
             out.push(DirEntry {
                 name: OsString::from(name),
                 entry,

@@ -242,6 +242,12 @@ impl Tree {
         if let Some(x) = self.early_answer(rf, i, |f| Some(f.entry.xattrs)).await? {
             return Ok(x);
         }
+        // Like its attributes (`rootfs_getattr`), the root's extended
+        // attributes are a placeholder until the tree is built: `ls -l
+        // <tag>` asks for them, and looking at a tag must not stream it.
+        if i == 0 && !rf.was_built() {
+            return Ok(Vec::new());
+        }
         let (tree, n) = self.rootfs_node(rf, i).await?;
         Ok(tree
             .xattrs(n)
