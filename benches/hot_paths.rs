@@ -71,6 +71,7 @@ fn indexes(layers: usize, per: usize) -> Vec<LayerIndex> {
             LayerIndex {
                 version: apt_layer::layer::INDEX_VERSION,
                 digest: format!("sha256:{l:064}"),
+                pin: None,
                 compression: Compression::Gzip,
                 mode: Default::default(),
                 compressed_size: 0,

@@ -9,7 +9,10 @@
 //! - a TOC or chunk that fails its digest is EIO with nothing cached;
 //! - a registry that ignores Range gets the layer streamed, with a log
 //!   line saying why;
-//! - a restart keeps the TOC and what was fetched.
+//! - a restart keeps the TOC and what was fetched;
+//! - a lazy index (checked only against a manifest's TOC pin) never serves
+//!   another descriptor of the same layer digest that does not carry that
+//!   pin, in memory or after a restart.
 
 mod common;
 
@@ -553,4 +556,141 @@ fn registry_ignoring_range_gets_the_layer_streamed_with_a_reason() {
         log.contains("ignores Range") && log.contains("streaming it instead"),
         "{log}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// A TOC pin is not a blob digest
+// ---------------------------------------------------------------------------
+
+/// A hostile registry (A, in-process: a real one will not lie) serves a
+/// manifest naming the digest X of an honest plain gzip layer P (pushed to
+/// a real registry, B) as eStargz: the size and TOC annotation of a real
+/// eStargz layer E of another tree, and E's bytes for X's Range requests.
+/// A's rootfs shows E's tree (a lazy index is only as good as the TOC pin
+/// it was checked against, and A chose it). B's image, whose manifest names
+/// X as plain gzip, must still show P's tree: on the daemon that read A,
+/// and on a restarted daemon whose cache holds A's index of X. Once X was
+/// read whole and checked, that index is the truth for X, A included.
+#[test]
+fn a_lazy_index_serves_only_descriptors_with_its_toc_pin() {
+    require_env();
+    let work = tempdir();
+    let honest = vec![vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/os-release", "ID=honest\n"),
+        TarEntry::file("honest.bin", pseudo_random(7, 20_000)),
+    ]];
+    let liar = vec![vec![
+        TarEntry::dir("./"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/os-release", "ID=liar\n"),
+        TarEntry::file("planted", "not in the honest layer\n"),
+    ]];
+    let layout = make_tar_image(work.path(), "honest", &honest);
+    make_tar_image(work.path(), "liar", &liar);
+    let oracle = umoci_unpack(&layout_ref(&layout, "honest"), &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "honest"),
+        &format!("{h}/honest:v1"),
+        Format::Oci,
+    );
+    let p = manifest_layers(&h, "honest", "v1").remove(0);
+    assert_eq!(
+        p["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+        "{p}"
+    );
+    let x = p["digest"].as_str().unwrap().to_string();
+    let ctd = Containerd::start();
+    let tag = push_converted(&ctd, &reg, &layout, "liar", "liar", Seekable::Estargz, None);
+    // A's manifest: E's descriptor, but X's digest.
+    let (man, ct) = get_manifest(&h, "liar", &tag, None);
+    let mut mv: Value = serde_json::from_slice(&man).unwrap();
+    let e = mv["layers"][0]["digest"].as_str().unwrap().to_string();
+    let e_blob = fs::read(registry_blob_path(&reg, &e)).unwrap();
+    mv["layers"][0]["digest"] = Value::String(x.clone());
+    let man = serde_json::to_vec(&mv).unwrap();
+    let man_digest = sha256_digest(&man);
+    let cfg = mv["config"]["digest"].as_str().unwrap().to_string();
+    let cfg_bytes = fs::read(registry_blob_path(&reg, &cfg)).unwrap();
+    let (tag2, x2) = (tag.clone(), x.clone());
+    let fault = FaultServer::start(move |method, target| {
+        let path = target.split('?').next().unwrap_or_default();
+        if path.starts_with("/v2/liar/manifests/") {
+            return FaultReply::bytes(200, &ct, man.clone())
+                .with_header("Docker-Content-Digest", &man_digest);
+        }
+        if path == "/v2/liar/tags/list" {
+            return FaultReply::json(200, &format!(r#"{{"name":"liar","tags":["{tag2}"]}}"#));
+        }
+        if path == format!("/v2/liar/blobs/{cfg}") {
+            let body = if method == "HEAD" {
+                Vec::new()
+            } else {
+                cfg_bytes.clone()
+            };
+            return FaultReply::bytes(200, "application/octet-stream", body)
+                .with_header("Docker-Content-Digest", &cfg);
+        }
+        if path == format!("/v2/liar/blobs/{x2}") {
+            return FaultReply::ranged("application/octet-stream", e_blob.clone())
+                .with_header("Docker-Content-Digest", &x2);
+        }
+        FaultReply::Default
+    });
+    let a = fault.host();
+    let mount = |cache: &Path| {
+        Mount::builder()
+            .insecure(&h)
+            .insecure(&a)
+            .cache_dir(cache)
+            .option("nobackground")
+            .start()
+    };
+    let read_a = |m: &Mount| {
+        let root = rootfs(m, &a, "liar", &tag);
+        assert_eq!(
+            read_string(root.join("etc/os-release")).unwrap(),
+            "ID=liar\n"
+        );
+        let s = status(m, &a, "liar", &tag);
+        assert_eq!(s["layers"][0]["mode"], "estargz", "{s}");
+    };
+    let hex = x.trim_start_matches("sha256:");
+    // The same daemon: A first, then B.
+    {
+        let m = mount(&work.path().join("cache1"));
+        read_a(&m);
+        assert!(m.cache_dir().join(format!("layers/{hex}.idx")).exists());
+        assert_trees_equal(
+            &rootfs(&m, &h, "honest", "v1"),
+            &oracle,
+            "B's image after A's lazy index of the same digest, same daemon",
+        );
+        let s = status(&m, &h, "honest", "v1");
+        assert_eq!(s["layers"][0]["mode"], "span-index", "{s}");
+    }
+    // A restarted daemon: A's index of X is all its cache holds.
+    let cache2 = work.path().join("cache2");
+    {
+        let m = mount(&cache2);
+        read_a(&m);
+    }
+    let m = mount(&cache2);
+    assert_trees_equal(
+        &rootfs(&m, &h, "honest", "v1"),
+        &oracle,
+        "B's image after A's lazy index of the same digest, restarted daemon",
+    );
+    // X was read whole and checked: that index is now what X shows, A too.
+    drop(m);
+    let m = mount(&cache2);
+    let root = rootfs(&m, &a, "liar", &tag);
+    assert_eq!(
+        read_string(root.join("etc/os-release")).unwrap(),
+        "ID=honest\n"
+    );
+    assert_errno(stat(root.join("planted")), libc::ENOENT, "E's file under A");
 }

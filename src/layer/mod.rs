@@ -5,6 +5,15 @@
 //! ```text
 //! <cache-dir>/layers/<64 hex>.idx   postcard-encoded LayerIndex (metadata, never evicted)
 //! ```
+//!
+//! Contract (**trust**): an index made by reading the whole blob and
+//! checking it against its digest (pin `None`) is the truth for that digest
+//! and serves every descriptor of it. One made from a seekable layer's TOC
+//! (eStargz, zstd:chunked) was checked only against the TOC digest one
+//! manifest pinned, never the blob: it keeps that pin and serves only the
+//! descriptors that carry the same one ([`LayerIndex::serves`]), on disk
+//! ([`IndexStore::load`]) as in memory. There is one file per digest; the
+//! index a descriptor had to make for itself replaces one it could not use.
 
 pub mod gzindex;
 pub mod seekable;
@@ -18,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::cas::ObjectId;
 
 /// Bump when the encoding changes; older indexes are re-made.
-pub const INDEX_VERSION: u32 = 4;
+pub const INDEX_VERSION: u32 = 5;
 
 /// A layer's compression, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +183,12 @@ pub struct LayerIndex {
     pub version: u32,
     /// The layer's (compressed) digest.
     pub digest: String,
+    /// What the index was checked against: `None` when the whole blob
+    /// matched `digest`; for an index made from a TOC, the pin of the
+    /// descriptor that asked for it (format and TOC digest, see
+    /// [`crate::rootfs::LayerKey`]). Right after `digest` so that
+    /// [`IndexStore::serves`] reads only the head of the file.
+    pub pin: Option<String>,
     /// Its compression.
     pub compression: Compression,
     /// How its content is reached.
@@ -186,6 +201,27 @@ pub struct LayerIndex {
     pub entries: Vec<IndexEntry>,
     /// Gzip checkpoints (mode [`LayerMode::SpanIndex`]).
     pub spans: Option<gzindex::SpanIndex>,
+}
+
+impl LayerIndex {
+    /// Whether a descriptor of this layer with TOC pin `pin` may use this
+    /// index: a verified one serves all; one made from a TOC only the
+    /// descriptors carrying its pin (see the module's trust contract).
+    pub fn serves(&self, pin: Option<&str>) -> bool {
+        serves(self.pin.as_deref(), pin)
+    }
+}
+
+fn serves(made_with: Option<&str>, asked: Option<&str>) -> bool {
+    made_with.is_none() || made_with == asked
+}
+
+/// The first fields of an encoded [`LayerIndex`].
+#[derive(Deserialize)]
+struct Head {
+    version: u32,
+    digest: String,
+    pin: Option<String>,
 }
 
 /// Where layer indexes live.
@@ -212,11 +248,20 @@ impl IndexStore {
             .join(format!("{}.idx", digest.trim_start_matches("sha256:")))
     }
 
-    /// The persisted index of `digest`, if present and readable.
-    pub fn load(&self, digest: &str) -> Option<LayerIndex> {
+    /// The persisted index of `digest`, if present, readable and one a
+    /// descriptor with TOC pin `pin` may use ([`LayerIndex::serves`]).
+    pub fn load(&self, digest: &str, pin: Option<&str>) -> Option<LayerIndex> {
         let data = std::fs::read(self.path(digest)).ok()?;
+        // An older encoding is made again, not misread.
+        if postcard::take_from_bytes::<u32>(&data).ok()?.0 != INDEX_VERSION {
+            return None;
+        }
         match postcard::from_bytes::<LayerIndex>(&data) {
-            Ok(i) if i.version == INDEX_VERSION && i.digest == digest => Some(i),
+            Ok(i) if i.digest == digest && i.serves(pin) => Some(i),
+            Ok(i) if i.digest == digest => {
+                tracing::info!(digest, made_with = ?i.pin, asked = ?pin, "the saved index of this layer was made from a TOC this descriptor does not pin; it makes its own");
+                None
+            }
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(digest, error = %e, "layer index unreadable; the layer will be read again");
@@ -225,9 +270,19 @@ impl IndexStore {
         }
     }
 
-    /// Whether an index for `digest` is on disk.
-    pub fn exists(&self, digest: &str) -> bool {
-        self.path(digest).exists()
+    /// Whether an index of `digest` that a descriptor with TOC pin `pin`
+    /// may use is on disk (reads only the head of the file).
+    pub fn serves(&self, digest: &str, pin: Option<&str>) -> bool {
+        use std::io::Read;
+        let mut head = Vec::with_capacity(1024);
+        let read = std::fs::File::open(self.path(digest))
+            .and_then(|f| f.take(1024).read_to_end(&mut head));
+        if read.is_err() {
+            return false;
+        }
+        postcard::take_from_bytes::<Head>(&head).is_ok_and(|(h, _)| {
+            h.version == INDEX_VERSION && h.digest == digest && serves(h.pin.as_deref(), pin)
+        })
     }
 
     /// Persists `index` (temporary file, then rename).
@@ -248,5 +303,68 @@ impl IndexStore {
                     .count()
             })
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn index(pin: Option<&str>) -> LayerIndex {
+        LayerIndex {
+            version: INDEX_VERSION,
+            digest: X.into(),
+            pin: pin.map(str::to_string),
+            compression: Compression::Gzip,
+            mode: if pin.is_some() {
+                LayerMode::Estargz
+            } else {
+                LayerMode::SpanIndex
+            },
+            compressed_size: 1,
+            uncompressed_size: 2,
+            entries: vec![IndexEntry::new("etc", EntryKind::Dir)],
+            spans: None,
+        }
+    }
+
+    /// A saved index made from a TOC is loaded only for its own pin; one
+    /// made from the verified blob for every descriptor; the one saved
+    /// last replaces the other.
+    #[test]
+    fn saved_pin_decides_who_may_load_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IndexStore::open(dir.path()).unwrap();
+        let (p, q) = (Some("estargz:sha256:aa"), Some("estargz:sha256:bb"));
+        store.save(&index(p)).unwrap();
+        assert_eq!(store.load(X, p).unwrap().pin.as_deref(), p);
+        assert!(store.serves(X, p));
+        for other in [None, q, Some("zstd:chunked:toc:sha256:aa")] {
+            assert!(store.load(X, other).is_none(), "{other:?}");
+            assert!(!store.serves(X, other), "{other:?}");
+        }
+        // Made whole and checked: the truth for X, whatever the pin.
+        store.save(&index(None)).unwrap();
+        for any in [None, p, q] {
+            assert!(store.load(X, any).unwrap().pin.is_none(), "{any:?}");
+            assert!(store.serves(X, any), "{any:?}");
+        }
+        assert!(store.load(&X.replace('0', "f"), None).is_none());
+    }
+
+    /// An index of an older encoding is not misread (it is made again).
+    #[test]
+    fn older_index_versions_are_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IndexStore::open(dir.path()).unwrap();
+        let old = LayerIndex {
+            version: INDEX_VERSION - 1,
+            ..index(None)
+        };
+        store.save(&old).unwrap();
+        assert!(store.load(X, None).is_none());
+        assert!(!store.serves(X, None));
     }
 }

@@ -400,6 +400,8 @@ pub fn index_layer<R: Read>(
                 Ok(LayerIndex {
                     version: INDEX_VERSION,
                     digest: digest.to_string(),
+                    // Read whole; the caller checks the blob's digest.
+                    pin: None,
                     compression,
                     mode: if spans.is_some() {
                         LayerMode::SpanIndex

@@ -1397,7 +1397,7 @@ fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
         .layers
         .iter()
         .map(|l| {
-            let st = all.state(&l.digest);
+            let st = all.state(&crate::rootfs::LayerKey::of(l));
             let mut v = serde_json::json!({
                 "digest": l.digest,
                 "media_type": l.media_type,

@@ -8,6 +8,14 @@
 //!   a fallback. Every chunk is checked against its `chunkDigest` and every
 //!   file against its object id (by the store) before it is kept; a failure
 //!   is EIO and leaves nothing behind.
+//! - **Pinned, not verified**: the blob is never checked against its
+//!   digest in lazy mode, only the TOC against the annotation of the
+//!   manifest that asked. So the index and chunk table made from it belong
+//!   to that pin (format + TOC digest, [`super::LayerKey`]): they are
+//!   persisted with it and serve, from disk or memory, only descriptors
+//!   with the same pin. A descriptor without a pin, or with another, never
+//!   uses them: it reads its own TOC or streams and checks the whole blob,
+//!   and what it made replaces them on disk.
 //! - **Fallback is loud**: a layer that claims a seekable format but whose
 //!   footer or TOC location is unusable (or whose registry ignores Range)
 //!   is streamed instead, with a log line giving the reason; `status`
@@ -34,7 +42,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 
-use super::{LayerPhase, LayerState, Res};
+use super::{LayerKey, LayerPhase, LayerState, Res};
 use crate::cas::{ObjectId, ObjectStore};
 use crate::layer::LayerIndex;
 use crate::layer::seekable::{
@@ -84,6 +92,31 @@ enum Claim {
     },
 }
 
+impl Claim {
+    /// What a TOC read for this claim is checked against, as kept with its
+    /// index: the format and the pinned digest. `None` when nothing pins
+    /// the TOC (the layer is streamed).
+    fn pin(&self) -> Option<String> {
+        match self {
+            Claim::Estargz { toc_digest } => Some(format!("estargz:{toc_digest}")),
+            Claim::ZstdChunked {
+                checksum: Some(c), ..
+            } => Some(format!("zstd:chunked:manifest-checksum:{c}")),
+            Claim::ZstdChunked {
+                toc_digest: Some(t),
+                ..
+            } => Some(format!("zstd:chunked:toc:{t}")),
+            Claim::ZstdChunked { .. } => None,
+        }
+    }
+}
+
+/// The TOC pin of `desc` (see [`super::LayerKey`]): `None` for a layer
+/// that is not seekable or whose TOC nothing pins.
+pub(super) fn pin(desc: &Descriptor) -> Option<String> {
+    claim(desc).and_then(|c| c.pin())
+}
+
 fn claim(desc: &Descriptor) -> Option<Claim> {
     let ann = desc.annotations.as_ref()?;
     let get = |keys: &[&str]| keys.iter().find_map(|k| ann.get(*k).cloned());
@@ -106,19 +139,25 @@ fn claim(desc: &Descriptor) -> Option<Claim> {
     None
 }
 
-/// Drops what a seekable converter adds at the layer root (the eStargz TOC
-/// entry, the prefetch landmarks) from a layer that had to be streamed:
-/// they are not part of the image (`umoci unpack` of the original has
-/// none), and a lazily read layer never shows them either.
-pub(super) fn drop_artifacts(desc: &Descriptor, index: &mut LayerIndex) {
-    if claim(desc).is_none() {
-        return;
-    }
-    index.entries.retain(|e| {
-        !(e.path == estargz::TOC_NAME.as_bytes()
+/// `index` (of a layer read whole) as `desc` shows it: without what a
+/// seekable converter adds at the layer root (the eStargz TOC entry, the
+/// prefetch landmarks) when `desc` claims a seekable format. They are not
+/// part of the image (`umoci unpack` of the original has none), and a
+/// lazily read layer never shows them either. `None` when there is nothing
+/// to drop. The index is saved with them: it is the blob's, and serves
+/// descriptors that claim nothing too.
+pub(super) fn without_artifacts(desc: &Descriptor, index: &LayerIndex) -> Option<LayerIndex> {
+    let artifact = |e: &crate::layer::IndexEntry| {
+        e.path == estargz::TOC_NAME.as_bytes()
             || e.path == seekable::PREFETCH_LANDMARK
-            || e.path == seekable::NO_PREFETCH_LANDMARK)
-    });
+            || e.path == seekable::NO_PREFETCH_LANDMARK
+    };
+    if claim(desc).is_none() || !index.entries.iter().any(artifact) {
+        return None;
+    }
+    let mut shown = index.clone();
+    shown.entries.retain(|e| !artifact(e));
+    Some(shown)
 }
 
 /// Where a fetch goes.
@@ -128,9 +167,21 @@ struct Ctx {
     repo: String,
     digest: String,
     size: u64,
+    /// Which layer (digest and TOC pin) the tables belong to.
+    key: LayerKey,
 }
 
 impl Ctx {
+    fn new(registry: &str, repo: &str, desc: &Descriptor) -> Ctx {
+        Ctx {
+            registry: registry.into(),
+            repo: repo.into(),
+            digest: desc.digest.clone(),
+            size: desc.size,
+            key: LayerKey::of(desc),
+        }
+    }
+
     fn image(&self) -> String {
         format!("{}/{}", self.registry, self.repo)
     }
@@ -187,10 +238,11 @@ struct Inner {
     client: RegistryClient,
     store: Arc<ObjectStore>,
     chunks: ChunkStore,
-    tables: Mutex<HashMap<String, Arc<ChunkTable>>>,
+    /// Chunk tables by layer and TOC pin.
+    tables: Mutex<HashMap<LayerKey, Arc<ChunkTable>>>,
     background: AtomicBool,
     /// Layers whose background fill was started.
-    filling: Mutex<HashSet<String>>,
+    filling: Mutex<HashSet<LayerKey>>,
     /// One layer filled at a time.
     fill_gate: tokio::sync::Semaphore,
     /// On-demand fetches running now (the fill waits while any are).
@@ -233,12 +285,7 @@ impl Lazy {
         let Some(claim) = claim(desc) else {
             return Ok(None);
         };
-        let ctx = Ctx {
-            registry: registry.into(),
-            repo: repo.into(),
-            digest: desc.digest.clone(),
-            size: desc.size,
-        };
+        let ctx = Ctx::new(registry, repo, desc);
         st.progress.bytes_fetched.store(0, Ordering::Relaxed);
         let built = self.read_toc(&ctx, desc, &claim, st).await;
         let (index, table) = match built {
@@ -264,7 +311,7 @@ impl Lazy {
             .tables
             .lock()
             .unwrap()
-            .insert(desc.digest.clone(), table.clone());
+            .insert(ctx.key.clone(), table.clone());
         st.set(LayerPhase::Indexed);
         st.set_mode(index.mode);
         *st.error.lock().unwrap() = None;
@@ -283,12 +330,7 @@ impl Lazy {
         id: ObjectId,
         st: &Arc<LayerState>,
     ) -> Res<()> {
-        let ctx = Ctx {
-            registry: registry.into(),
-            repo: repo.into(),
-            digest: desc.digest.clone(),
-            size: desc.size,
-        };
+        let ctx = Ctx::new(registry, repo, desc);
         if id == seekable::empty_object() {
             let store = self.inner.store.clone();
             return tokio::task::spawn_blocking(move || store.writer()?.finish().map(|_| ()))
@@ -345,12 +387,7 @@ impl Lazy {
     /// Fills the rest of a layer in the background, once per layer.
     fn spawn_fill(&self, ctx: Ctx, table: Arc<ChunkTable>, st: Arc<LayerState>) {
         if !self.inner.background.load(Ordering::Relaxed)
-            || !self
-                .inner
-                .filling
-                .lock()
-                .unwrap()
-                .insert(ctx.digest.clone())
+            || !self.inner.filling.lock().unwrap().insert(ctx.key.clone())
         {
             return;
         }
@@ -411,18 +448,20 @@ impl Lazy {
         });
     }
 
-    /// The chunk table: from memory, from its sidecar, or from the TOC again.
+    /// The chunk table of `desc`'s pin: from memory, from its sidecar, or
+    /// from the TOC again.
     async fn table(
         &self,
         ctx: &Ctx,
         desc: &Descriptor,
         st: &Arc<LayerState>,
     ) -> Res<Arc<ChunkTable>> {
-        if let Some(t) = self.inner.tables.lock().unwrap().get(&ctx.digest) {
+        if let Some(t) = self.inner.tables.lock().unwrap().get(&ctx.key) {
             return Ok(t.clone());
         }
         let (chunks, digest) = (self.inner.chunks.clone(), ctx.digest.clone());
-        let loaded = tokio::task::spawn_blocking(move || chunks.load(&digest))
+        let pin = ctx.key.pin.clone();
+        let loaded = tokio::task::spawn_blocking(move || chunks.load(&digest, pin.as_deref()?))
             .await
             .map_err(joined)?;
         let table = match loaded {
@@ -450,7 +489,7 @@ impl Lazy {
             .tables
             .lock()
             .unwrap()
-            .insert(ctx.digest.clone(), table.clone());
+            .insert(ctx.key.clone(), table.clone());
         Ok(table)
     }
 
@@ -504,6 +543,9 @@ impl Lazy {
             .unwrap_or(0);
         let mut layout = Layout {
             digest: ctx.digest.clone(),
+            // A claim that pins nothing falls back below, before anything
+            // is built.
+            pin: claim.pin().unwrap_or_default(),
             format: Format::Estargz,
             compressed_size: ctx.size,
             uncompressed_size: uncompressed,

@@ -508,6 +508,7 @@ mod tests {
         LayerIndex {
             version: 1,
             digest: "sha256:x".into(),
+            pin: None,
             compression: Compression::None,
             mode: Default::default(),
             compressed_size: 0,

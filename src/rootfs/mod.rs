@@ -24,6 +24,14 @@
 //! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.
+//! - **A TOC pin is not a digest**: a layer is known by its [`LayerKey`],
+//!   its digest plus the TOC pin of its descriptor (`None` for a layer read
+//!   whole). States, single flights, live views and chunk tables are per
+//!   key, so descriptors that disagree on the pin never share a build, an
+//!   early answer or an index made from a TOC. An index made from the
+//!   whole blob, checked against its digest, serves every key of that
+//!   digest; one made from a TOC only its own pin
+//!   ([`crate::layer::LayerIndex::serves`], checked on every load).
 //! - **Memory**: a [`Rootfs`] keeps its merged tree while it is used; one
 //!   unused for `-o tree_idle` leaves memory ([`RootfsCore::unload_if_idle`])
 //!   and is merged again from the persisted layer indexes on its next use,
@@ -55,6 +63,30 @@ use crate::singleflight::Flights;
 use merge::MergedTree;
 
 type Res<T> = Result<T, FsError>;
+
+/// Which layer a descriptor names, as far as trusting an index goes: the
+/// blob digest and the descriptor's TOC pin (format and the TOC digest its
+/// annotation gives; `None` when the layer is not seekable, or its TOC is
+/// pinned by nothing, and is read whole). Two descriptors of one digest
+/// with different pins are different layers until the blob itself was
+/// read and checked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LayerKey {
+    /// The blob digest.
+    pub digest: String,
+    /// The TOC pin.
+    pub pin: Option<String>,
+}
+
+impl LayerKey {
+    /// The key of `desc`.
+    pub fn of(desc: &Descriptor) -> LayerKey {
+        LayerKey {
+            digest: desc.digest.clone(),
+            pin: lazy::pin(desc),
+        }
+    }
+}
 
 /// Where a layer is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,9 +171,9 @@ pub struct Layers {
     client: RegistryClient,
     store: Arc<ObjectStore>,
     indexes: IndexStore,
-    states: Mutex<HashMap<String, Arc<LayerState>>>,
-    flights: Flights<String, Res<Arc<LayerIndex>>>,
-    refetch_flights: Flights<String, Res<()>>,
+    states: Mutex<HashMap<LayerKey, Arc<LayerState>>>,
+    flights: Flights<LayerKey, Res<Arc<LayerIndex>>>,
+    refetch_flights: Flights<(LayerKey, ObjectId), Res<()>>,
     lazy: lazy::Lazy,
     /// Publish streaming layers' entries for early answers (`-o noearly`
     /// turns it off).
@@ -184,7 +216,7 @@ impl Layers {
         image
             .layers
             .iter()
-            .map(|d| self.state(&d.digest).live())
+            .map(|d| self.state(&LayerKey::of(d)).live())
             .collect()
     }
 
@@ -198,13 +230,14 @@ impl Layers {
         &self.store
     }
 
-    /// The state of layer `digest` (created on first ask).
-    pub fn state(&self, digest: &str) -> Arc<LayerState> {
+    /// The state of layer `key` (created on first ask, `Indexed` if an
+    /// index it may use is on disk).
+    pub fn state(&self, key: &LayerKey) -> Arc<LayerState> {
         let mut m = self.states.lock().unwrap();
-        m.entry(digest.to_string())
+        m.entry(key.clone())
             .or_insert_with(|| {
                 let s = LayerState::default();
-                if let Some(i) = self.indexes.load(digest) {
+                if let Some(i) = self.indexes.load(&key.digest, key.pin.as_deref()) {
                     // A lazy layer was fetched only in part; counting starts again.
                     let fetched = if i.mode.is_lazy() {
                         0
@@ -226,44 +259,56 @@ impl Layers {
             .clone()
     }
 
-    /// The index of layer `desc`: from memory, from disk, or by streaming it.
+    /// The index of layer `desc`: from memory, from disk, or by reading
+    /// it (its TOC, or the whole blob). Only an index `desc`'s key may use
+    /// (see the module's contracts); one it may not is replaced.
     pub async fn index(
         &self,
         registry: &str,
         repo: &str,
         desc: &Descriptor,
     ) -> Res<Arc<LayerIndex>> {
-        let st = self.state(&desc.digest);
+        let key = LayerKey::of(desc);
+        let st = self.state(&key);
         if let Some(i) = st.index.lock().unwrap().upgrade() {
             return Ok(i);
         }
         self.flights
-            .run(desc.digest.clone(), || async {
+            .run(key.clone(), || async {
                 if let Some(i) = st.index.lock().unwrap().upgrade() {
                     return Ok(i);
                 }
                 if st.phase() == LayerPhase::Indexed {
-                    let (indexes, digest) = (self.indexes.clone(), desc.digest.clone());
-                    let loaded = tokio::task::spawn_blocking(move || indexes.load(&digest))
-                        .await
-                        .ok()
-                        .flatten();
+                    let indexes = self.indexes.clone();
+                    let (digest, pin) = (key.digest.clone(), key.pin.clone());
+                    let loaded =
+                        tokio::task::spawn_blocking(move || indexes.load(&digest, pin.as_deref()))
+                            .await
+                            .ok()
+                            .flatten();
                     if let Some(i) = loaded {
-                        let i = Arc::new(i);
+                        st.set_mode(i.mode);
+                        let i = Arc::new(lazy::without_artifacts(desc, &i).unwrap_or(i));
                         *st.index.lock().unwrap() = Arc::downgrade(&i);
                         return Ok(i);
                     }
                 }
-                let idx = match self.lazy.index(registry, repo, desc, &st).await? {
-                    Some(i) => Arc::new(i),
+                let (saved, idx) = match self.lazy.index(registry, repo, desc, &st).await? {
+                    Some(i) => {
+                        let i = Arc::new(i);
+                        (i.clone(), i)
+                    }
                     None => {
-                        let mut i = self.stream(registry, repo, desc, &st).await?;
-                        lazy::drop_artifacts(desc, &mut i);
-                        Arc::new(i)
+                        // Saved as the blob is (the truth for its digest,
+                        // whoever asks next); shown as `desc` means it.
+                        let i = self.stream(registry, repo, desc, &st).await?;
+                        let shown = lazy::without_artifacts(desc, &i).map(Arc::new);
+                        let i = Arc::new(i);
+                        (i.clone(), shown.unwrap_or(i))
                     }
                 };
                 st.set_mode(idx.mode);
-                self.persist(desc, &st, idx.clone()).await;
+                self.persist(desc, &st, saved).await;
                 *st.index.lock().unwrap() = Arc::downgrade(&idx);
                 Ok(idx)
             })
@@ -296,9 +341,8 @@ impl Layers {
         desc: &Descriptor,
         id: ObjectId,
     ) -> Res<()> {
-        let key = format!("{}:{}", desc.digest, crate::cas::object_hex(&id));
         self.refetch_flights
-            .run(key, || async {
+            .run((LayerKey::of(desc), id), || async {
                 self.refetch_inner(registry, repo, desc, id).await
             })
             .await
@@ -311,19 +355,25 @@ impl Layers {
         desc: &Descriptor,
         id: ObjectId,
     ) -> Res<()> {
-        let st = self.state(&desc.digest);
+        let key = LayerKey::of(desc);
+        let st = self.state(&key);
         if st.mode().is_lazy() {
             return self.lazy.fetch(registry, repo, desc, id, &st).await;
         }
         let compression = layer_compression(registry, repo, desc)?;
-        let (indexes, digest) = (self.indexes.clone(), desc.digest.clone());
-        let index = tokio::task::spawn_blocking(move || indexes.load(&digest))
+        let indexes = self.indexes.clone();
+        let (digest, pin) = (key.digest.clone(), key.pin.clone());
+        let index = tokio::task::spawn_blocking(move || indexes.load(&digest, pin.as_deref()))
             .await
             .ok()
             .flatten();
+        // Made from the TOC this descriptor pins (by another daemon on the
+        // cache, say): its files are fetched by their chunks.
+        if index.as_ref().is_some_and(|i| i.mode.is_lazy()) {
+            return self.lazy.fetch(registry, repo, desc, id, &st).await;
+        }
         let Some(index) = index else {
-            tracing::info!(layer = %desc.digest, "no index on disk; reading the layer again");
-            let st = self.state(&desc.digest);
+            tracing::info!(layer = %desc.digest, "no index on disk this layer may use; reading the layer again");
             let idx = self.stream(registry, repo, desc, &st).await?;
             self.persist(desc, &st, Arc::new(idx)).await;
             return Ok(());
@@ -385,10 +435,7 @@ impl Layers {
         .await
         .map_err(lost)?;
         let (_, n, net_error) = feeder.await.map_err(lost)?;
-        self.state(&desc.digest)
-            .progress
-            .bytes_refetched
-            .fetch_add(n, Ordering::Relaxed);
+        st.progress.bytes_refetched.fetch_add(n, Ordering::Relaxed);
         match found {
             Ok(1) => Ok(()),
             Ok(_) => Err(match net_error {
@@ -453,11 +500,16 @@ impl Layers {
             Err(e) => {
                 *st.live.lock().unwrap() = None;
                 self.changed.notify_waiters();
-                st.set(if self.indexes.exists(&desc.digest) {
-                    LayerPhase::Indexed
-                } else {
-                    LayerPhase::Failed
-                });
+                st.set(
+                    if self
+                        .indexes
+                        .serves(&desc.digest, lazy::pin(desc).as_deref())
+                    {
+                        LayerPhase::Indexed
+                    } else {
+                        LayerPhase::Failed
+                    },
+                );
                 *st.error.lock().unwrap() = Some(e.to_string());
                 tracing::error!(layer = %desc.digest, image = %format!("{registry}/{repo}"), error = %e, "layer failed; nothing of it was kept");
             }
@@ -1029,8 +1081,9 @@ impl RootfsCore {
             return None;
         }
         if !self.image.layers.iter().all(|d| {
-            layers.state(&d.digest).phase() == LayerPhase::Indexed
-                && layers.indexes.exists(&d.digest)
+            let key = LayerKey::of(d);
+            layers.state(&key).phase() == LayerPhase::Indexed
+                && layers.indexes.serves(&key.digest, key.pin.as_deref())
         }) {
             return None;
         }
@@ -1133,7 +1186,7 @@ impl RootfsCore {
     /// Forgets the live views of the image's layers ([`early`]).
     fn drop_live_views(&self, layers: &Layers) {
         for d in &self.image.layers {
-            *layers.state(&d.digest).live.lock().unwrap() = None;
+            *layers.state(&LayerKey::of(d)).live.lock().unwrap() = None;
         }
     }
 }

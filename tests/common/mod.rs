@@ -1838,6 +1838,13 @@ pub enum FaultReply {
     },
     /// Read the request and cut the connection without answering.
     Close,
+    /// A blob served as a registry serves it: 206 with the part a `Range:
+    /// bytes=A-B` (or `A-`) header asks for, else 200 with all of `body`.
+    /// For a registry whose bytes lie, Range requests included.
+    Ranged {
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// Answer 200 with `body`'s full Content-Length, send its first
     /// `first` bytes, then cut the connection: a network failure mid-blob.
     Cut {
@@ -1862,9 +1869,20 @@ impl FaultReply {
             body,
         }
     }
-    /// Adds a header to a `Respond`.
+    /// A blob that honours Range ([`FaultReply::Ranged`]).
+    pub fn ranged(content_type: &str, body: Vec<u8>) -> FaultReply {
+        FaultReply::Ranged {
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body,
+        }
+    }
+    /// Adds a header to a `Respond` or `Ranged`.
     pub fn with_header(self, k: &str, v: &str) -> FaultReply {
         match self {
+            FaultReply::Ranged { mut headers, body } => {
+                headers.push((k.to_string(), v.to_string()));
+                FaultReply::Ranged { headers, body }
+            }
             FaultReply::Respond {
                 status,
                 mut headers,
@@ -2014,8 +2032,12 @@ fn serve_conn(
         let target = first.next().unwrap_or_default().to_string();
         let mut content_length = 0usize;
         let mut close = false;
+        let mut range = None;
         for l in lines {
             if let Some((k, v)) = l.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("range") {
+                    range = Some(v.trim().to_string());
+                }
                 if k.trim().eq_ignore_ascii_case("content-length") {
                     content_length = v.trim().parse().unwrap_or(0);
                 }
@@ -2077,6 +2099,36 @@ fn serve_conn(
                 return;
             }
             FaultReply::Default => unreachable!(),
+            FaultReply::Ranged { mut headers, body } => {
+                let total = body.len();
+                let part = range
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split_once('-'))
+                    .and_then(|(a, b)| {
+                        let a: usize = a.parse().ok()?;
+                        let b: usize = if b.is_empty() {
+                            total.checked_sub(1)?
+                        } else {
+                            b.parse::<usize>().ok()?.min(total.checked_sub(1)?)
+                        };
+                        (a <= b).then_some((a, b))
+                    });
+                let (status, body) = match part {
+                    Some((a, b)) => {
+                        headers.push(("Content-Range".into(), format!("bytes {a}-{b}/{total}")));
+                        (206, body[a..=b].to_vec())
+                    }
+                    None => (200, body),
+                };
+                let mut bytes = response_head(status, &headers, body.len(), close).into_bytes();
+                if method != "HEAD" {
+                    bytes.extend_from_slice(&body);
+                }
+                if stream.write_all(&bytes).is_err() || close {
+                    return;
+                }
+            }
             FaultReply::Respond {
                 status,
                 headers,

@@ -15,6 +15,10 @@
 //!   normalised, whiteouts kept as `.wh.` files for the merge); landmark
 //!   files (`.prefetch.landmark`, `.no.prefetch.landmark`) are not part of
 //!   the image and are dropped.
+//! - **Pinned**: an index and chunk table made from a TOC carry the pin it
+//!   was checked against ([`Layout::pin`]); they serve only descriptors
+//!   with that pin, never every descriptor of the blob digest (the blob
+//!   itself is never checked in lazy mode; see [`crate::layer`]).
 //!
 //! ```text
 //! <cache-dir>/layers/<64 hex>.chunks   postcard ChunkTable (sidecar of the .idx)
@@ -34,7 +38,7 @@ use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex, Layer
 use crate::cas::{ObjectId, Sha256};
 
 /// Bump when the sidecar encoding changes; older tables are re-made.
-pub const CHUNK_TABLE_VERSION: u32 = 1;
+pub const CHUNK_TABLE_VERSION: u32 = 2;
 /// Largest uncompressed chunk accepted (estargz uses 4 MiB).
 pub const MAX_CHUNK: u64 = 64 << 20;
 /// Largest compressed span of one chunk accepted.
@@ -147,6 +151,8 @@ pub struct ChunkTable {
     pub version: u32,
     /// The layer's digest.
     pub digest: String,
+    /// The TOC pin it was checked against ([`Layout::pin`]).
+    pub pin: String,
     /// Its format.
     pub format: Format,
     /// Files with content, one per object.
@@ -181,11 +187,16 @@ impl ChunkStore {
             .join(format!("{}.chunks", digest.trim_start_matches("sha256:")))
     }
 
-    /// The table of layer `digest`, if present and current.
-    pub fn load(&self, digest: &str) -> Option<ChunkTable> {
+    /// The table of layer `digest`, if present, current and made from the
+    /// TOC that `pin` names (a table made from another descriptor's TOC is
+    /// none of this one's business).
+    pub fn load(&self, digest: &str, pin: &str) -> Option<ChunkTable> {
         let data = std::fs::read(self.path(digest)).ok()?;
+        if postcard::take_from_bytes::<u32>(&data).ok()?.0 != CHUNK_TABLE_VERSION {
+            return None;
+        }
         match postcard::from_bytes::<ChunkTable>(&data) {
-            Ok(t) if t.version == CHUNK_TABLE_VERSION && t.digest == digest => Some(t),
+            Ok(t) if t.digest == digest && t.pin == pin => Some(t),
             _ => None,
         }
     }
@@ -282,6 +293,9 @@ pub fn empty_object() -> ObjectId {
 pub struct Layout {
     /// The layer digest.
     pub digest: String,
+    /// What the TOC was checked against: its format and the digest the
+    /// descriptor's annotation pins (kept in the index and the table).
+    pub pin: String,
     /// Its format.
     pub format: Format,
     /// Compressed size of the blob.
@@ -499,6 +513,7 @@ pub fn build(toc: Toc, layout: &Layout) -> Result<(LayerIndex, ChunkTable), Seek
     let index = LayerIndex {
         version: INDEX_VERSION,
         digest: layout.digest.clone(),
+        pin: Some(layout.pin.clone()),
         compression: match layout.format {
             Format::Estargz => Compression::Gzip,
             Format::ZstdChunked => Compression::Zstd,
@@ -512,6 +527,7 @@ pub fn build(toc: Toc, layout: &Layout) -> Result<(LayerIndex, ChunkTable), Seek
     let table = ChunkTable {
         version: CHUNK_TABLE_VERSION,
         digest: layout.digest.clone(),
+        pin: layout.pin.clone(),
         format: layout.format,
         files,
         prefetch_end,
@@ -619,6 +635,7 @@ mod tests {
     fn layout() -> Layout {
         Layout {
             digest: "sha256:layer".into(),
+            pin: "estargz:sha256:toc".into(),
             format: Format::Estargz,
             compressed_size: 10_000,
             uncompressed_size: 0,
@@ -629,6 +646,22 @@ mod tests {
     fn build_json(entries: &str) -> Result<(LayerIndex, ChunkTable), SeekError> {
         let toc = parse_toc(format!(r#"{{"version":1,"entries":[{entries}]}}"#).as_bytes())?;
         build(toc, &layout())
+    }
+
+    /// Index and table keep the pin they were made with; a saved table is
+    /// loaded only for that pin.
+    #[test]
+    fn tables_keep_their_pin() {
+        let (idx, t) = build_json(r#"{"name":"etc/","type":"dir"}"#).unwrap();
+        assert_eq!(idx.pin.as_deref(), Some("estargz:sha256:toc"));
+        assert!(idx.serves(Some("estargz:sha256:toc")));
+        assert!(!idx.serves(None) && !idx.serves(Some("estargz:sha256:other")));
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::new(dir.path());
+        store.save(&t).unwrap();
+        assert!(store.load("sha256:layer", "estargz:sha256:toc").is_some());
+        assert!(store.load("sha256:layer", "estargz:sha256:other").is_none());
+        assert!(store.load("sha256:other", "estargz:sha256:toc").is_none());
     }
 
     #[test]
