@@ -1203,6 +1203,46 @@ fn malformed_manifest_is_eio_and_daemon_survives() {
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 
+/// A config whose descriptor understates its size: `stat` shows the
+/// descriptor's size and the kernel reads no further, so serving it would
+/// cut the JSON. EIO with a log line instead.
+#[test]
+fn config_longer_than_its_descriptor_says_is_eio() {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cdigest = sha256_digest(config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cdigest}","size":{}}},"layers":[]}}"#,
+        config.len() - 10
+    );
+    let mdigest = sha256_digest(manifest.as_bytes());
+    let (real, fault, mut m, _work) = fault_fixture(move |_, target| {
+        let (path, _) = split_target(target);
+        if path == "/v2/cfgsize/tags/list" {
+            FaultReply::json(200, r#"{"name":"cfgsize","tags":["t1"]}"#)
+        } else if path.starts_with("/v2/cfgsize/manifests/") {
+            FaultReply::bytes(200, OCI_MANIFEST, manifest.clone().into_bytes())
+                .with_header("Docker-Content-Digest", &mdigest)
+        } else if path == format!("/v2/cfgsize/blobs/{cdigest}") {
+            FaultReply::bytes(200, "application/octet-stream", config.to_vec())
+        } else {
+            FaultReply::Default
+        }
+    });
+    let tag = m.join(format!("{}/cfgsize/t1", fault.host()));
+    assert_eq!(
+        stat(tag.join("config.json")).unwrap().len(),
+        config.len() as u64 - 10
+    );
+    assert_errno(read(tag.join("config.json")), EIO, "config of another size");
+    assert!(
+        m.log().contains("its descriptor says"),
+        "no log line: {}",
+        m.log()
+    );
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
 #[test]
 fn manifest_not_matching_its_digest_is_eio() {
     require_env();
@@ -1266,6 +1306,35 @@ fn null_tag_list_is_an_empty_directory() {
     let listed = list(m.join(format!("{}/nulltags", fault.host())))
         .expect("ls a repository with tags: null");
     assert!(listed.is_empty(), "tags: null lists {listed:?}");
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
+/// A tag list with names no path can have (`a/b`, empty, over 255 bytes)
+/// lists the valid tags; without the filter the kernel failed the whole
+/// listing with EIO.
+#[test]
+fn invalid_tag_names_are_left_out_of_the_listing() {
+    let (real, fault, mut m, _work) = fault_fixture(|_, target| {
+        if split_target(target).0 == "/v2/oddtags/tags/list" {
+            let long = "x".repeat(300);
+            FaultReply::json(
+                200,
+                &serde_json::json!({"name": "oddtags", "tags": ["v1", "a/b", "", long, "..", "v2"]})
+                    .to_string(),
+            )
+        } else {
+            FaultReply::Default
+        }
+    });
+    let mut listed = list(m.join(format!("{}/oddtags", fault.host())))
+        .expect("ls a repository whose tag list has invalid names");
+    listed.sort();
+    assert_eq!(listed, ["v1", "v2"]);
+    assert!(
+        m.log().contains("invalid names"),
+        "no log line: {}",
+        m.log()
+    );
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 

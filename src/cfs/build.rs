@@ -99,21 +99,41 @@ struct Builder<'a> {
 /// Deeper than any path the kernel accepts (PATH_MAX / 2).
 const MAX_DEPTH: usize = 2048;
 
+/// Longest name (of a file or an xattr) Linux and EROFS take.
+const NAME_MAX: usize = 255;
+/// Longest xattr value EROFS stores (its length field is 16 bits).
+const XATTR_VALUE_MAX: usize = u16::MAX as usize;
+/// Largest device numbers a Linux `dev_t` (and EROFS) holds.
+const MAJOR_MAX: u32 = 0xfff;
+const MINOR_MAX: u32 = 0xf_ffff;
+
 impl Builder<'_> {
-    fn stat(&self, i: u32, n: &FNode) -> Stat {
-        Stat {
+    /// The EROFS inode attributes of node `i`. What EROFS cannot hold (the
+    /// writer would truncate it, or panic) is refused, never written.
+    fn stat(&self, i: u32, n: &FNode) -> Result<Stat, CfsError> {
+        let xattrs = self.tree.xattrs(i);
+        if let Some((k, v)) = xattrs
+            .iter()
+            .find(|(k, v)| k.len() > NAME_MAX || v.len() > XATTR_VALUE_MAX)
+        {
+            return Err(CfsError::Build(format!(
+                "node {i} has an xattr EROFS cannot hold ({} byte name {:?}, {} byte value)",
+                k.len(),
+                String::from_utf8_lossy(&k[..k.len().min(64)]),
+                v.len()
+            )));
+        }
+        Ok(Stat {
             st_mode: n.mode & 0o7777,
             st_uid: n.uid,
             st_gid: n.gid,
             st_mtim_sec: n.mtime,
             st_mtim_nsec: n.mtime_nsec,
-            xattrs: self
-                .tree
-                .xattrs(i)
+            xattrs: xattrs
                 .iter()
                 .map(|(k, v)| (Box::<OsStr>::from(OsStr::from_bytes(k)), v.clone()))
                 .collect(),
-        }
+        })
     }
 
     fn dir(
@@ -125,9 +145,16 @@ impl Builder<'_> {
         if depth > MAX_DEPTH {
             return Err(CfsError::Build("directories nested too deep".into()));
         }
-        let mut d = Directory::new(self.stat(i, n));
+        let mut d = Directory::new(self.stat(i, n)?);
         let tree = self.tree;
         for (name, c) in tree.children(i) {
+            if name.len() > NAME_MAX {
+                return Err(CfsError::Build(format!(
+                    "a name of {} bytes (at most {NAME_MAX}): {:?}…",
+                    name.len(),
+                    String::from_utf8_lossy(&name[..64])
+                )));
+            }
             let cn = tree
                 .node(c)
                 .ok_or_else(|| CfsError::Build(format!("dangling node {c}")))?;
@@ -144,6 +171,14 @@ impl Builder<'_> {
     fn leaf(&mut self, i: u32, n: &FNode) -> Result<LeafId, CfsError> {
         if let Some(&id) = self.leaf_of.get(&i) {
             return Ok(id);
+        }
+        if matches!(n.kind, EntryKind::CharDev | EntryKind::BlockDev)
+            && (n.major > MAJOR_MAX || n.minor > MINOR_MAX)
+        {
+            return Err(CfsError::Build(format!(
+                "node {i} is device {}:{}, beyond what Linux numbers",
+                n.major, n.minor
+            )));
         }
         let dev = || libc::makedev(n.major, n.minor);
         let content: LeafContent<Sha256HashValue> = match n.kind {
@@ -200,10 +235,64 @@ impl Builder<'_> {
         };
         let id = LeafId(self.leaves.len());
         self.leaves.push(generic_tree::Leaf {
-            stat: self.stat(i, n),
+            stat: self.stat(i, n)?,
             content,
         });
         self.leaf_of.insert(i, id);
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Compression, IndexEntry, LayerIndex};
+
+    fn image_of(entries: Vec<IndexEntry>) -> Result<Vec<u8>, CfsError> {
+        let layer = LayerIndex {
+            version: 1,
+            digest: "sha256:x".into(),
+            pin: None,
+            compression: Compression::None,
+            mode: Default::default(),
+            compressed_size: 0,
+            uncompressed_size: 0,
+            entries,
+            spans: None,
+        };
+        let tree = MergedTree::build(&[&layer]).unwrap();
+        build_image(&tree, &HashMap::new(), &Verity::Off)
+    }
+
+    fn dir(path: &str) -> IndexEntry {
+        IndexEntry {
+            mode: 0o755,
+            ..IndexEntry::new(path, EntryKind::Dir)
+        }
+    }
+
+    #[test]
+    fn what_erofs_cannot_hold_is_refused_not_truncated() {
+        assert!(image_of(vec![dir("a")]).is_ok());
+        let with_xattr = |k: Vec<u8>, v: Vec<u8>| IndexEntry {
+            xattrs: vec![(k, v)],
+            ..dir("a")
+        };
+        assert!(image_of(vec![with_xattr(b"user.k".to_vec(), vec![7; 1000])]).is_ok());
+        let long_value = image_of(vec![with_xattr(b"user.k".to_vec(), vec![7; 70_000])]);
+        assert!(matches!(long_value, Err(CfsError::Build(ref m)) if m.contains("xattr")));
+        let mut long_name = b"user.".to_vec();
+        long_name.extend([b'n'; 300]);
+        assert!(image_of(vec![with_xattr(long_name, b"v".to_vec())]).is_err());
+        assert!(image_of(vec![dir(&"d".repeat(300))]).is_err());
+        let dev = |major, minor| IndexEntry {
+            mode: 0o600,
+            major,
+            minor,
+            ..IndexEntry::new("dev", EntryKind::CharDev)
+        };
+        assert!(image_of(vec![dev(1, 3)]).is_ok());
+        assert!(image_of(vec![dev(5000, 1)]).is_err());
+        assert!(image_of(vec![dev(1, 0x10_0000)]).is_err());
     }
 }

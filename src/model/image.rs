@@ -64,6 +64,10 @@ pub struct Image {
     pub layers: Vec<Descriptor>,
 }
 
+/// The most layers an image may have. Builders stop far below (Docker at
+/// 127, overlayfs stacks at most 500); the merge numbers layers in 16 bits.
+pub const MAX_LAYERS: usize = 4096;
+
 impl Image {
     /// Builds an image from its (verified) platform manifest.
     pub fn new(index: Option<RawManifest>, manifest: RawManifest) -> Result<Image, String> {
@@ -76,6 +80,13 @@ impl Image {
                     manifest.digest, d.digest
                 ));
             }
+        }
+        if body.layers.len() > MAX_LAYERS {
+            return Err(format!(
+                "manifest {} has {} layers (at most {MAX_LAYERS} are served)",
+                manifest.digest,
+                body.layers.len()
+            ));
         }
         let top = index
             .as_ref()
@@ -135,5 +146,44 @@ pub fn select_platform(index: &RawManifest) -> Result<String, String> {
             "index {} has no manifest for linux/{arch}",
             index.digest
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_with_layers(n: usize) -> RawManifest {
+        let d = |i: usize| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{i:064x}","size":1}}"#
+            )
+        };
+        let layers: Vec<String> = (0..n).map(d).collect();
+        let body = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{:064x}","size":1}},"layers":[{}]}}"#,
+            0,
+            layers.join(",")
+        );
+        RawManifest {
+            bytes: body.into(),
+            digest: format!("sha256:{:064x}", 1),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            is_index: false,
+        }
+    }
+
+    #[test]
+    fn a_manifest_with_more_layers_than_served_is_refused() {
+        assert_eq!(
+            Image::new(None, manifest_with_layers(3))
+                .unwrap()
+                .layers
+                .len(),
+            3
+        );
+        assert!(Image::new(None, manifest_with_layers(MAX_LAYERS)).is_ok());
+        let e = Image::new(None, manifest_with_layers(MAX_LAYERS + 1)).unwrap_err();
+        assert!(e.contains("layers"), "{e}");
     }
 }

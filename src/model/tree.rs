@@ -1064,7 +1064,7 @@ impl Tree {
                 repo,
                 digest,
                 kind,
-                ..
+                size,
             } => {
                 let data = match kind {
                     MetaKind::Manifest | MetaKind::Index => {
@@ -1073,6 +1073,19 @@ impl Tree {
                     MetaKind::Config => self.blob_bytes(registry, repo, digest).await?,
                     MetaKind::Digest => Bytes::from(format!("{digest}\n")),
                 };
+                // `stat` showed the descriptor's size, and the kernel reads
+                // no further: a config of another length would be cut.
+                if data.len() as u64 != *size {
+                    let e = FsError::BadImage {
+                        image: format!("{registry}/{repo}"),
+                        reason: format!(
+                            "{digest} has {} bytes, its descriptor says {size}",
+                            data.len()
+                        ),
+                    };
+                    log_error(&e);
+                    return Err(e);
+                }
                 Ok(OpenFile {
                     content: Content::Bytes(data),
                     keep_cache: true,

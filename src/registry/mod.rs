@@ -145,6 +145,18 @@ impl RegistryError {
 /// A blob body arriving from the network.
 pub type BlobBody = futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
 
+/// The names of a list the registry sent that are valid as path names
+/// here: one invalid name (`a/b`, empty, too long) would make the kernel
+/// fail the whole directory listing (`EIO`), so it is left out and named
+/// in the log instead.
+fn valid_names(names: Vec<String>, what: &str, valid: impl Fn(&str) -> bool) -> Vec<String> {
+    let (ok, bad): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| valid(n));
+    if let Some(first) = bad.first() {
+        tracing::warn!(list = what, left_out = bad.len(), first = %first.escape_debug(), "the registry listed invalid names; they are not shown");
+    }
+    ok
+}
+
 /// A manifest or index exactly as served, with its verified digest.
 #[derive(Debug, Clone)]
 pub struct RawManifest {
@@ -313,6 +325,7 @@ impl RegistryClient {
             }
         })
         .await
+        .map(|tags| valid_names(tags, &what, name::is_tag))
     }
 
     /// Every repository `/v2/_catalog` lists (registries that do not serve
@@ -332,6 +345,11 @@ impl RegistryClient {
             }
         })
         .await
+        .map(|repos| {
+            valid_names(repos, "catalog", |r| {
+                r.split('/').all(name::is_repo_component)
+            })
+        })
     }
 
     /// Follows a paginated list (tags, catalog) to its end: `page(last)`
