@@ -107,7 +107,7 @@ fn mount_t_fuse_apt_layer_and_fstab_line_work() {
     std::fs::write(
         &fstab,
         format!(
-            "apt-layer {} fuse.apt-layer {opts2},_netdev,nofail 0 0\n",
+            "apt-layer {} fuse.apt-layer {opts2},_netdev,nofail,nodiratime,comment=apt-layer-test 0 0\n",
             mnt.display()
         ),
     )
@@ -125,6 +125,18 @@ fn mount_t_fuse_apt_layer_and_fstab_line_work() {
         String::from_utf8_lossy(&out.stderr)
     );
     check_served_then_umount(&mnt, &cache2, &host, "helper/img", "v1");
+
+    // `mount -f` does everything but mount: no daemon, nothing mounted
+    let out = Command::new("mount")
+        .args(["-f", "-T"])
+        .arg(&fstab)
+        .arg(&mnt)
+        .env("APT_LAYER_BIN", apt_layer_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount -f: {out:?}");
+    assert!(mount_fstype(&mnt).is_none(), "mount -f mounted");
+    assert!(daemons_for(&cache2).is_empty(), "mount -f started a daemon");
 
     // a bad option fails mount(8) with the reason, and leaves nothing mounted
     let out = Command::new("mount")

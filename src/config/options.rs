@@ -23,6 +23,8 @@ pub struct MountOptions {
     pub insecure_registries: Vec<String>,
     /// Let other users see the mount (`allow_other`).
     pub allow_other: bool,
+    /// Let root see a mount made by another user (`allow_root`).
+    pub allow_root: bool,
     /// Honour setuid bits in rootfs (`suid`, default on; `nosuid` turns off).
     pub suid: bool,
     /// Device nodes in rootfs work (`dev`, default on; `nodev` turns off).
@@ -67,6 +69,7 @@ impl MountOptions {
             registries_conf: None,
             insecure_registries: Vec::new(),
             allow_other: false,
+            allow_root: false,
             suid: true,
             dev: true,
             tag_ttl: Duration::from_secs(30),
@@ -98,6 +101,7 @@ impl MountOptions {
                 "registries_conf" => self.registries_conf = Some(PathBuf::from(need(v)?)),
                 "insecure_registry" => self.insecure_registries.push(need(v)?.to_string()),
                 "allow_other" => self.allow_other = true,
+                "allow_root" => self.allow_root = true,
                 "suid" => self.suid = true,
                 "nosuid" => self.suid = false,
                 "dev" => self.dev = true,
@@ -132,9 +136,20 @@ impl MountOptions {
                 | "atime"
                 | "noatime"
                 | "relatime"
-                | "default_permissions"
-                | "allow_root" => {}
-                x if x.starts_with("x-") || x.starts_with("comment=") => {}
+                | "strictatime"
+                | "nostrictatime"
+                | "lazytime"
+                | "nolazytime"
+                | "diratime"
+                | "nodiratime"
+                | "sync"
+                | "async"
+                | "silent"
+                | "loud"
+                // Always on: the kernel checks modes.
+                | "default_permissions" => {}
+                "comment" => {}
+                x if x.starts_with("x-") => {}
                 other => return Err(format!("unknown mount option {other:?}")),
             }
         }
@@ -211,5 +226,9 @@ mod tests {
         assert_eq!(o.insecure_registries, vec!["a:1", "b:2"]);
         assert_eq!(o.timeout, Duration::from_millis(500));
         assert!(o.apply_o("bogus=1").is_err());
+        let mut o = MountOptions::new("/m".into());
+        o.apply_o("allow_root,nodiratime,lazytime,sync,default_permissions,comment=x")
+            .unwrap();
+        assert!(o.allow_root && !o.allow_other);
     }
 }

@@ -232,31 +232,34 @@ impl Layers {
 
     /// The state of layer `key` (created on first ask, `Indexed` if an
     /// index it may use is on disk).
+    ///
+    /// The index on disk is read without holding the map's lock: a large
+    /// one takes a while to decode, and every layer's state goes through
+    /// that lock. Two first asks may both read it; the first to insert wins.
     pub fn state(&self, key: &LayerKey) -> Arc<LayerState> {
+        if let Some(s) = self.states.lock().unwrap().get(key) {
+            return s.clone();
+        }
+        let s = LayerState::default();
+        if let Some(i) = self.indexes.load(&key.digest, key.pin.as_deref()) {
+            // A lazy layer was fetched only in part; counting starts again.
+            let fetched = if i.mode.is_lazy() {
+                0
+            } else {
+                i.compressed_size
+            };
+            s.progress.bytes_fetched.store(fetched, Ordering::Relaxed);
+            let objects = if i.mode.is_lazy() {
+                0
+            } else {
+                i.entries.iter().filter(|e| e.object.is_some()).count() as u64
+            };
+            s.progress.objects.store(objects, Ordering::Relaxed);
+            s.set(LayerPhase::Indexed);
+            s.set_mode(i.mode);
+        }
         let mut m = self.states.lock().unwrap();
-        m.entry(key.clone())
-            .or_insert_with(|| {
-                let s = LayerState::default();
-                if let Some(i) = self.indexes.load(&key.digest, key.pin.as_deref()) {
-                    // A lazy layer was fetched only in part; counting starts again.
-                    let fetched = if i.mode.is_lazy() {
-                        0
-                    } else {
-                        i.compressed_size
-                    };
-                    s.progress.bytes_fetched.store(fetched, Ordering::Relaxed);
-                    let objects = if i.mode.is_lazy() {
-                        0
-                    } else {
-                        i.entries.iter().filter(|e| e.object.is_some()).count() as u64
-                    };
-                    s.progress.objects.store(objects, Ordering::Relaxed);
-                    s.set(LayerPhase::Indexed);
-                    s.set_mode(i.mode);
-                }
-                Arc::new(s)
-            })
-            .clone()
+        m.entry(key.clone()).or_insert_with(|| Arc::new(s)).clone()
     }
 
     /// The index of layer `desc`: from memory, from disk, or by reading
