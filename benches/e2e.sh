@@ -21,7 +21,7 @@
 #           GNU tar does not read file contents when writing to /dev/null
 #   hot:    each of those walks run again at once, nothing dropped (apt-layer rw vs local disk)
 #   spans:  size of the layer index (tar entries + gzip checkpoints) / uncompressed size, and bytes
-#           fetched per evicted file read again (20 files, cache bound 1 MiB)
+#           fetched per evicted file read again (20 files under 1 MiB, cache bound 1 MiB)
 #   export: `apt-layer export TREE REF` vs `umoci repack` + `skopeo copy` of the same tree, each
 #           into a repository of its own (nothing to skip)
 #   memory: daemon RSS per entry beyond a fixed base: what a 100k-file synthetic image adds to a
@@ -279,11 +279,12 @@ PY
 
     # gzip span index: its size, and what refetching an evicted file costs.
     # The same cache is mounted again with a 1 MiB bound (nearly everything
-    # is evicted); 20 regular files spread over the layer are read.
+    # is evicted); 20 regular files spread over the layer are read, among
+    # those the bound can hold (a larger file is refused: EIO).
     IDX_FRAC+=("$(python3 -c "import glob,os;print(sum(os.path.getsize(f) for f in glob.glob('$work/cache/layers/*.idx'))/$UNCOMP)")")
     "$BIN" mount "$MNT" --cache-dir "$work/cache" --cache-size 1m --insecure-registry "$REG" --registries-conf /dev/null >/dev/null
     PID=$(pgrep -f -n -- " mount $MNT --cache-dir")
-    (cd "$NAT" && find . -type f -size +0 -printf '%P\n' | sort | awk 'NR % 97 == 1' | head -20) > "$work/sample"
+    (cd "$NAT" && find . -type f -size +0 -size -1024k -printf '%P\n' | sort | awk 'NR % 97 == 1' | head -20) > "$work/sample"
     off=$(stat -c %s "$work/registry.log"); n=0
     while read -r f; do cat "$T/$f" > /dev/null; n=$((n + 1)); done < "$work/sample"
     sleep 0.2; REFETCH+=("$(( $(blob_bytes "$off") / (n > 0 ? n : 1) ))")

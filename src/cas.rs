@@ -21,7 +21,14 @@
 //!   meets `ENOSPC` makes room ([`ObjectStore::make_room`]) and retries,
 //!   else fails. Eviction only unlinks, so readers holding an object open
 //!   keep reading it. The most recently used object always stays, even if
-//!   it alone exceeds the bound.
+//!   it alone exceeds the bound (while spills hold part of it).
+//! - **Nothing is evicted for what can never fit**: no object is larger
+//!   than the limit ([`ObjectStore::max_object`]); a writer whose object
+//!   would grow past it fails at once (`FileTooLarge`), before writing or
+//!   evicting anything, and `make_room` refuses a want larger than the
+//!   limit. A spill reserves at most half the limit: a larger one is
+//!   refused (its layer is read in one pass, without a spill), so a size a
+//!   manifest claims can never empty the cache before a byte arrived.
 //! - **Sharing**: a daemon's store ([`ObjectStore::open_shared`]) follows
 //!   the objects other processes store in and evict from the same cache
 //!   ([`crate::objwatch`]): it uses theirs (verified on first open, as any
@@ -293,6 +300,13 @@ impl ObjectStore {
         self.state.lock().unwrap().lru.contains(id)
     }
 
+    /// The largest object the store takes: its limit (`--cache-size`).
+    /// Readers of layers refuse a larger file at its header, before its
+    /// content is read; [`ObjectWriter`] refuses to grow past it.
+    pub fn max_object(&self) -> u64 {
+        self.limit
+    }
+
     /// Starts writing a new object.
     pub fn writer(&self) -> io::Result<ObjectWriter<'_>> {
         Ok(ObjectWriter {
@@ -425,8 +439,12 @@ impl ObjectStore {
     /// caller's `ENOSPC` stands. One call at a time: two writers that fill
     /// the disk together (a spill and the objects stored from it) each get
     /// room, where the second used to find the first had just evicted what
-    /// it meant to, return false, and fail its write.
+    /// it meant to, return false, and fail its write. A want larger than
+    /// the limit can never be met: false at once, nothing evicted.
     pub fn make_room(&self, want: u64) -> bool {
+        if want > self.limit {
+            return false;
+        }
         let _one = self.making_room.lock().unwrap();
         let stored = self.stats().bytes;
         let before = self.evicted.load(Ordering::Relaxed);
@@ -450,16 +468,26 @@ impl ObjectStore {
 
     /// Room for a layer's spill of `bytes` (its compressed bytes, on disk
     /// under `tmp/` while it is read in two passes), counted against the
-    /// bound: objects are evicted to make it. A spill larger than the whole
-    /// bound leaves no room for objects (but the most recently used one, as
-    /// always) while it lives.
-    pub fn reserve_spill(self: &std::sync::Arc<Self>, bytes: u64) -> SpillRoom {
+    /// bound: objects are evicted to make it. `None`, and nothing evicted,
+    /// for a spill larger than [`ObjectStore::max_spill`]: `bytes` is what a
+    /// manifest claims before anything arrived, and emptying the cache for
+    /// it would cost every image; such a layer is read in one pass instead.
+    pub fn reserve_spill(self: &std::sync::Arc<Self>, bytes: u64) -> Option<SpillRoom> {
+        if bytes > self.max_spill() {
+            return None;
+        }
         self.reserved.fetch_add(bytes, Ordering::SeqCst);
         self.evict_to(self.bound());
-        SpillRoom {
+        Some(SpillRoom {
             store: self.clone(),
             bytes,
-        }
+        })
+    }
+
+    /// The largest spill [`ObjectStore::reserve_spill`] makes room for:
+    /// half the limit.
+    pub fn max_spill(&self) -> u64 {
+        self.limit / 2
     }
 
     /// The persistent pins of this cache directory.
@@ -634,8 +662,19 @@ pub struct ObjectWriter<'a> {
 
 impl Write for ObjectWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut file = self.tmp.as_ref().expect("open until finished").as_file();
         let store = self.store;
+        // An object that can never fit fails before it takes disk, or
+        // evicts a byte (see the module contract).
+        if self.size.saturating_add(buf.len() as u64) > store.max_object() {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "an object of more than {} bytes, the cache bound (--cache-size)",
+                    store.max_object()
+                ),
+            ));
+        }
+        let mut file = self.tmp.as_ref().expect("open until finished").as_file();
         let n = when_full(|| store.make_room(buf.len() as u64), || file.write(buf))?;
         self.hasher
             .as_mut()
@@ -883,6 +922,35 @@ mod tests {
             !daemon.path(&own).exists() && daemon.stats().bytes <= 30
         });
         assert!(daemon.contains(&big));
+    }
+
+    /// An object larger than the limit is refused as it grows past it,
+    /// before anything is evicted for it; so is a spill larger than half
+    /// the limit, and a want `make_room` could never meet.
+    #[test]
+    fn what_can_never_fit_evicts_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Arc::new(ObjectStore::open(d.path(), 100).unwrap());
+        let a = put(&s, &[b'a'; 40]);
+        let b = put(&s, &[b'b'; 40]);
+        let mut w = s.writer().unwrap();
+        w.write_all(&[0; 60]).unwrap();
+        let e = w.write_all(&[0; 41]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge, "{e}");
+        assert_eq!(w.len(), 60);
+        drop(w);
+        assert!(!s.make_room(101));
+        assert!(s.reserve_spill(51).is_none());
+        assert!(s.reserve_spill(u64::MAX).is_none());
+        assert!(s.get(&a).is_some() && s.get(&b).is_some());
+        assert_eq!(s.stats().evicted, 0);
+        // Exactly the limit fits (alone).
+        let c = put(&s, &[b'c'; 100]);
+        assert!(s.get(&c).is_some());
+        // Half the limit is reserved, evicting down to the rest.
+        let room = s.reserve_spill(50).expect("half the limit");
+        assert!(s.stats().bytes <= 50 || s.stats().objects == 1);
+        drop(room);
     }
 
     /// After lost events (a queue overflow) the index is made to agree

@@ -4,7 +4,8 @@
 //! access log, chroot into a busybox image, the content-addressed cache
 //! (restart, eviction, sharing, corruption, `cache stats|verify|gc`), the
 //! `status` file, and bad layers (escaping paths, corrupt gzip, bytes that
-//! fail their digest).
+//! fail their digest, files beyond the cache bound, GNU sparse entries, a
+//! layer size a manifest lies about).
 //!
 //! Test images are hand-written tar layers ([`TarEntry`], added with
 //! `umoci raw add-layer`) so that every edge case is exactly what the test
@@ -1705,11 +1706,19 @@ fn cache_verify_names_bad_objects() {
 
 /// A gzip layer is first listed while its compressed bytes go to a spill
 /// file beside the cache; a disk with no room for that must not cost the
-/// image: the layer is read again in one pass, bounded by --cache-size.
+/// image: the layer is read again in one pass.
 #[test]
 fn a_cache_disk_without_room_for_the_spill_still_serves_the_image() {
-    // The 16 MiB spill itself does not fit.
-    tight_disk("tight", "8m", "3m", &[NO_SPILL], &[]);
+    // The 16 MiB spill itself does not fit (the bound could spare it).
+    tight_disk("tight", "8m", "40m", &[NO_SPILL], &[]);
+}
+
+/// A layer larger than half of --cache-size gets no spill: the bound could
+/// not hold it beside the objects, so it is read in one pass, bounded by
+/// --cache-size, and the disk never fills.
+#[test]
+fn a_layer_larger_than_half_the_cache_size_is_read_without_a_spill() {
+    tight_disk("nospill", "8m", "3m", &[SKIP_SPILL], &[NO_SPILL, DISK_FULL]);
 }
 
 /// The spill fits but the disk fills while the contents are stored beside
@@ -1729,11 +1738,13 @@ fn a_cache_disk_smaller_than_the_image_evicts_to_make_room() {
 }
 
 /// The spill counts against --cache-size while it lives: objects make room
-/// for it, so a disk that holds the bound never fills (16 MiB spill beside
-/// at most 8 MiB of objects did not fit 20 MiB when it was not counted).
+/// for it, so a disk that holds the bound never fills (a 16 MiB spill
+/// beside the 8 MiB of another image and the layer's own 16 MiB of objects
+/// did not fit 38 MiB when it was not counted; counted, objects stay under
+/// 34 - 16 MiB).
 #[test]
 fn the_spill_counts_against_the_cache_size() {
-    tight_disk("counted", "20m", "8m", &[], &[NO_SPILL, DISK_FULL]);
+    tight_disk_after_other("counted", "38m", "34m", &[], &[NO_SPILL, DISK_FULL], true);
 }
 
 /// A disk full of another image's objects (a bound larger than the disk):
@@ -1745,6 +1756,8 @@ fn a_disk_full_of_other_images_makes_room_for_the_spill() {
 
 /// The daemon's log line when a layer's spill did not fit the disk.
 const NO_SPILL: &str = "no room for the layer's spill";
+/// The daemon's log line when a layer is too large for a spill.
+const SKIP_SPILL: &str = "layer larger than the cache can spare for its spill";
 /// The daemon's log line when objects were evicted for a full disk.
 const DISK_FULL: &str = "cache disk full";
 
@@ -2140,6 +2153,309 @@ fn layer_bytes_failing_digest_are_eio_and_not_cached() {
         &rootfs(&m, &reg.host(), "good/img", "1"),
         &good,
         "good image after a digest failure",
+    );
+}
+
+/// Waits (≤ 10 s) until one new WARN/ERROR line of the daemon log (after
+/// byte `since`) contains every one of `needles`; panics otherwise.
+fn assert_log_line_with_all(m: &Mount, since: usize, needles: &[&str], what: &str) {
+    let found = wait_until(Duration::from_secs(10), || {
+        let log = m.log();
+        log.get(since..).unwrap_or_default().lines().any(|l| {
+            (l.contains("ERROR") || l.contains("WARN")) && needles.iter().all(|n| l.contains(n))
+        })
+    });
+    assert!(
+        found,
+        "{what}: no WARN/ERROR line in the daemon log naming all of {needles:?}; log since then:\n{}",
+        tail(m.log().get(since..).unwrap_or_default(), 40)
+    );
+}
+
+/// `--cache-size` of the bad-input tests below, and in bytes.
+const SMALL_CACHE: &str = "8m";
+const SMALL_CACHE_BYTES: u64 = 8 << 20;
+
+/// A cache directory `work/<name>` on a tmpfs of 64 MiB: should a bomb get
+/// through, it fills that, not the machine's disk. (Declare it before the
+/// mount on it, so that the mount goes first.)
+fn small_disk(work: &Path, name: &str) -> (PathBuf, Tmpfs) {
+    let dir = work.join(name);
+    let disk = Tmpfs::mount(&dir, "64m");
+    (dir, disk)
+}
+
+/// A mount of `reg` with `--cache-size 8m` (plus `args`) that has read the
+/// good image ([`good_image`]) whole, and that image's objects on disk.
+fn mount_with_good_image_cached(
+    reg: &Registry,
+    good: &Path,
+    cache: &Path,
+    args: &[&str],
+) -> (Mount, BTreeSet<PathBuf>) {
+    let mut all = vec!["--cache-size", SMALL_CACHE];
+    all.extend_from_slice(args);
+    let m = mount_on_cache(reg, cache, &all);
+    assert_trees_equal(
+        &rootfs(&m, &reg.host(), "good/img", "1"),
+        good,
+        "good image",
+    );
+    let objects: BTreeSet<PathBuf> = object_files(cache).into_iter().collect();
+    assert!(objects.len() >= 4, "good image objects: {objects:?}");
+    (m, objects)
+}
+
+/// The good image read first is still whole in the cache: every object it
+/// stored is on disk, and reading it again (after dropping the kernel's
+/// caches) fetches no blob of it.
+fn assert_good_image_untouched(
+    m: &Mount,
+    reg: &Registry,
+    good: &Path,
+    objects: &BTreeSet<PathBuf>,
+    what: &str,
+) {
+    let gone: Vec<&PathBuf> = objects.iter().filter(|p| !p.exists()).collect();
+    assert!(
+        gone.is_empty(),
+        "{what}: objects of the good image evicted: {gone:?}; log:\n{}",
+        tail(&m.log(), 40)
+    );
+    registry_log_barrier(reg);
+    let offset = reg.log_len();
+    drop_caches();
+    assert_trees_equal(
+        &rootfs(m, &reg.host(), "good/img", "1"),
+        good,
+        &format!("{what}: good image read again"),
+    );
+    registry_log_barrier(reg);
+    let fetched: Vec<String> = reg
+        .requests_since(offset)
+        .into_iter()
+        .filter(|r| r.starts_with("GET ") && r.contains("/v2/good/img/blobs/"))
+        .collect();
+    assert!(
+        fetched.is_empty(),
+        "{what}: the good image fetched blobs again: {fetched:?}"
+    );
+    assert!(
+        objects_bytes(m.cache_dir()) <= SMALL_CACHE_BYTES,
+        "{what}: objects take {} bytes, over --cache-size {SMALL_CACHE}",
+        objects_bytes(m.cache_dir())
+    );
+}
+
+/// `ls`, `stat` and `read` of `rootfs/` of `repo:1` answer EIO, each within
+/// 20 s (the layer is refused at the entry's header, not after reading its
+/// content).
+fn assert_eio_promptly(m: &Mount, root: &Path, file: &str, what: &str) {
+    let r = root.to_path_buf();
+    let (res, took) = timed_within(Duration::from_secs(20), &format!("{what}: ls"), move || {
+        list_now(&r)
+    });
+    assert_errno(res, EIO, &format!("{what}: ls rootfs"));
+    assert!(took < Duration::from_secs(10), "{what}: EIO took {took:?}");
+    let p = root.join(file);
+    let res = within(
+        Duration::from_secs(20),
+        &format!("{what}: read"),
+        move || fs::read(&p),
+    );
+    assert_errno(res, EIO, &format!("{what}: read rootfs/{file}"));
+    assert_errno(
+        stat(root.join("etc/ok")),
+        EIO,
+        &format!("{what}: stat rootfs/etc/ok"),
+    );
+    let _ = m;
+}
+
+/// A file larger than the cache bound (a decompression bomb: 64 MiB of
+/// zeros in a gzip or zstd layer of a few KiB, under --cache-size 8m) is
+/// refused at its header: the image answers EIO, a log line names the
+/// layer, the file and its size against the bound, and another image
+/// already cached keeps its objects (read again, it fetches no blob). The
+/// same with `-o noearly` (one pass instead of listing, then storing).
+#[test]
+fn a_file_larger_than_the_cache_bound_is_eio_and_evicts_nothing() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let h = reg.host();
+    let good = good_image(&reg, work.path());
+    const BOMB: usize = 64 << 20;
+    let tar = tar_bytes(&[
+        TarEntry::dir("./"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/ok", "fine\n"),
+        TarEntry::dir("zeros/"),
+        TarEntry::file("zeros/bomb", vec![0u8; BOMB]),
+    ]);
+    let gz = RawLayer::gzip(&tar);
+    let zst = RawLayer {
+        media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+        bytes: zstd::encode_all(&tar[..], 3).unwrap(),
+        diff_id: sha256_digest(&tar),
+    };
+    for l in [&gz, &zst] {
+        assert!(l.bytes.len() < 1 << 20, "{} bytes", l.bytes.len());
+    }
+    push_raw_image(&h, "bomb/gzip", "1", std::slice::from_ref(&gz));
+    push_raw_image(&h, "bomb/zstd", "1", std::slice::from_ref(&zst));
+    for (i, args) in [&[][..], &["-o", "noearly"][..]].into_iter().enumerate() {
+        let (cache, _disk) = small_disk(work.path(), &format!("cache-{i}"));
+        let (mut m, objects) = mount_with_good_image_cached(&reg, &good, &cache, args);
+        for (repo, layer) in [("bomb/gzip", &gz), ("bomb/zstd", &zst)] {
+            let what = format!("{repo} {args:?}");
+            let since = m.log().len();
+            assert_eio_promptly(&m, &rootfs(&m, &h, repo, "1"), "zeros/bomb", &what);
+            assert_log_line_with_all(
+                &m,
+                since,
+                &[
+                    &sha256_hex(&layer.bytes)[..16],
+                    "zeros/bomb",
+                    &BOMB.to_string(),
+                    &SMALL_CACHE_BYTES.to_string(),
+                ],
+                &what,
+            );
+            assert!(m.is_running(), "{what}: daemon died; log:\n{}", m.log());
+            assert_good_image_untouched(&m, &reg, &good, &objects, &what);
+        }
+        m.stop();
+        assert_objects_well_formed(&cache);
+    }
+}
+
+/// A tar of `entries` and then one GNU sparse entry (type `S`) `path` of
+/// real size `real`: `data` (512 bytes) at offset `at`, holes elsewhere.
+fn tar_with_gnu_sparse(entries: &[TarEntry], path: &str, real: u64, at: u64) -> Vec<u8> {
+    let data = [b'x'; 512];
+    let mut t = tar_bytes(entries);
+    t.truncate(t.len() - 1024); // the end-of-archive blocks
+    let mut h = tar::Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(TAR_MTIME);
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_size(data.len() as u64);
+    let g = h.as_gnu_mut().unwrap();
+    g.sparse[0].set_offset(at);
+    g.sparse[0].set_length(data.len() as u64);
+    if at + (data.len() as u64) < real {
+        // An empty last region ends the file in a hole.
+        g.sparse[1].set_offset(real);
+        g.sparse[1].set_length(0);
+    }
+    g.set_real_size(real);
+    h.set_cksum();
+    let mut b = tar::Builder::new(t);
+    b.append(&h, &data[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// GNU sparse entries (type `S`) are refused, as `umoci unpack` (the
+/// oracle) refuses them: the image answers EIO with a log line naming the
+/// file. One that declares a real size of nearly 2^63 (a few hundred bytes
+/// of layer) answers at once, not after reading (or storing) zeros; the
+/// daemon keeps serving, and another image keeps its objects.
+#[test]
+fn gnu_sparse_entries_are_eio_at_once() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let h = reg.host();
+    let good = good_image(&reg, work.path());
+    let base = [
+        TarEntry::dir("./"),
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/ok", "fine\n"),
+        TarEntry::dir("big/"),
+    ];
+    // The oracle: umoci refuses the entry type, whatever its size.
+    let small = tar_with_gnu_sparse(&base, "big/sparse", 3 << 20, 1 << 20);
+    let image = layout_ref(&make_tar_image(work.path(), "sparse", &[]), "sparse");
+    add_tar_layer(&image, &small);
+    let out = Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(work.path().join("bundle-sparse"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("typeflag"),
+        "umoci unpack of a GNU sparse entry: {out:?}"
+    );
+    let huge = tar_with_gnu_sparse(&base, "big/sparse", (1 << 63) - 512, (1 << 63) - 1024);
+    let cases = [
+        ("sparse/huge-gzip", RawLayer::gzip(&huge)),
+        ("sparse/huge-tar", RawLayer::plain(&huge)),
+        ("sparse/small-gzip", RawLayer::gzip(&small)),
+    ];
+    for (repo, l) in &cases {
+        push_raw_image(&h, repo, "1", std::slice::from_ref(l));
+    }
+    let (cache, _disk) = small_disk(work.path(), "cache");
+    let (m, objects) = mount_with_good_image_cached(&reg, &good, &cache, &[]);
+    for (repo, l) in &cases {
+        let since = m.log().len();
+        assert_eio_promptly(&m, &rootfs(&m, &h, repo, "1"), "big/sparse", repo);
+        assert_log_line_with_all(
+            &m,
+            since,
+            &[&sha256_hex(&l.bytes)[..16], "big/sparse", "GNU sparse"],
+            repo,
+        );
+        assert_good_image_untouched(&m, &reg, &good, &objects, repo);
+    }
+}
+
+/// A gzip layer whose descriptor claims a size far beyond the cache bound
+/// (9·10^18 bytes) takes no room in the cache before a byte of it arrived:
+/// no spill is reserved for it (it is read in one pass), so no object of
+/// another image is evicted; its real bytes then fail the size and the
+/// image answers EIO with a log line.
+#[test]
+fn a_huge_layer_size_in_the_manifest_evicts_nothing() {
+    require_env();
+    let work = tempdir();
+    let reg = Registry::start();
+    let h = reg.host();
+    let good = good_image(&reg, work.path());
+    let layer = RawLayer::gzip(&base_layer());
+    let (manifest, _) = push_raw_image(&h, "huge/size", "real", std::slice::from_ref(&layer));
+    let mut m: Value = serde_json::from_slice(&manifest).unwrap();
+    const HUGE: u64 = 9_000_000_000_000_000_000;
+    m["layers"][0]["size"] = HUGE.into();
+    let lying = serde_json::to_vec(&m).unwrap();
+    put_manifest(
+        &h,
+        "huge/size",
+        "1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &lying,
+        None,
+    );
+    let (cache, _disk) = small_disk(work.path(), "cache");
+    let (mnt, objects) = mount_with_good_image_cached(&reg, &good, &cache, &[]);
+    let since = mnt.log().len();
+    let root = rootfs(&mnt, &h, "huge/size", "1");
+    assert_image_is_eio(&mnt, &root, "a layer of a huge declared size");
+    assert_log_line_with_all(
+        &mnt,
+        since,
+        &[&sha256_hex(&layer.bytes)[..16], &HUGE.to_string()],
+        "a layer of a huge declared size",
+    );
+    assert_good_image_untouched(&mnt, &reg, &good, &objects, "huge declared size");
+    // The same layer with its true size is served.
+    assert_eq!(
+        read(rootfs(&mnt, &h, "huge/size", "real").join("etc/ok")).unwrap(),
+        b"fine\n"
     );
 }
 

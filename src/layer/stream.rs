@@ -10,6 +10,16 @@
 //! servers), so reading a layer is a pipeline: this thread decompresses and
 //! parses the tar while a writer thread hashes and stores the contents,
 //! with the feeder hashing the compressed bytes on a third.
+//!
+//! Contract (**bounded entries**): a regular file larger than the cache's
+//! bound ([`ObjectStore::max_object`], `--cache-size`) is refused at its
+//! header, before a byte of its content is read, by every pass (the
+//! listing pass [`scan_layer`] included): [`StreamError::TooLarge`], and
+//! the layer fails. A decompression bomb (gigabytes of zeros compressed to
+//! kilobytes) thus costs neither time nor disk nor the rest of the cache.
+//! GNU sparse entries (type `S`, whose header declares a real size the
+//! layer need not hold) are refused as malformed, as `umoci unpack` (the
+//! oracle), containerd and Docker refuse them.
 
 use std::io::{self, Read, Write};
 
@@ -37,6 +47,19 @@ pub enum StreamError {
     /// Writing to the cache failed.
     #[error("cache write failed: {0}")]
     Local(io::Error),
+    /// A file larger than the cache's bound: it could never be kept, so it
+    /// is refused at its header, before its content is read.
+    #[error(
+        "{path}: a file of {size} bytes, larger than the cache bound of {bound} bytes (--cache-size); refused"
+    )]
+    TooLarge {
+        /// The entry's path in the layer.
+        path: String,
+        /// Its size, as its header says.
+        size: u64,
+        /// The bound.
+        bound: u64,
+    },
 }
 
 /// An error that came from the network side of the channel.
@@ -343,6 +366,7 @@ pub fn index_layer<R: Read>(
         n: counter.clone(),
     };
     let mut entries = Vec::new();
+    let max_file = store.max_object();
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
         let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -371,7 +395,7 @@ pub fn index_layer<R: Read>(
                     tx.send(Msg::End).map_err(|_| stopped())?;
                     Ok(None)
                 };
-                if let Some(e) = read_entry(entry, &mut content, &counter)? {
+                if let Some(e) = read_entry(entry, &mut content, &counter, max_file)? {
                     if let Some(l) = live {
                         l.push(entries.len(), &e);
                     }
@@ -430,12 +454,15 @@ pub fn index_layer<R: Read>(
 /// its entries into `live` as the stream passes them, without storing any
 /// content, and appends the compressed bytes to `spill`, publishing the
 /// gzip checkpoints, so any file the stream has passed can be extracted on
-/// demand. Every byte goes to `spill` before the decoder sees it. Returns
-/// the number of entries.
+/// demand. Every byte goes to `spill` before the decoder sees it. A file
+/// larger than `max_file` (the store's [`ObjectStore::max_object`]) fails
+/// the pass at its header, before its content is read. Returns the number
+/// of entries.
 pub fn scan_layer<R: Read>(
     raw: R,
     spill: &Spill,
     live: &Arc<LiveLayer>,
+    max_file: u64,
 ) -> Result<usize, StreamError> {
     let counter = Arc::new(AtomicU64::new(0));
     let raw = Counting {
@@ -470,7 +497,7 @@ pub fn scan_layer<R: Read>(
             }
             Ok(None)
         };
-        if let Some(e) = read_entry(entry, &mut content, &counter)? {
+        if let Some(e) = read_entry(entry, &mut content, &counter, max_file)? {
             live.push(n, &e);
             n += 1;
         }
@@ -539,7 +566,7 @@ pub fn extract_objects<R: Read>(
                 new = made;
                 Ok(Some(id))
             };
-            let e = read_entry(entry, &mut content, &counter)?;
+            let e = read_entry(entry, &mut content, &counter, store.max_object())?;
             match e.and_then(|e| e.object) {
                 Some(got) if got == *id => found += 1,
                 got => {
@@ -601,6 +628,13 @@ fn store_at(
     let skip = offset.checked_sub(at).ok_or_else(|| {
         StreamError::Malformed(format!("content at {offset} lies before resume point {at}"))
     })?;
+    if size > store.max_object() {
+        return Err(StreamError::TooLarge {
+            path: format!("content at offset {offset}"),
+            size,
+            bound: store.max_object(),
+        });
+    }
     let skipped = io::copy(&mut decoded.take(skip), &mut io::sink()).map_err(classify_read)?;
     if skipped != skip {
         return Err(StreamError::Malformed(
@@ -643,17 +677,28 @@ pub fn extract_gzip_span<R: Read>(
 }
 
 /// Reads one entry's metadata; a regular file's content goes to `content`,
-/// which returns its object id now, or `None` when it is stored later.
+/// which returns its object id now, or `None` when it is stored later. A
+/// file larger than `max_file` is refused before `content` sees it, and a
+/// GNU sparse entry before anything is read (see the module contract).
 fn read_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     content: &mut ContentFn<'_>,
     compressed: &AtomicU64,
+    max_file: u64,
 ) -> Result<Option<IndexEntry>, StreamError> {
     use tar::EntryType as T;
     let bad = |what: &str, e: io::Error| StreamError::Malformed(format!("{what}: {e}"));
     let h = entry.header();
     let kind = match h.entry_type() {
-        T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
+        T::GNUSparse => {
+            let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            return Err(StreamError::Malformed(format!(
+                "{path}: a GNU sparse entry (type 'S', real size {} bytes), which umoci, \
+                 containerd and Docker refuse too",
+                entry.size()
+            )));
+        }
+        T::Regular | T::Continuous => EntryKind::File,
         T::Directory => EntryKind::Dir,
         T::Symlink => EntryKind::Symlink,
         T::Link => EntryKind::Hardlink,
@@ -720,6 +765,13 @@ fn read_entry<R: Read>(
     let mut object = None;
     if kind == EntryKind::File {
         size = entry.size();
+        if size > max_file {
+            return Err(StreamError::TooLarge {
+                path: String::from_utf8_lossy(&path).into_owned(),
+                size,
+                bound: max_file,
+            });
+        }
         object = content(entry)?;
     }
     let compressed_end = compressed.load(Ordering::Relaxed);
@@ -837,6 +889,151 @@ mod tests {
 }
 
 #[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    fn gz(tar: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(tar).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// `etc/ok` (5 bytes), then `path` with `header` (size and type set by
+    /// the caller) and `data`.
+    fn tar_with(path: &str, mut header: tar::Header, data: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(5);
+        b.append_data(&mut h, "etc/ok", &b"fine\n"[..5]).unwrap();
+        header.set_path(path).unwrap();
+        header.set_mode(0o644);
+        header.set_cksum();
+        b.append(&header, data).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// A file of `size` zeros after `etc/ok`.
+    fn zeros(size: usize) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size as u64);
+        tar_with("z/bomb", h, &vec![0; size])
+    }
+
+    /// A regular entry whose header claims `size` bytes the layer does not
+    /// hold (a few follow, then the stream ends).
+    fn claims(size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size);
+        let mut t = tar_with("z/claims", h, &[]);
+        t.truncate(t.len() - 1024);
+        t.extend_from_slice(&[0; 4096]);
+        t
+    }
+
+    /// A GNU sparse entry of real size `real` holding 512 bytes at its end.
+    fn sparse(real: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_size(512);
+        let g = h.as_gnu_mut().unwrap();
+        g.sparse[0].set_offset(real - 512);
+        g.sparse[0].set_length(512);
+        g.set_real_size(real);
+        tar_with("s/sparse", h, &[b'x'; 512])
+    }
+
+    fn index(tar: &[u8], store: &ObjectStore) -> Result<LayerIndex, StreamError> {
+        let gz = gz(tar);
+        let p = Progress::default();
+        index_layer(
+            &gz[..],
+            "sha256:x",
+            Compression::Gzip,
+            gz.len() as u64,
+            store,
+            &p,
+            None,
+        )
+    }
+
+    fn scan(tar: &[u8], store: &ObjectStore) -> Result<usize, StreamError> {
+        let spill = Spill::new(store.spill_file().unwrap());
+        let live = Arc::new(LiveLayer::default());
+        scan_layer(&gz(tar)[..], &spill, &live, store.max_object())
+    }
+
+    /// A file larger than the store's bound fails both passes with
+    /// `TooLarge` naming it, and the storing pass leaves nothing behind;
+    /// one of exactly the bound is stored.
+    #[test]
+    fn a_file_larger_than_the_bound_is_refused_by_both_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        for r in [
+            index(&zeros((1 << 20) + 1), &store).map(|_| 0),
+            scan(&zeros((1 << 20) + 1), &store),
+        ] {
+            match r {
+                Err(StreamError::TooLarge { path, size, bound }) => {
+                    assert_eq!(
+                        (path.as_str(), size, bound),
+                        ("z/bomb", (1 << 20) + 1, 1 << 20)
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(store.stats().objects, 0, "etc/ok stayed");
+        let idx = index(&zeros(1 << 20), &store).unwrap();
+        assert_eq!(idx.entries[1].size, 1 << 20);
+        assert!(scan(&zeros(1 << 20), &store).is_ok());
+    }
+
+    /// The size is checked at the header, before the content is read: an
+    /// entry claiming 2^62 bytes the layer does not hold is `TooLarge`,
+    /// not a stream that ended inside it.
+    #[test]
+    fn the_bound_is_checked_before_the_content_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(matches!(
+            index(&claims(1 << 62), &store),
+            Err(StreamError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            scan(&claims(1 << 62), &store),
+            Err(StreamError::TooLarge { .. })
+        ));
+    }
+
+    /// A GNU sparse entry is malformed whatever its size, and one of a real
+    /// size near 2^63 fails at once (its zeros are never read), even
+    /// with no bound at all.
+    #[test]
+    fn gnu_sparse_entries_are_refused_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path(), u64::MAX).unwrap();
+        for real in [4096, (1 << 63) - 512] {
+            let t = std::time::Instant::now();
+            for r in [
+                index(&sparse(real), &store).map(|_| 0),
+                scan(&sparse(real), &store),
+            ] {
+                match r {
+                    Err(StreamError::Malformed(m)) => {
+                        assert!(m.contains("s/sparse") && m.contains("GNU sparse"), "{m}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+        }
+        assert_eq!(store.stats().objects, 0);
+    }
+}
+
+#[cfg(test)]
 mod spill_tests {
     use super::*;
     use crate::rootfs::early::LiveLayer;
@@ -881,7 +1078,7 @@ mod spill_tests {
         let spill = Spill::new(store.spill_file().unwrap());
         let live = Arc::new(LiveLayer::default());
         live.spill(spill.file().clone());
-        let n = scan_layer(&gz[..], &spill, &live).unwrap();
+        let n = scan_layer(&gz[..], &spill, &live, u64::MAX).unwrap();
         assert_eq!(n, files.len());
         assert_eq!(store.stats().objects, 0, "the first pass stores nothing");
         let mut resumed = 0;
@@ -904,7 +1101,7 @@ mod spill_tests {
         let spill = Spill::new(store.spill_file().unwrap());
         let live = Arc::new(LiveLayer::default());
         assert!(matches!(
-            scan_layer(cut, &spill, &live),
+            scan_layer(cut, &spill, &live, u64::MAX),
             Err(StreamError::Malformed(_))
         ));
         assert_eq!(spill.file().metadata().unwrap().len(), cut.len() as u64);
@@ -933,7 +1130,7 @@ mod perf {
         let spill = crate::layer::spill::Spill::new(store.spill_file().unwrap());
         let live = Arc::new(LiveLayer::default());
         let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path).unwrap());
-        let n = scan_layer(f, &spill, &live).unwrap();
+        let n = scan_layer(f, &spill, &live, u64::MAX).unwrap();
         eprintln!("listed {n} entries in {:?}", t.elapsed());
         let t = std::time::Instant::now();
         let mut dec = flate2::read::MultiGzDecoder::new(std::fs::File::open(&path).unwrap());

@@ -7,7 +7,9 @@
 //!   the manifest pins; a mismatch is an error for the image (EIO), never
 //!   a fallback. Every chunk is checked against its `chunkDigest` and every
 //!   file against its object id (by the store) before it is kept; a failure
-//!   is EIO and leaves nothing behind.
+//!   is EIO and leaves nothing behind. A file the TOC says is larger than
+//!   the cache's bound is refused (EIO, log line) before any of it is
+//!   fetched, and never fetched alongside another.
 //! - **Pinned, not verified**: the blob is never checked against its
 //!   digest in lazy mode, only the TOC against the annotation of the
 //!   manifest that asked. So the index and chunk table made from it belong
@@ -752,6 +754,23 @@ impl Lazy {
         };
         files.sort_by_key(|&f| first(f));
         files.dedup();
+        // A file larger than the cache's bound could never be kept: it is
+        // refused before any of it is fetched, written or evicted for.
+        let max = store.max_object();
+        if let Some(f) = must.filter(|&f| table.files[f].size > max) {
+            let e = FsError::BadImage {
+                image: ctx.image(),
+                reason: format!(
+                    "layer {}: object {}: a file of {} bytes, larger than the cache bound of {max} bytes (--cache-size); refused",
+                    ctx.digest,
+                    crate::cas::object_hex(&table.files[f].object),
+                    table.files[f].size
+                ),
+            };
+            tracing::error!(layer = %ctx.digest, error = %e, "file refused");
+            return Err(e);
+        }
+        files.retain(|&f| table.files[f].size <= max);
         let items: Vec<(usize, usize)> = files
             .iter()
             .flat_map(|&f| (0..table.files[f].chunks.len()).map(move |c| (f, c)))

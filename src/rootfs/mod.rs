@@ -21,6 +21,14 @@
 //!   (`Layers::stream_spilled`): a listing pass that settles every name,
 //!   and a storing pass that follows it; on-demand extraction serves files
 //!   in between.
+//! - **Bounded by the cache, not by what a layer claims**: a file larger
+//!   than `--cache-size` fails its layer at the file's header, before its
+//!   content is read ([`crate::layer::stream`]; the image answers `EIO`,
+//!   with a log line naming the layer, the file and its size against the
+//!   bound) and evicts nothing. A descriptor's size is a claim until the
+//!   blob's bytes match it: a gzip layer claiming more than half the bound
+//!   gets no spill (no room is made for it) and is read in one pass; its
+//!   real bytes are then checked against its size and digest as always.
 //! - **Lazy layers** (eStargz, zstd:chunked; [`lazy`]): the index is made
 //!   from the verified TOC and persisted at once; file contents arrive per
 //!   file on first open (the same refetch path), single-flighted per object.
@@ -530,9 +538,20 @@ impl Layers {
         live: Option<Arc<early::LiveLayer>>,
     ) -> Res<LayerIndex> {
         let size = desc.size;
-        if let (Compression::Gzip, Some(live)) = (compression, &live) {
-            // The spill counts against --cache-size while it lives.
-            let room = self.store.reserve_spill(size);
+        // The spill counts against --cache-size while it lives; a layer
+        // that claims more than the bound can spare reads in one pass
+        // (the claim is not trusted to evict anything).
+        let room = match (compression, &live) {
+            (Compression::Gzip, Some(_)) => {
+                let room = self.store.reserve_spill(size);
+                if room.is_none() {
+                    tracing::info!(layer = %desc.digest, size, max_spill = self.store.max_spill(), "layer larger than the cache can spare for its spill: read in one pass");
+                }
+                room
+            }
+            _ => None,
+        };
+        if let (Some(room), Some(live)) = (room, &live) {
             let (rx, feeder) = self.open_blob(registry, repo, desc, st).await?;
             let spilled = self
                 .stream_spilled(registry, repo, desc, st, rx, feeder, live.clone())
@@ -574,7 +593,13 @@ impl Layers {
         };
         match consumed {
             Ok(idx) if n == size => Ok(idx),
-            Ok(_) => Err(ended_early(registry, repo, desc, n)),
+            Ok(idx) => {
+                // Shorter than its descriptor: unchecked, nothing kept.
+                for id in idx.entries.iter().filter_map(|e| e.object) {
+                    self.store.remove(&id);
+                }
+                Err(ended_early(registry, repo, desc, n))
+            }
             Err(e) => Err(stream_error(e, registry, repo, desc)),
         }
     }
@@ -716,9 +741,10 @@ impl Layers {
             }
         };
         let (l1, s1) = (live.clone(), spill.clone());
+        let max_file = self.store.max_object();
         let scanned = tokio::task::spawn_blocking(move || {
             let unfinished = Finish(&s1);
-            let r = scan_layer(ChannelReader::new(rx), &s1, &l1);
+            let r = scan_layer(ChannelReader::new(rx), &s1, &l1, max_file);
             s1.finish(r.is_ok());
             drop(unfinished);
             r
@@ -857,6 +883,10 @@ fn stream_error(e: StreamError, registry: &str, repo: &str, desc: &Descriptor) -
         StreamError::Malformed(reason) => FsError::BadImage {
             image: format!("{registry}/{repo}"),
             reason: format!("layer {}: {reason}", desc.digest),
+        },
+        e @ StreamError::TooLarge { .. } => FsError::BadImage {
+            image: format!("{registry}/{repo}"),
+            reason: format!("layer {}: {e}", desc.digest),
         },
     }
 }
