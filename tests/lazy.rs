@@ -205,6 +205,7 @@ fn reading_one_file_fetches_a_small_fraction_of_the_layer() {
         let s = status(&m, &h, &repo, &tag);
         let l = &s["layers"][0];
         assert_eq!(l["mode"], kind.mode(), "{s}");
+        assert_eq!(l["read"], "lazy", "{s}");
         assert_eq!(l["bytes_fetched"], bytes, "{s}");
         // Reading it again costs nothing.
         let since = reg.log_len();

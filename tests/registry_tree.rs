@@ -687,6 +687,17 @@ fn authfile_credentials_are_used_and_missing_ones_give_eacces() {
         bad.log()
     );
 
+    // With wrong credentials: EACCES as well.
+    let wrong_dir = tempfile::tempdir().unwrap();
+    let wrong = write_authfile(wrong_dir.path(), &[(&h, USER, "not-the-password")]);
+    let wrong_m = Mount::builder().insecure(&h).authfile(&wrong).start();
+    assert_errno(
+        read(wrong_m.join(format!("{h}/private/app/v1/manifest.json"))),
+        EACCES,
+        "read manifest with a wrong password",
+    );
+    drop(wrong_m);
+
     // The command line uses the same auth file.
     let cli = |auth: &Path| {
         apt_layer(
@@ -1020,11 +1031,96 @@ fn writes_outside_outbox_are_erofs() {
     let r = tag.clone();
     attempt("rmdir a tag", Box::new(move || fs::remove_dir(&r)));
 
+    // The other ways to make a name, and writes of metadata.
+    let (s1, s2) = (m.join("newlink"), tag.join("newlink"));
+    attempt(
+        "symlink at the top",
+        Box::new(move || std::os::unix::fs::symlink("/etc", &s1)),
+    );
+    let (l1, l2) = (d.clone(), tag.join("linked.json"));
+    attempt(
+        "hard link of manifest.json",
+        Box::new(move || fs::hard_link(&l1, &l2)),
+    );
+    attempt("mkfifo in a tag dir", Box::new(move || mkfifo(&s2)));
+    let x = d.clone();
+    attempt(
+        "setxattr on manifest.json",
+        Box::new(move || set_user_xattr(&x)),
+    );
+
+    // rootfs/ is the image: read-only too.
+    let root = tag.join("rootfs");
+    assert!(!read(root.join("etc/hello")).unwrap().is_empty());
+    let paths = [
+        root.join("etc/hello"),
+        root.join("etc/new"),
+        root.join("etc/newdir"),
+        root.join("etc/newlink"),
+    ];
+    let [hello, new, newdir, newlink] = paths;
+    let h1 = hello.clone();
+    attempt(
+        "open a rootfs file for writing",
+        Box::new(move || fs::OpenOptions::new().append(true).open(&h1).map(drop)),
+    );
+    attempt(
+        "create in rootfs",
+        Box::new(move || fs::File::create(&new).map(drop)),
+    );
+    attempt("mkdir in rootfs", Box::new(move || fs::create_dir(&newdir)));
+    attempt(
+        "symlink in rootfs",
+        Box::new(move || std::os::unix::fs::symlink("hello", &newlink)),
+    );
+    let h2 = hello.clone();
+    attempt("unlink in rootfs", Box::new(move || fs::remove_file(&h2)));
+    let h3 = hello.clone();
+    attempt(
+        "chmod in rootfs",
+        Box::new(move || {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&h3, fs::Permissions::from_mode(0o777))
+        }),
+    );
+    let h4 = hello.clone();
+    attempt("setxattr in rootfs", Box::new(move || set_user_xattr(&h4)));
+
     assert_eq!(
         read(tag.join("manifest.json")).unwrap(),
         manifest,
         "manifest changed"
     );
+}
+
+fn mkfifo(p: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o644) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn set_user_xattr(p: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let (name, value) = (c"user.apt-layer-test", b"1");
+    // SAFETY: valid NUL-terminated path and name; value and its length agree.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[test]
@@ -1291,6 +1387,34 @@ fn manifest_not_matching_its_digest_is_eio() {
     );
     // Nothing was cached: still EIO.
     assert_errno(read(&pinned), EIO, "second read of the bad manifest");
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
+/// A registry that answers 403 DENIED (a token without the scope, a
+/// repository the account may not read): EACCES, not ENOENT or EIO.
+#[test]
+fn denied_by_the_registry_is_eacces() {
+    let (real, fault, mut m, _work) = fault_fixture(|_, target| {
+        if split_target(target).0.starts_with("/v2/secret/") {
+            FaultReply::json(
+                403,
+                r#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#,
+            )
+        } else {
+            FaultReply::Default
+        }
+    });
+    let f = fault.host();
+    assert_errno(
+        list(m.join(format!("{f}/secret"))),
+        EACCES,
+        "ls a denied repository",
+    );
+    assert_errno(
+        read(m.join(format!("{f}/secret/v1/manifest.json"))),
+        EACCES,
+        "read a denied manifest",
+    );
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 

@@ -1603,6 +1603,7 @@ fn status_reports_layers() {
             l["mode"].as_str().is_some_and(|f| !f.is_empty()),
             "mode: {s}"
         );
+        assert_eq!(l["read"], "streamed", "plain layers: {s}");
         assert_eq!(l["state"], "not fetched", "before rootfs is used: {s}");
         assert_eq!(l["bytes_fetched"], 0, "before rootfs is used: {s}");
         assert!(l["objects_cached"].is_u64(), "objects_cached: {s}");

@@ -1410,12 +1410,19 @@ fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
         .layers
         .iter()
         .map(|l| {
-            let st = all.state(&crate::rootfs::LayerKey::of(l));
+            let key = crate::rootfs::LayerKey::of(l);
+            let st = all.state(&key);
+            // How it is read (DESIGN.md's words): files fetched on demand
+            // from a TOC, or the layer streamed whole. Before the first
+            // read, a pinned TOC says which it will be.
+            let lazy = st.mode().is_lazy()
+                || (st.phase() == crate::rootfs::LayerPhase::NotFetched && key.pin.is_some());
             let mut v = serde_json::json!({
                 "digest": l.digest,
                 "media_type": l.media_type,
                 "size": l.size,
                 "format": layer_format(&l.media_type),
+                "read": if lazy { "lazy" } else { "streamed" },
                 "mode": st.mode().as_str(),
                 "state": st.phase().as_str(),
                 "bytes_fetched": st.progress.bytes_fetched.load(Relaxed),
