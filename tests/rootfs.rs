@@ -2672,6 +2672,40 @@ fn a_layer_stream_cut_mid_blob_resumes_where_it_stopped() {
     );
 }
 
+/// A registry that sends a layer a byte now and then never trips a read
+/// timeout (each byte resets it); it must still end in EIO, not a reader
+/// waiting forever, and the daemon keeps serving.
+#[test]
+fn a_registry_that_drips_a_layer_is_eio_not_a_hang() {
+    require_env();
+    let work = tempdir();
+    let (layout, _oracle, _cdn, layer) = span_image_on(work.path(), "drip", 8);
+    let l2 = layer.clone();
+    let fault = layout_server(&layout, "drip", "drip", move |d, body| {
+        if d == l2 {
+            FaultReply::Drip {
+                headers: vec![("Content-Type".into(), "application/octet-stream".into())],
+                body,
+                every: Duration::from_millis(700),
+            }
+        } else {
+            octets(body)
+        }
+    });
+    let mut m = Mount::builder().insecure(&fault.host()).timeout(2).start();
+    let root = rootfs(&m, &fault.host(), "drip/img", "1");
+    let r = within(Duration::from_secs(60), "ls a dripping layer", move || {
+        list_now(&root)
+    });
+    assert_errno(r, libc::EIO, "a layer the registry drips");
+    assert!(
+        m.log().contains("bytes/s"),
+        "no log line says the registry was too slow:\n{}",
+        m.log()
+    );
+    assert!(m.is_running(), "daemon died; log:\n{}", m.log());
+}
+
 #[test]
 fn registry_ignoring_range_still_serves_evicted_content() {
     require_env();

@@ -582,8 +582,9 @@ impl RegistryClient {
                 .await
             })
             .await?;
+        let window = self.timeout();
         match res {
-            oci_client::client::BlobResponse::Partial(s) => Ok(s.stream),
+            oci_client::client::BlobResponse::Partial(s) => Ok(min_rate(s.stream, window)),
             oci_client::client::BlobResponse::Full(_) if offset > 0 && !skip => {
                 Err(RegistryError::RangeIgnored {
                     registry: ep.host,
@@ -594,7 +595,7 @@ impl RegistryClient {
                 if len.is_some() || offset > 0 {
                     tracing::warn!(registry = %ep.host, digest, offset, "registry ignored a Range request; reading the whole blob and skipping to the range");
                 }
-                Ok(skip_take(s.stream, offset, len))
+                Ok(skip_take(min_rate(s.stream, window), offset, len))
             }
         }
     }
@@ -1176,6 +1177,68 @@ pub fn classify_manifest(bytes: &[u8]) -> Result<(String, bool), String> {
     Ok((media_type, is_index))
 }
 
+/// The slowest a blob may arrive, in bytes per second of waiting for it.
+/// A 64 kbit/s link is 8 KB/s; this only catches a registry that drips.
+pub const MIN_RATE: u64 = 1024;
+
+/// `body`, failing (`TimedOut`, which the caller reports as `EIO`) once it
+/// has been waited on for `window` and brought less than [`MIN_RATE`] per
+/// second of that. The read timeout catches a registry that stops; this
+/// one catches a registry that sends a byte now and then (each byte resets
+/// a read timeout, so a reader would wait forever). Only time spent waiting
+/// for the registry counts, not time the reader took between reads.
+fn min_rate(body: BlobBody, window: Duration) -> BlobBody {
+    Box::pin(MinRate {
+        inner: body,
+        window,
+        waiting_since: None,
+        waited: Duration::ZERO,
+        bytes: 0,
+    })
+}
+
+struct MinRate {
+    inner: BlobBody,
+    window: Duration,
+    waiting_since: Option<Instant>,
+    waited: Duration,
+    bytes: u64,
+}
+
+impl futures_util::Stream for MinRate {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let since = *this.waiting_since.get_or_insert_with(Instant::now);
+        let item = std::task::ready!(this.inner.poll_next_unpin(cx));
+        this.waiting_since = None;
+        this.waited += since.elapsed();
+        if let Some(Ok(b)) = &item {
+            this.bytes += b.len() as u64;
+        }
+        if this.waited >= this.window {
+            let rate = this.bytes as f64 / this.waited.as_secs_f64();
+            if item.is_some() && rate < MIN_RATE as f64 {
+                return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the registry sent {} bytes in {:.1}s of waiting (less than {MIN_RATE} bytes/s)",
+                        this.bytes,
+                        this.waited.as_secs_f64()
+                    ),
+                ))));
+            }
+            this.waited = Duration::ZERO;
+            this.bytes = 0;
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
 /// The bytes `offset..offset+len` (or to the end) of a whole-blob body, for
 /// a registry that answered a Range request with the whole blob.
 fn skip_take(body: BlobBody, offset: u64, len: Option<u64>) -> BlobBody {
@@ -1221,5 +1284,41 @@ mod tests {
         assert!(classify_manifest(b"not json").is_err());
         assert!(classify_manifest(br#"{"schemaVersion":1}"#).is_err());
         assert!(classify_manifest(br#"{"schemaVersion":2,"mediaType":"text/plain"}"#).is_err());
+    }
+
+    /// `n` chunks of `size` bytes, each `every` after the previous one.
+    fn drip(n: usize, size: usize, every: Duration) -> BlobBody {
+        Box::pin(futures_util::stream::unfold(0, move |i| async move {
+            if i == n {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(Bytes::from(vec![0u8; size])), i + 1))
+        }))
+    }
+
+    async fn drain(mut body: BlobBody, pause: Duration) -> Result<u64, std::io::Error> {
+        let mut n = 0;
+        while let Some(c) = body.next().await {
+            n += c?.len() as u64;
+            tokio::time::sleep(pause).await;
+        }
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_drips_fails_and_a_slow_reader_does_not() {
+        let window = Duration::from_millis(300);
+        let ms = Duration::from_millis;
+        // A byte every 120 ms: 3 bytes in the window, far below the rate.
+        let e = drain(min_rate(drip(10, 1, ms(120)), window), ms(0)).await;
+        assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        // 4 KiB every 120 ms: well above it.
+        let ok = drain(min_rate(drip(6, 4096, ms(120)), window), ms(0)).await;
+        assert_eq!(ok.unwrap(), 6 * 4096);
+        // Bytes ready at once, a reader pausing 400 ms between reads: the
+        // reader's time does not count against the registry.
+        let ok = drain(min_rate(drip(3, 1, ms(0)), window), ms(400)).await;
+        assert_eq!(ok.unwrap(), 3);
     }
 }

@@ -1836,6 +1836,14 @@ pub enum FaultReply {
         first: usize,
         gate: Gate,
     },
+    /// Answer 200 with `body`'s full Content-Length, then send it one
+    /// byte every `every`: a registry that drips (each byte resets a read
+    /// timeout).
+    Drip {
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        every: Duration,
+    },
     /// Read the request and cut the connection without answering.
     Close,
     /// A blob served as a registry serves it: 206 with the part a `Range:
@@ -2086,6 +2094,24 @@ fn serve_conn(
                 }
                 gate.wait();
                 if stream.write_all(&body[first..]).is_err() || close {
+                    return;
+                }
+            }
+            FaultReply::Drip {
+                headers,
+                body,
+                every,
+            } => {
+                if !send_first(&mut stream, &headers, &body, 0, close) {
+                    return;
+                }
+                for b in &body {
+                    std::thread::sleep(every);
+                    if stream.write_all(std::slice::from_ref(b)).is_err() {
+                        return;
+                    }
+                }
+                if close {
                     return;
                 }
             }
