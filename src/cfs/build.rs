@@ -246,20 +246,10 @@ impl Builder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::{Compression, IndexEntry, LayerIndex};
+    use crate::layer::{IndexEntry, LayerIndex};
 
     fn image_of(entries: Vec<IndexEntry>) -> Result<Vec<u8>, CfsError> {
-        let layer = LayerIndex {
-            version: 1,
-            digest: "sha256:x".into(),
-            pin: None,
-            compression: Compression::None,
-            mode: Default::default(),
-            compressed_size: 0,
-            uncompressed_size: 0,
-            entries,
-            spans: None,
-        };
+        let layer = LayerIndex::of_entries(entries);
         let tree = MergedTree::build(&[&layer]).unwrap();
         build_image(&tree, &HashMap::new(), &Verity::Off)
     }

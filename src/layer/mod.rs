@@ -210,6 +210,22 @@ impl LayerIndex {
     pub fn serves(&self, pin: Option<&str>) -> bool {
         serves(self.pin.as_deref(), pin)
     }
+
+    /// An uncompressed layer of `entries`, read whole (for tests).
+    #[cfg(test)]
+    pub fn of_entries(entries: Vec<IndexEntry>) -> LayerIndex {
+        LayerIndex {
+            version: 1,
+            digest: "sha256:x".into(),
+            pin: None,
+            compression: Compression::None,
+            mode: Default::default(),
+            compressed_size: 0,
+            uncompressed_size: 0,
+            entries,
+            spans: None,
+        }
+    }
 }
 
 fn serves(made_with: Option<&str>, asked: Option<&str>) -> bool {

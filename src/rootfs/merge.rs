@@ -494,7 +494,7 @@ mod tests {
         );
     }
     use super::*;
-    use crate::layer::{Compression, IndexEntry};
+    use crate::layer::IndexEntry;
 
     fn e(path: &str, kind: EntryKind) -> IndexEntry {
         IndexEntry {
@@ -505,17 +505,7 @@ mod tests {
     }
 
     fn layer(entries: Vec<IndexEntry>) -> LayerIndex {
-        LayerIndex {
-            version: 1,
-            digest: "sha256:x".into(),
-            pin: None,
-            compression: Compression::None,
-            mode: Default::default(),
-            compressed_size: 0,
-            uncompressed_size: 0,
-            entries,
-            spans: None,
-        }
+        LayerIndex::of_entries(entries)
     }
 
     fn ls(t: &MergedTree, path: &str) -> Vec<String> {
