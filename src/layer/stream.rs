@@ -19,7 +19,9 @@
 //! kilobytes) thus costs neither time nor disk nor the rest of the cache.
 //! GNU sparse entries (type `S`, whose header declares a real size the
 //! layer need not hold) are refused as malformed, as `umoci unpack` (the
-//! oracle), containerd and Docker refuse them.
+//! oracle), containerd and Docker refuse them. PAX sparse files (records
+//! `GNU.sparse.*`) are refused too: this reader would show their raw map
+//! and data as the file's content, and a wrong byte is worse than `EIO`.
 
 use std::io::{self, Read, Write};
 
@@ -756,6 +758,14 @@ fn read_entry<R: Read>(
                 k if k.starts_with(b"SCHILY.xattr.") => {
                     xattrs.push((k[13..].to_vec(), val.to_vec()))
                 }
+                k if k.starts_with(b"GNU.sparse.") => {
+                    return Err(StreamError::Malformed(format!(
+                        "{}: a PAX sparse file ({}), which is not expanded here; refused rather \
+                         than shown as its raw map",
+                        String::from_utf8_lossy(&path),
+                        String::from_utf8_lossy(k)
+                    )));
+                }
                 _ => {}
             }
         }
@@ -1005,6 +1015,63 @@ mod bound_tests {
             scan(&claims(1 << 62), &store),
             Err(StreamError::TooLarge { .. })
         ));
+    }
+
+    /// A PAX sparse file (GNU tar's `--format=posix` sparse): a PAX header
+    /// with `GNU.sparse.*` records, then a regular entry holding the map
+    /// and the data.
+    fn pax_sparse() -> Vec<u8> {
+        let record = |k: &str, v: &str| {
+            let body = format!(" {k}={v}\n");
+            let mut n = body.len() + 1;
+            while format!("{n}{body}").len() != n {
+                n += 1;
+            }
+            format!("{n}{body}")
+        };
+        let pax: String = [
+            record("GNU.sparse.major", "1"),
+            record("GNU.sparse.minor", "0"),
+            record("GNU.sparse.name", "s/pax-sparse"),
+            record("GNU.sparse.realsize", "1048576"),
+        ]
+        .concat();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(pax.len() as u64);
+        x.set_path("s/PaxHeaders/pax-sparse").unwrap();
+        x.set_mode(0o644);
+        x.set_cksum();
+        b.append(&x, pax.as_bytes()).unwrap();
+        let data = b"1\n1048064\n512\n";
+        let mut body = data.to_vec();
+        body.resize(512, 0);
+        body.extend_from_slice(&[b'x'; 512]);
+        let mut h = tar::Header::new_ustar();
+        h.set_size(body.len() as u64);
+        h.set_path("s/GNUSparseFile.0/pax-sparse").unwrap();
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &body[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn pax_sparse_files_are_refused_not_shown_as_their_map() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(d.path(), u64::MAX).unwrap();
+        for r in [
+            index(&pax_sparse(), &store).map(|_| 0),
+            scan(&pax_sparse(), &store),
+        ] {
+            match r {
+                Err(StreamError::Malformed(m)) => {
+                    assert!(m.contains("PAX sparse") && m.contains("GNU.sparse."), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     /// A GNU sparse entry is malformed whatever its size, and one of a real
