@@ -211,6 +211,11 @@ impl LayerIndex {
         serves(self.pin.as_deref(), pin)
     }
 
+    /// The objects of its files (one per file with content).
+    pub fn objects(&self) -> impl Iterator<Item = ObjectId> + '_ {
+        self.entries.iter().filter_map(|e| e.object)
+    }
+
     /// An uncompressed layer of `entries`, read whole (for tests).
     #[cfg(test)]
     pub fn of_entries(entries: Vec<IndexEntry>) -> LayerIndex {

@@ -858,20 +858,7 @@ mod tests {
         h.set_mtime(1234);
         b.append_data(&mut h, "etc/hello", &b"hello"[..]).unwrap();
         let tar = b.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&tar).unwrap();
-        let gz = gz.finish().unwrap();
-        let p = Progress::default();
-        let idx = index_layer(
-            &gz[..],
-            "sha256:x",
-            Compression::Gzip,
-            gz.len() as u64,
-            &store,
-            &p,
-            None,
-        )
-        .unwrap();
+        let idx = index(&tar, &store).unwrap();
         assert_eq!(idx.entries.len(), 2);
         let f = &idx.entries[1];
         assert_eq!(
@@ -882,6 +869,7 @@ mod tests {
         assert_eq!(idx.uncompressed_size, tar.len() as u64);
         // a truncated stream is malformed and leaves no new object behind
         let store2 = ObjectStore::open(&d.path().join("b"), 1 << 30).unwrap();
+        let (gz, p) = (gz(&tar), Progress::default());
         assert!(
             index_layer(
                 &gz[..gz.len() / 2],
@@ -896,11 +884,6 @@ mod tests {
         );
         assert_eq!(store2.stats().objects, 0);
     }
-}
-
-#[cfg(test)]
-mod bound_tests {
-    use super::*;
 
     fn gz(tar: &[u8]) -> Vec<u8> {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

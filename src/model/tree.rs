@@ -391,7 +391,7 @@ impl Tree {
 
     /// The `image.cfs` of an image: built on first open (which streams the
     /// layers if needed), then kept in the cache by manifest digest. A
-    /// lookup, `stat` or listing never builds it (see [`Tree::cfs_entry`]).
+    /// lookup, `stat` or listing never builds it (see `entry_of`).
     async fn cfs_image(&self, registry: &Arc<str>, repo: &Arc<str>, top: &str) -> Res<CfsFile> {
         let image = self.pinned_image(registry, repo, top).await?;
         let rf = self.rootfs_for(registry, repo, &image);
@@ -407,32 +407,6 @@ impl Tree {
                 }
             })
             .await
-    }
-
-    /// The entry of `image.cfs`, given its size if it was built: the real
-    /// size then; before, size 0 with attributes the kernel must not cache,
-    /// so that once an open has built it the next `stat` (or a read past the
-    /// size the kernel holds) asks again and gets the real size. Looking at
-    /// a tag (`ls -l`, `find -ls`, `du`) must not stream its layers.
-    fn cfs_entry(&self, node: Node, built: Option<u64>, pinned: bool) -> Entry {
-        let ino = self.inodes.ino(node);
-        let entry_ttl = if pinned {
-            IMMUTABLE_TTL
-        } else {
-            self.opts.tag_ttl
-        };
-        match built {
-            Some(size) => Entry {
-                stat: self.file_stat(ino, size),
-                entry_ttl,
-                attr_ttl: IMMUTABLE_TTL,
-            },
-            None => Entry {
-                stat: self.file_stat(ino, 0),
-                entry_ttl,
-                attr_ttl: Duration::ZERO,
-            },
-        }
     }
 
     /// `readlink`.
@@ -564,6 +538,11 @@ impl Tree {
                 IMMUTABLE_TTL,
             ),
             Node::Inspect { .. } | Node::Status { .. } => (false, 0, mutable, Duration::ZERO),
+            // The real size once built; before, 0 with attributes the
+            // kernel must not cache, so that once an open has built it the
+            // next `stat` (or a read past the size the kernel holds) asks
+            // again. Looking at a tag (`ls -l`, `find -ls`, `du`) must not
+            // stream its layers.
             Node::Cfs {
                 registry,
                 repo,
@@ -571,7 +550,16 @@ impl Tree {
             } => {
                 let image = self.pinned_image(registry, repo, top).await?;
                 let built = self.cfs_store.size(&image.manifest.digest);
-                return Ok(self.cfs_entry(node, built, pinned));
+                (
+                    false,
+                    built.unwrap_or(0),
+                    if pinned { IMMUTABLE_TTL } else { mutable },
+                    if built.is_some() {
+                        IMMUTABLE_TTL
+                    } else {
+                        Duration::ZERO
+                    },
+                )
             }
         };
         let ino = self.inodes.ino(node.clone());

@@ -167,7 +167,6 @@ pub(super) fn without_artifacts(desc: &Descriptor, index: &LayerIndex) -> Option
 struct Ctx {
     registry: String,
     repo: String,
-    digest: String,
     size: u64,
     /// Which layer (digest and TOC pin) the tables belong to.
     key: LayerKey,
@@ -178,7 +177,6 @@ impl Ctx {
         Ctx {
             registry: registry.into(),
             repo: repo.into(),
-            digest: desc.digest.clone(),
             size: desc.size,
             key: LayerKey::of(desc),
         }
@@ -192,7 +190,7 @@ impl Ctx {
         match e {
             SeekError::TocDigest { expected, actual } => RegistryError::DigestMismatch {
                 registry: self.registry.clone(),
-                what: format!("TOC of layer {}", self.digest),
+                what: format!("TOC of layer {}", self.key.digest),
                 expected,
                 actual,
             }
@@ -203,14 +201,14 @@ impl Ctx {
                 actual,
             } => RegistryError::DigestMismatch {
                 registry: self.registry.clone(),
-                what: format!("chunk at {offset} of layer {}", self.digest),
+                what: format!("chunk at {offset} of layer {}", self.key.digest),
                 expected,
                 actual,
             }
             .into(),
             e => FsError::BadImage {
                 image: self.image(),
-                reason: format!("layer {}: {e}", self.digest),
+                reason: format!("layer {}: {e}", self.key.digest),
             },
         }
     }
@@ -396,7 +394,7 @@ impl Lazy {
         let total: u64 = table.files.iter().map(|f| f.size).sum();
         let limit = self.inner.store.stats().limit;
         if total > limit / 2 {
-            tracing::info!(layer = %ctx.digest, bytes = total, cache_limit = limit, "layer too large for the cache to fill in the background; files stay on demand");
+            tracing::info!(layer = %ctx.key.digest, bytes = total, cache_limit = limit, "layer too large for the cache to fill in the background; files stay on demand");
             return;
         }
         let lazy = self.clone();
@@ -442,11 +440,11 @@ impl Lazy {
                     .fetch_files(ctx.clone(), table.clone(), g, None, st.clone())
                     .await
                 {
-                    tracing::warn!(layer = %ctx.digest, error = %e, "background fill stopped; files stay on demand");
+                    tracing::warn!(layer = %ctx.key.digest, error = %e, "background fill stopped; files stay on demand");
                     return;
                 }
             }
-            tracing::info!(layer = %ctx.digest, files = n, "background fill complete");
+            tracing::info!(layer = %ctx.key.digest, files = n, "background fill complete");
         });
     }
 
@@ -461,7 +459,7 @@ impl Lazy {
         if let Some(t) = self.inner.tables.lock().unwrap().get(&ctx.key) {
             return Ok(t.clone());
         }
-        let (chunks, digest) = (self.inner.chunks.clone(), ctx.digest.clone());
+        let (chunks, digest) = (self.inner.chunks.clone(), ctx.key.digest.clone());
         let pin = ctx.key.pin.clone();
         let loaded = tokio::task::spawn_blocking(move || chunks.load(&digest, pin.as_deref()?))
             .await
@@ -471,7 +469,7 @@ impl Lazy {
             None => {
                 let claim = claim(desc).ok_or_else(|| FsError::BadImage {
                     image: ctx.image(),
-                    reason: format!("layer {} is no longer seekable", ctx.digest),
+                    reason: format!("layer {} is no longer seekable", ctx.key.digest),
                 })?;
                 let (_, t) = self
                     .read_toc(ctx, desc, &claim, st)
@@ -480,7 +478,7 @@ impl Lazy {
                         LazyError::Fail(e) => e,
                         LazyError::Fallback(reason) => FsError::BadImage {
                             image: ctx.image(),
-                            reason: format!("layer {}: TOC unusable: {reason}", ctx.digest),
+                            reason: format!("layer {}: TOC unusable: {reason}", ctx.key.digest),
                         },
                     })?;
                 let _ = self.inner.chunks.save(&t);
@@ -517,7 +515,7 @@ impl Lazy {
         let lazy = self.clone();
         tokio::spawn(async move {
             let n = files.len();
-            let digest = ctx.digest.clone();
+            let digest = ctx.key.digest.clone();
             match lazy.fetch_files(ctx, table, files, None, st).await {
                 Ok(()) => {
                     tracing::info!(layer = %digest, files = n, "prefetched the prioritised region")
@@ -544,7 +542,7 @@ impl Lazy {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut layout = Layout {
-            digest: ctx.digest.clone(),
+            digest: ctx.key.digest.clone(),
             // A claim that pins nothing falls back below, before anything
             // is built.
             pin: claim.pin().unwrap_or_default(),
@@ -581,7 +579,7 @@ impl Lazy {
                         let p = zstd_chunked::parse_footer(&tail, ctx.size).map_err(|e| {
                             LazyError::Fallback(format!("no manifest-position annotation and {e}"))
                         })?;
-                        tracing::info!(layer = %ctx.digest, "no manifest-position annotation; the manifest was located by the zstd:chunked footer");
+                        tracing::info!(layer = %ctx.key.digest, "no manifest-position annotation; the manifest was located by the zstd:chunked footer");
                         p
                     }
                 };
@@ -679,14 +677,14 @@ impl Lazy {
         let mut body = self
             .inner
             .client
-            .blob_range(&ctx.registry, &canonical, &ctx.digest, offset, len)
+            .blob_range(&ctx.registry, &canonical, &ctx.key.digest, offset, len)
             .await?;
         let want = len as usize;
         let mut buf = Vec::with_capacity(want);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| RegistryError::Unavailable {
                 registry: ctx.registry.clone(),
-                what: format!("range {offset}+{len} of layer {}", ctx.digest),
+                what: format!("range {offset}+{len} of layer {}", ctx.key.digest),
                 reason: e.to_string(),
             })?;
             st.progress
@@ -696,7 +694,7 @@ impl Lazy {
             buf.extend_from_slice(&chunk[..take]);
             if buf.len() == want {
                 if take < chunk.len() {
-                    tracing::warn!(layer = %ctx.digest, offset, len, "registry sent more than the Range asked for; the rest is ignored");
+                    tracing::warn!(layer = %ctx.key.digest, offset, len, "registry sent more than the Range asked for; the rest is ignored");
                 }
                 break;
             }
@@ -704,7 +702,7 @@ impl Lazy {
         if buf.len() != want {
             return Err(RegistryError::Unavailable {
                 registry: ctx.registry.clone(),
-                what: format!("range {offset}+{len} of layer {}", ctx.digest),
+                what: format!("range {offset}+{len} of layer {}", ctx.key.digest),
                 reason: format!("ended after {} bytes", buf.len()),
             }
             .into());
@@ -758,16 +756,16 @@ impl Lazy {
         // refused before any of it is fetched, written or evicted for.
         let max = store.max_object();
         if let Some(f) = must.filter(|&f| table.files[f].size > max) {
+            let refused = crate::layer::stream::StreamError::TooLarge {
+                path: format!("object {}", crate::cas::object_hex(&table.files[f].object)),
+                size: table.files[f].size,
+                bound: max,
+            };
             let e = FsError::BadImage {
                 image: ctx.image(),
-                reason: format!(
-                    "layer {}: object {}: a file of {} bytes, larger than the cache bound of {max} bytes (--cache-size); refused",
-                    ctx.digest,
-                    crate::cas::object_hex(&table.files[f].object),
-                    table.files[f].size
-                ),
+                reason: format!("layer {}: {refused}", ctx.key.digest),
             };
-            tracing::error!(layer = %ctx.digest, error = %e, "file refused");
+            tracing::error!(layer = %ctx.key.digest, error = %e, "file refused");
             return Err(e);
         }
         files.retain(|&f| table.files[f].size <= max);
@@ -816,7 +814,7 @@ impl Lazy {
                     Ok(b) => b,
                     Err(e) => {
                         let e = ctx.seek_error(e);
-                        tracing::error!(layer = %ctx.digest, error = %e, "chunk rejected; nothing of its file was kept");
+                        tracing::error!(layer = %ctx.key.digest, error = %e, "chunk rejected; nothing of its file was kept");
                         if must == Some(f) {
                             return Err(e);
                         }
@@ -839,12 +837,12 @@ impl Lazy {
                         }
                         let e: FsError = RegistryError::DigestMismatch {
                             registry: ctx.registry.clone(),
-                            what: format!("file content of layer {}", ctx.digest),
+                            what: format!("file content of layer {}", ctx.key.digest),
                             expected: format!("sha256:{}", hex::encode(file.object)),
                             actual: format!("sha256:{}", hex::encode(got)),
                         }
                         .into();
-                        tracing::error!(layer = %ctx.digest, error = %e, "file rejected; nothing kept");
+                        tracing::error!(layer = %ctx.key.digest, error = %e, "file rejected; nothing kept");
                         if must == Some(f) {
                             return Err(e);
                         }
@@ -857,7 +855,7 @@ impl Lazy {
             i = j;
         }
         if !failed.is_empty() {
-            tracing::warn!(layer = %ctx.digest, files = failed.len(), "files failed verification and were skipped; reading them is EIO");
+            tracing::warn!(layer = %ctx.key.digest, files = failed.len(), "files failed verification and were skipped; reading them is EIO");
         }
         Ok(())
     }

@@ -260,7 +260,7 @@ impl Layers {
             let objects = if i.mode.is_lazy() {
                 0
             } else {
-                i.entries.iter().filter(|e| e.object.is_some()).count() as u64
+                i.objects().count() as u64
             };
             s.progress.objects.store(objects, Ordering::Relaxed);
             s.set(LayerPhase::Indexed);
@@ -268,6 +268,17 @@ impl Layers {
         }
         let mut m = self.states.lock().unwrap();
         m.entry(key.clone()).or_insert_with(|| Arc::new(s)).clone()
+    }
+
+    /// The index of `key` saved on disk, if it may use it (read on a
+    /// blocking thread: a large one takes a while to decode).
+    async fn saved_index(&self, key: &LayerKey) -> Option<LayerIndex> {
+        let indexes = self.indexes.clone();
+        let (digest, pin) = (key.digest.clone(), key.pin.clone());
+        tokio::task::spawn_blocking(move || indexes.load(&digest, pin.as_deref()))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The index of layer `desc`: from memory, from disk, or by reading
@@ -289,20 +300,13 @@ impl Layers {
                 if let Some(i) = st.index.lock().unwrap().upgrade() {
                     return Ok(i);
                 }
-                if st.phase() == LayerPhase::Indexed {
-                    let indexes = self.indexes.clone();
-                    let (digest, pin) = (key.digest.clone(), key.pin.clone());
-                    let loaded =
-                        tokio::task::spawn_blocking(move || indexes.load(&digest, pin.as_deref()))
-                            .await
-                            .ok()
-                            .flatten();
-                    if let Some(i) = loaded {
-                        st.set_mode(i.mode);
-                        let i = Arc::new(lazy::without_artifacts(desc, &i).unwrap_or(i));
-                        *st.index.lock().unwrap() = Arc::downgrade(&i);
-                        return Ok(i);
-                    }
+                if st.phase() == LayerPhase::Indexed
+                    && let Some(i) = self.saved_index(&key).await
+                {
+                    st.set_mode(i.mode);
+                    let i = Arc::new(lazy::without_artifacts(desc, &i).unwrap_or(i));
+                    *st.index.lock().unwrap() = Arc::downgrade(&i);
+                    return Ok(i);
                 }
                 let (saved, idx) = match self.lazy.index(registry, repo, desc, &st).await? {
                     Some(i) => {
@@ -372,12 +376,7 @@ impl Layers {
             return self.lazy.fetch(registry, repo, desc, id, &st).await;
         }
         let compression = layer_compression(registry, repo, desc)?;
-        let indexes = self.indexes.clone();
-        let (digest, pin) = (key.digest.clone(), key.pin.clone());
-        let index = tokio::task::spawn_blocking(move || indexes.load(&digest, pin.as_deref()))
-            .await
-            .ok()
-            .flatten();
+        let index = self.saved_index(&key).await;
         // Made from the TOC this descriptor pins (by another daemon on the
         // cache, say): its files are fetched by their chunks.
         if index.as_ref().is_some_and(|i| i.mode.is_lazy()) {
@@ -511,16 +510,12 @@ impl Layers {
             Err(e) => {
                 *st.live.lock().unwrap() = None;
                 self.changed.notify_waiters();
-                st.set(
-                    if self
-                        .indexes
-                        .serves(&desc.digest, lazy::pin(desc).as_deref())
-                    {
-                        LayerPhase::Indexed
-                    } else {
-                        LayerPhase::Failed
-                    },
-                );
+                let key = LayerKey::of(desc);
+                st.set(if self.indexes.serves(&key.digest, key.pin.as_deref()) {
+                    LayerPhase::Indexed
+                } else {
+                    LayerPhase::Failed
+                });
                 *st.error.lock().unwrap() = Some(e.to_string());
                 tracing::error!(layer = %desc.digest, image = %format!("{registry}/{repo}"), error = %e, "layer failed; nothing of it was kept");
             }
@@ -580,27 +575,27 @@ impl Layers {
             )
         });
         let consumed = consumer.await.map_err(lost)?;
-        let n = match fetched(registry, repo, desc, feeder.await.map_err(lost)?) {
-            Ok(n) => n,
-            Err(e) => {
-                if let Ok(idx) = &consumed {
-                    for id in idx.entries.iter().filter_map(|e| e.object) {
-                        self.store.remove(&id);
-                    }
-                }
-                return Err(e);
+        let fed = fetched(registry, repo, desc, feeder.await.map_err(lost)?);
+        match (consumed, fed) {
+            (Ok(idx), Ok(n)) if n == size => Ok(idx),
+            (Ok(idx), fed) => {
+                // The blob failed its check, or was shorter than its
+                // descriptor: its (unchecked) objects are not kept.
+                self.remove_objects(idx.objects());
+                Err(match fed {
+                    Err(e) => e,
+                    Ok(n) => ended_early(registry, repo, desc, n),
+                })
             }
-        };
-        match consumed {
-            Ok(idx) if n == size => Ok(idx),
-            Ok(idx) => {
-                // Shorter than its descriptor: unchecked, nothing kept.
-                for id in idx.entries.iter().filter_map(|e| e.object) {
-                    self.store.remove(&id);
-                }
-                Err(ended_early(registry, repo, desc, n))
-            }
-            Err(e) => Err(stream_error(e, registry, repo, desc)),
+            (Err(_), Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(stream_error(e, registry, repo, desc)),
+        }
+    }
+
+    /// Removes `ids` from the store (objects of a layer that failed).
+    fn remove_objects(&self, ids: impl IntoIterator<Item = ObjectId>) {
+        for id in ids {
+            self.store.remove(&id);
         }
     }
 
@@ -730,15 +725,8 @@ impl Layers {
         // Whatever fails, objects extracted on demand go, and so do those
         // of a second pass that read the whole (unchecked) spill.
         let undo = |second: Option<LayerIndex>| {
-            for id in live.take_made() {
-                self.store.remove(&id);
-            }
-            for id in second
-                .iter()
-                .flat_map(|i| i.entries.iter().filter_map(|e| e.object))
-            {
-                self.store.remove(&id);
-            }
+            self.remove_objects(live.take_made());
+            self.remove_objects(second.iter().flat_map(|i| i.objects()));
         };
         let (l1, s1) = (live.clone(), spill.clone());
         let max_file = self.store.max_object();
