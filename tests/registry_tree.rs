@@ -8,7 +8,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -148,11 +148,18 @@ fn assert_still_serves(m: &mut Mount, host: &str, repo: &str, tag: &str) {
 fn fault_fixture(
     handler: impl Fn(&str, &str) -> FaultReply + Send + Sync + 'static,
 ) -> (Registry, FaultServer, Mount, tempfile::TempDir) {
+    fault_fixture_with_headers(move |method, target, _| handler(method, target))
+}
+
+/// [`fault_fixture`] whose fault server's handler also sees headers.
+fn fault_fixture_with_headers(
+    handler: impl Fn(&str, &str, &Headers) -> FaultReply + Send + Sync + 'static,
+) -> (Registry, FaultServer, Mount, tempfile::TempDir) {
     require_env();
     let real = Registry::start();
     let work = tempfile::tempdir().unwrap();
     push_simple(work.path(), &format!("{}/app:t1", real.host()), Format::Oci);
-    let fault = FaultServer::start(handler);
+    let fault = FaultServer::start_with_headers(handler);
     let m = Mount::builder()
         .insecure(&real.host())
         .insecure(&fault.host())
@@ -290,6 +297,154 @@ fn paginated_tag_list_is_followed_to_the_end() {
         fault.count("/v2/paged/tags/list") >= 7,
         "{:?}",
         fault.requests()
+    );
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
+#[test]
+fn opaque_next_page_cursors_are_followed_with_the_bearer_token() {
+    // Quay pages tags/list with an opaque `next_page=` cursor in its Link
+    // header and ignores `last=`; it (like Docker Hub) wants a bearer token
+    // from its token service. Neither is what distribution 2.8 does.
+    let all: Vec<String> = (0..250).map(|i| format!("v{i:04}")).collect();
+    let tags = all.clone();
+    let me = Arc::new(std::sync::OnceLock::<String>::new());
+    let me2 = me.clone();
+    let (real, fault, mut m, _work) = fault_fixture_with_headers(move |_, target, headers| {
+        let host = me2.get().cloned().unwrap_or_default();
+        let challenge = || {
+            FaultReply::json(
+                401,
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}"#,
+            )
+            .with_header(
+                "WWW-Authenticate",
+                &format!(r#"Bearer realm="http://{host}/token",service="fault""#),
+            )
+        };
+        let (path, q) = split_target(target);
+        match path.as_str() {
+            "/v2/" => challenge(),
+            "/token"
+                if q.get("scope")
+                    .map(|s| s.replace("%3A", ":").replace("%2F", "/"))
+                    == Some("repository:quay/app:pull".into()) =>
+            {
+                FaultReply::json(200, r#"{"token":"tok-5e1f"}"#)
+            }
+            "/v2/quay/app/tags/list" => {
+                let bearer = headers
+                    .iter()
+                    .any(|(k, v)| k == "authorization" && v == "Bearer tok-5e1f");
+                if !bearer {
+                    return challenge();
+                }
+                // The cursor says where the page starts, in a form only
+                // this server reads.
+                let start = q
+                    .get("next_page")
+                    .and_then(|c| c.strip_prefix("gA"))
+                    .and_then(|c| usize::from_str_radix(c, 16).ok())
+                    .map(|x| x / 7919)
+                    .unwrap_or(0);
+                let end = (start + 40).min(tags.len());
+                let body = serde_json::json!({"name": "quay/app", "tags": &tags[start..end]});
+                let reply = FaultReply::json(200, &body.to_string());
+                if end < tags.len() {
+                    reply.with_header(
+                        "Link",
+                        &format!(
+                            "</v2/quay/app/tags/list?n=40&next_page=gA{:x}>; rel=\"next\"",
+                            end * 7919
+                        ),
+                    )
+                } else {
+                    reply
+                }
+            }
+            _ => FaultReply::Default,
+        }
+    });
+    me.set(fault.host()).unwrap();
+    let listed = list(m.join(format!("{}/quay/app", fault.host()))).expect("ls quay/app");
+    assert_eq!(listed.len(), 250, "tags from every page");
+    assert_eq!(listed, all);
+    let pages: Vec<String> = fault
+        .requests()
+        .into_iter()
+        .map(|(_, t)| t)
+        .filter(|t| t.starts_with("/v2/quay/app/tags/list"))
+        .collect();
+    assert_eq!(pages.len(), 7, "one request per page: {pages:?}");
+    assert!(
+        pages.iter().all(|t| !t.contains("last=")),
+        "the cursor was replaced by last=: {pages:?}"
+    );
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
+#[test]
+fn a_next_page_link_to_another_server_is_not_followed() {
+    // Following it would send our credentials to whoever the registry
+    // names; the list is refused instead.
+    let elsewhere = FaultServer::start(|_, _| FaultReply::json(200, r#"{"tags":["x"]}"#));
+    let other = elsewhere.host();
+    let (real, fault, mut m, _work) = fault_fixture(move |_, target| {
+        if !target.starts_with("/v2/hop/tags/list") {
+            return FaultReply::Default;
+        }
+        FaultReply::json(200, r#"{"name":"hop","tags":["a","b"]}"#).with_header(
+            "Link",
+            &format!("<http://{other}/v2/hop/tags/list?last=b>; rel=\"next\""),
+        )
+    });
+    assert_errno(
+        list(m.join(format!("{}/hop", fault.host()))),
+        EIO,
+        "ls a tag list whose next page is elsewhere",
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the other server was asked: {:?}",
+        elsewhere.requests()
+    );
+    assert!(
+        m.log().contains("another server"),
+        "no log line says why; log:\n{}",
+        m.log()
+    );
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
+#[test]
+fn an_oversized_tag_list_is_eio_not_memory() {
+    // 2 million tags in one 22 MB page: refused as it streams.
+    let mut body = String::from(r#"{"name":"huge","tags":["#);
+    for i in 0..2_000_000u32 {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!("\"t{i:07}\""));
+    }
+    body.push_str("]}");
+    assert!(body.len() > 20 << 20);
+    let body = Arc::new(body.into_bytes());
+    let (real, fault, mut m, _work) = fault_fixture(move |_, target| {
+        if target.starts_with("/v2/huge/tags/list") {
+            FaultReply::bytes(200, "application/json", body.to_vec())
+        } else {
+            FaultReply::Default
+        }
+    });
+    assert_errno(
+        list(m.join(format!("{}/huge", fault.host()))),
+        EIO,
+        "ls a 20 MiB tag list",
+    );
+    assert!(
+        m.log().contains("larger than"),
+        "no log line says why; log:\n{}",
+        m.log()
     );
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }

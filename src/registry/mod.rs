@@ -8,6 +8,7 @@
 //! whose variant says what the user should see; it never hangs longer than
 //! the configured timeout (plus retry backoff inside that same budget).
 
+pub mod list;
 pub mod name;
 
 use std::sync::Arc;
@@ -18,7 +19,9 @@ use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
+
+use list::ListKind;
 use sha2::{Digest as _, Sha256};
 
 use crate::config::registries::Endpoint;
@@ -32,8 +35,6 @@ pub const MANIFEST_ACCEPT: &[&str] = &[
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
 
-/// Pages of a tag list or catalog we follow before calling it hostile.
-const MAX_PAGES: usize = 1000;
 /// Longest `<registry host>/<repository>` a registry takes (distribution
 /// spec).
 pub const MAX_NAME_LENGTH: usize = 255;
@@ -243,15 +244,20 @@ impl RegistryClient {
         }
     }
 
-    /// Checks that `host` answers the distribution API at all (`GET /v2/`).
-    /// Used before showing a registry nobody configured.
-    pub async fn ping(&self, host: &str) -> Result<(), RegistryError> {
+    /// `scheme://host`: plain HTTP for the insecure registries.
+    fn base_url(&self, host: &str) -> String {
         let scheme = if self.inner.conf.is_insecure_host(host) {
             "http"
         } else {
             "https"
         };
-        let url = format!("{scheme}://{host}/v2/");
+        format!("{scheme}://{host}")
+    }
+
+    /// Checks that `host` answers the distribution API at all (`GET /v2/`).
+    /// Used before showing a registry nobody configured.
+    pub async fn ping(&self, host: &str) -> Result<(), RegistryError> {
+        let url = format!("{}/v2/", self.base_url(host));
         let r = tokio::time::timeout(self.inner.timeout, self.inner.http.get(&url).send()).await;
         match r {
             Ok(Ok(resp)) if resp.status().is_success() || resp.status().as_u16() == 401 => Ok(()),
@@ -276,12 +282,7 @@ impl RegistryClient {
         if let Some(&b) = self.inner.token_auth.lock().unwrap().get(host) {
             return b;
         }
-        let scheme = if self.inner.conf.is_insecure_host(host) {
-            "http"
-        } else {
-            "https"
-        };
-        let url = format!("{scheme}://{host}/v2/");
+        let url = format!("{}/v2/", self.base_url(host));
         let bearer = match tokio::time::timeout(
             self.inner.timeout,
             self.inner.http.get(&url).send(),
@@ -303,8 +304,8 @@ impl RegistryClient {
         bearer
     }
 
-    /// Every tag of `registry/repo`, following every page. Tag lists always
-    /// go to the primary location, never to a mirror.
+    /// Every tag of `registry/repo`, following every page ([`list`]). Tag
+    /// lists always go to the primary location, never to a mirror.
     pub async fn list_tags(
         &self,
         registry: &str,
@@ -313,19 +314,10 @@ impl RegistryClient {
         let ep = self.check(registry, repo)?;
         let what = format!("tag list of {repo}");
         let reference = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
-        let auth = self.registry_auth(&ep.host);
-        self.paginate(&ep.host, &what, |last| {
-            let (reference, auth) = (&reference, &auth);
-            async move {
-                let page = self
-                    .inner
-                    .oci
-                    .list_tags(reference, auth, None, last.as_deref());
-                Ok(page.await?.tags)
-            }
-        })
-        .await
-        .map(|tags| valid_names(tags, &what, name::is_tag))
+        let path = format!("/v2/{}/tags/list", ep.repo);
+        self.list_all(&ep.host, &reference, &path, ListKind::Tags, &what)
+            .await
+            .map(|tags| valid_names(tags, &what, name::is_tag))
     }
 
     /// Every repository `/v2/_catalog` lists (registries that do not serve
@@ -333,17 +325,13 @@ impl RegistryClient {
     pub async fn catalog(&self, registry: &str) -> Result<Vec<String>, RegistryError> {
         let ep = self.inner.conf.primary(registry, "x");
         let reference = Reference::with_tag(ep.host.clone(), "x".into(), "latest".into());
-        let auth = self.registry_auth(&ep.host);
-        self.paginate(&ep.host, "catalog", |last| {
-            let (reference, auth) = (&reference, &auth);
-            async move {
-                let page = self
-                    .inner
-                    .oci
-                    .catalog(reference, auth, None, last.as_deref());
-                Ok(page.await?.repositories)
-            }
-        })
+        self.list_all(
+            &ep.host,
+            &reference,
+            "/v2/_catalog",
+            ListKind::Catalog,
+            "catalog",
+        )
         .await
         .map(|repos| {
             valid_names(repos, "catalog", |r| {
@@ -352,37 +340,137 @@ impl RegistryClient {
         })
     }
 
-    /// Follows a paginated list (tags, catalog) to its end: `page(last)`
-    /// fetches the names after `last`, until a page brings no new name, for
-    /// at most [`MAX_PAGES`] pages. Names keep their order; repeats (a
-    /// registry that ignores `last`) are dropped.
-    async fn paginate<F, Fut>(
+    /// Follows a paginated list (tags, catalog) from `path` on `host` to
+    /// its end, authenticated as a pull of `reference`'s repository. The
+    /// bounds and the order of names are [`list`]'s contracts.
+    async fn list_all(
         &self,
         host: &str,
+        reference: &Reference,
+        path: &str,
+        kind: ListKind,
         what: &str,
-        mut page: F,
-    ) -> Result<Vec<String>, RegistryError>
-    where
-        F: FnMut(Option<String>) -> Fut,
-        Fut: std::future::Future<Output = Result<Vec<String>, OciDistributionError>>,
-    {
-        let mut names: Vec<String> = Vec::new();
-        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut last: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let got = self.retrying(host, what, || page(last.clone())).await?;
-            let new: Vec<String> = got.into_iter().filter(|n| seen.insert(n.clone())).collect();
-            let Some(end) = new.last() else {
-                return Ok(names);
-            };
-            last = Some(end.clone());
-            names.extend(new);
-        }
-        Err(RegistryError::Malformed {
+    ) -> Result<Vec<String>, RegistryError> {
+        let malformed = |reason: String| RegistryError::Malformed {
             registry: host.into(),
             what: what.into(),
-            reason: format!("the list did not end after {MAX_PAGES} pages"),
-        })
+            reason,
+        };
+        let auth = self.registry_auth(host);
+        let first = reqwest::Url::parse(&format!("{}{path}", self.base_url(host)))
+            .map_err(|e| malformed(format!("bad list URL: {e}")))?;
+        // One token (a bearer registry's) serves every page.
+        let token = self
+            .retrying(host, what, || {
+                self.inner
+                    .oci
+                    .auth(reference, &auth, RegistryOperation::Pull)
+            })
+            .await?;
+        let (mut names, mut seen, mut total) = (Vec::new(), std::collections::HashSet::new(), 0);
+        let mut next = Some(first);
+        for _ in 0..list::MAX_PAGES {
+            let Some(url) = next.take() else {
+                return Ok(names);
+            };
+            let (body, link) = self
+                .retrying(host, what, || self.list_page(&url, token.as_deref(), &auth))
+                .await?;
+            total += body.len() as u64;
+            if total > list::MAX_LIST_BYTES {
+                return Err(malformed(format!(
+                    "the list is larger than {} MiB",
+                    list::MAX_LIST_BYTES >> 20
+                )));
+            }
+            let page = list::page_names(kind, &body).map_err(malformed)?;
+            let new: Vec<String> = page
+                .into_iter()
+                .filter(|n| seen.insert(n.clone()))
+                .collect();
+            if new.is_empty() {
+                return Ok(names);
+            }
+            names.extend(new);
+            next = link;
+        }
+        Err(malformed(format!(
+            "the list did not end after {} pages",
+            list::MAX_PAGES
+        )))
+    }
+
+    /// One page of a list: its body (read up to [`list::MAX_PAGE_BODY`])
+    /// and the next page's address, if any.
+    async fn list_page(
+        &self,
+        url: &reqwest::Url,
+        token: Option<&str>,
+        auth: &RegistryAuth,
+    ) -> Result<(Bytes, Option<reqwest::Url>), OciDistributionError> {
+        let mut req = self
+            .inner
+            .http
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "application/json");
+        req = match (token, auth) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+            (None, _) => req,
+        };
+        let mut resp = req.send().await?;
+        let status = resp.status();
+        let max = if status.is_success() {
+            list::MAX_PAGE_BODY
+        } else {
+            64 << 10
+        };
+        let too_large = || {
+            OciDistributionError::SpecViolationError(format!(
+                "a list page larger than {} MiB",
+                list::MAX_PAGE_BODY >> 20
+            ))
+        };
+        if resp.content_length().is_some_and(|n| n > max) && status.is_success() {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await? {
+            if body.len() as u64 + chunk.len() as u64 > max {
+                if status.is_success() {
+                    return Err(too_large());
+                }
+                break; // enough of an error body to say what it was
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let u = url.as_str().to_string();
+        match status.as_u16() {
+            200 => {}
+            401 => return Err(OciDistributionError::UnauthorizedError { url: u }),
+            s if status.is_success() => {
+                return Err(OciDistributionError::SpecViolationError(format!(
+                    "expected HTTP 200 for a list page, got {s}"
+                )));
+            }
+            s => {
+                return Err(
+                    match serde_json::from_slice::<oci_client::errors::OciEnvelope>(&body) {
+                        Ok(envelope) if status.is_client_error() => {
+                            OciDistributionError::RegistryError { envelope, url: u }
+                        }
+                        _ => OciDistributionError::ServerError {
+                            code: s,
+                            url: u,
+                            message: String::from_utf8_lossy(&body).into_owned(),
+                        },
+                    },
+                );
+            }
+        }
+        let next = list::next_link(resp.headers(), url)
+            .map_err(OciDistributionError::SpecViolationError)?;
+        Ok((Bytes::from(body), next))
     }
 
     /// A manifest or index by tag or digest, verified: by digest the bytes

@@ -1908,7 +1908,10 @@ impl FaultReply {
     }
 }
 
-type Handler = dyn Fn(&str, &str) -> FaultReply + Send + Sync + 'static;
+/// A request's headers: (name in lower case, value).
+pub type Headers = [(String, String)];
+
+type Handler = dyn Fn(&str, &str, &Headers) -> FaultReply + Send + Sync + 'static;
 
 /// A gate a test opens once; [`FaultReply::Trickle`] answers wait for it.
 #[derive(Debug, Clone, Default)]
@@ -1944,6 +1947,14 @@ pub struct FaultServer {
 impl FaultServer {
     pub fn start(
         handler: impl Fn(&str, &str) -> FaultReply + Send + Sync + 'static,
+    ) -> FaultServer {
+        Self::start_with_headers(move |method, target, _| handler(method, target))
+    }
+
+    /// [`FaultServer::start`] with a handler that also sees the request's
+    /// headers (e.g. to demand `Authorization`).
+    pub fn start_with_headers(
+        handler: impl Fn(&str, &str, &Headers) -> FaultReply + Send + Sync + 'static,
     ) -> FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault server");
         let port = listener.local_addr().unwrap().port();
@@ -2041,8 +2052,10 @@ fn serve_conn(
         let mut content_length = 0usize;
         let mut close = false;
         let mut range = None;
+        let mut headers = Vec::new();
         for l in lines {
             if let Some((k, v)) = l.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
                 if k.trim().eq_ignore_ascii_case("range") {
                     range = Some(v.trim().to_string());
                 }
@@ -2069,7 +2082,7 @@ fn serve_conn(
             .lock()
             .unwrap()
             .push((method.clone(), target.clone()));
-        let reply = match handler(&method, &target) {
+        let reply = match handler(&method, &target, &headers) {
             FaultReply::Default => default_reply(&method, &target),
             r => r,
         };
