@@ -302,7 +302,7 @@ fn paginated_tag_list_is_followed_to_the_end() {
 }
 
 #[test]
-fn opaque_next_page_cursors_are_followed_with_the_bearer_token() {
+fn opaque_next_page_cursors_and_bearer_tokens_are_followed() {
     // Quay pages tags/list with an opaque `next_page=` cursor in its Link
     // header and ignores `last=`; it (like Docker Hub) wants a bearer token
     // from its token service. Neither is what distribution 2.8 does.
@@ -310,8 +310,20 @@ fn opaque_next_page_cursors_are_followed_with_the_bearer_token() {
     let tags = all.clone();
     let me = Arc::new(std::sync::OnceLock::<String>::new());
     let me2 = me.clone();
+    // The token service's current token; the test rotates it.
+    let generation = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let gen2 = generation.clone();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[]}}"#,
+        "0".repeat(64)
+    );
+    let manifest2 = manifest.clone();
     let (real, fault, mut m, _work) = fault_fixture_with_headers(move |_, target, headers| {
         let host = me2.get().cloned().unwrap_or_default();
+        let token = format!("tok-{}", gen2.load(std::sync::atomic::Ordering::SeqCst));
+        let bearer = headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && *v == format!("Bearer {token}"));
         let challenge = || {
             FaultReply::json(
                 401,
@@ -330,12 +342,15 @@ fn opaque_next_page_cursors_are_followed_with_the_bearer_token() {
                     .map(|s| s.replace("%3A", ":").replace("%2F", "/"))
                     == Some("repository:quay/app:pull".into()) =>
             {
-                FaultReply::json(200, r#"{"token":"tok-5e1f"}"#)
+                FaultReply::json(200, &serde_json::json!({ "token": token }).to_string())
             }
+            "/v2/quay/app/manifests/v0001" if bearer => FaultReply::bytes(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest2.clone().into_bytes(),
+            ),
+            "/v2/quay/app/manifests/v0001" => challenge(),
             "/v2/quay/app/tags/list" => {
-                let bearer = headers
-                    .iter()
-                    .any(|(k, v)| k == "authorization" && v == "Bearer tok-5e1f");
                 if !bearer {
                     return challenge();
                 }
@@ -380,6 +395,21 @@ fn opaque_next_page_cursors_are_followed_with_the_bearer_token() {
         pages.iter().all(|t| !t.contains("last=")),
         "the cursor was replaced by last=: {pages:?}"
     );
+    let tokens = || {
+        fault
+            .requests()
+            .iter()
+            .filter(|(_, t)| t.starts_with("/token") && t.contains("quay%2Fapp"))
+            .count()
+    };
+    assert_eq!(tokens(), 1, "one token for every page");
+    // The service rotates its token: the one held is refused once, and a
+    // new one is fetched.
+    generation.store(2, std::sync::atomic::Ordering::SeqCst);
+    let got = read(m.join(format!("{}/quay/app/v0001/manifest.json", fault.host())))
+        .expect("read a manifest with a rotated token");
+    assert_eq!(got, manifest.as_bytes());
+    assert_eq!(tokens(), 2, "{:?}", fault.requests());
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 
@@ -1542,6 +1572,51 @@ fn manifest_not_matching_its_digest_is_eio() {
     );
     // Nothing was cached: still EIO.
     assert_errno(read(&pinned), EIO, "second read of the bad manifest");
+    // By tag, the bytes must hash to the digest the registry says it sent.
+    assert_errno(
+        read(m.join(format!("{}/lie/t1/manifest.json", fault.host()))),
+        EIO,
+        "manifest by tag that does not match its Docker-Content-Digest",
+    );
+    assert_still_serves(&mut m, &real.host(), "app", "t1");
+}
+
+#[test]
+fn an_oversized_manifest_is_refused_before_it_is_read() {
+    // A manifest that says it is 64 MiB and sends 1 MiB of it: refused at
+    // its Content-Length, not read (and held) until the timeout.
+    let body = vec![b' '; 64 << 20];
+    let gate = Gate::default();
+    let g = gate.clone();
+    let (real, fault, mut m, _work) = fault_fixture(move |_, target| {
+        let (path, _) = split_target(target);
+        if path == "/v2/big/tags/list" {
+            FaultReply::json(200, r#"{"name":"big","tags":["t1"]}"#)
+        } else if path.starts_with("/v2/big/manifests/") {
+            FaultReply::Trickle {
+                headers: vec![(
+                    "Content-Type".into(),
+                    "application/vnd.oci.image.manifest.v1+json".into(),
+                )],
+                body: body.clone(),
+                first: 1 << 20,
+                gate: g.clone(),
+            }
+        } else {
+            FaultReply::Default
+        }
+    });
+    assert_errno(
+        read(m.join(format!("{}/big/t1/manifest.json", fault.host()))),
+        EIO,
+        "read a 64 MiB manifest",
+    );
+    assert!(
+        m.log().contains("larger than 16 MiB"),
+        "refused for another reason; log:\n{}",
+        m.log()
+    );
+    gate.open();
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 

@@ -185,7 +185,17 @@ struct Inner {
     http: reqwest::Client,
     /// host → whether `GET /v2/` challenges with `Bearer`.
     token_auth: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// (host, repository) → the pull token of our own `GET`s (`None`:
+    /// Basic or anonymous), and when it was fetched.
+    tokens: std::sync::Mutex<std::collections::HashMap<(String, String), Token>>,
 }
+
+/// A pull token and when it was fetched.
+type Token = (Option<String>, Instant);
+
+/// How long a pull token is reused. Registries issue them for minutes
+/// (Docker Hub: 300 s); one refused anyway is fetched again once.
+const TOKEN_REUSE: Duration = Duration::from_secs(60);
 
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
@@ -218,6 +228,7 @@ impl RegistryClient {
                 timeout,
                 http,
                 token_auth: Default::default(),
+                tokens: Default::default(),
             }),
         })
     }
@@ -356,25 +367,23 @@ impl RegistryClient {
             what: what.into(),
             reason,
         };
-        let auth = self.registry_auth(host);
         let first = reqwest::Url::parse(&format!("{}{path}", self.base_url(host)))
             .map_err(|e| malformed(format!("bad list URL: {e}")))?;
-        // One token (a bearer registry's) serves every page.
-        let token = self
-            .retrying(host, what, || {
-                self.inner
-                    .oci
-                    .auth(reference, &auth, RegistryOperation::Pull)
-            })
-            .await?;
         let (mut names, mut seen, mut total) = (Vec::new(), std::collections::HashSet::new(), 0);
         let mut next = Some(first);
         for _ in 0..list::MAX_PAGES {
             let Some(url) = next.take() else {
                 return Ok(names);
             };
-            let (body, link) = self
-                .retrying(host, what, || self.list_page(&url, token.as_deref(), &auth))
+            let (headers, body) = self
+                .get_doc(
+                    host,
+                    what,
+                    reference,
+                    &url,
+                    "application/json",
+                    list::MAX_PAGE_BODY,
+                )
                 .await?;
             total += body.len() as u64;
             if total > list::MAX_LIST_BYTES {
@@ -392,7 +401,7 @@ impl RegistryClient {
                 return Ok(names);
             }
             names.extend(new);
-            next = link;
+            next = list::next_link(&headers, &url).map_err(malformed)?;
         }
         Err(malformed(format!(
             "the list did not end after {} pages",
@@ -400,19 +409,85 @@ impl RegistryClient {
         )))
     }
 
-    /// One page of a list: its body (read up to [`list::MAX_PAGE_BODY`])
-    /// and the next page's address, if any.
-    async fn list_page(
+    /// A small document (a list page, a manifest) by our own `GET`, read
+    /// up to `max` bytes as it streams, authenticated as a pull of
+    /// `reference`'s repository: a bearer token from oci-client's challenge
+    /// flow (reused for [`TOKEN_REUSE`], fetched again once if refused),
+    /// else Basic credentials from the auth file.
+    async fn get_doc(
+        &self,
+        host: &str,
+        what: &str,
+        reference: &Reference,
+        url: &reqwest::Url,
+        accept: &str,
+        max: u64,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes), RegistryError> {
+        let auth = self.registry_auth(host);
+        for fresh in [false, true] {
+            let token = self.pull_token(host, what, reference, &auth, fresh).await?;
+            let got = self
+                .retrying(host, what, || {
+                    self.get_capped(url, accept, max, token.as_deref(), &auth)
+                })
+                .await;
+            match got {
+                Err(RegistryError::Denied { .. }) if token.is_some() && !fresh => {}
+                r => return r,
+            }
+        }
+        unreachable!("the second round returns")
+    }
+
+    /// The bearer token for pulling `reference`'s repository (`None` where
+    /// the registry takes Basic credentials or none), reused while younger
+    /// than [`TOKEN_REUSE`] unless `fresh`.
+    async fn pull_token(
+        &self,
+        host: &str,
+        what: &str,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        fresh: bool,
+    ) -> Result<Option<String>, RegistryError> {
+        let key = (host.to_string(), reference.repository().to_string());
+        if !fresh
+            && let Some((token, at)) = self.inner.tokens.lock().unwrap().get(&key)
+            && at.elapsed() < TOKEN_REUSE
+        {
+            return Ok(token.clone());
+        }
+        let token = self
+            .retrying(host, what, || {
+                self.inner
+                    .oci
+                    .auth(reference, auth, RegistryOperation::Pull)
+            })
+            .await?;
+        self.inner
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(key, (token.clone(), Instant::now()));
+        Ok(token)
+    }
+
+    /// One `GET` of a small document: its headers and its body, read up to
+    /// `max` bytes (an error beyond). Failures are classified as
+    /// oci-client's own (so [`Self::retrying`] treats them alike).
+    async fn get_capped(
         &self,
         url: &reqwest::Url,
+        accept: &str,
+        max: u64,
         token: Option<&str>,
         auth: &RegistryAuth,
-    ) -> Result<(Bytes, Option<reqwest::Url>), OciDistributionError> {
+    ) -> Result<(reqwest::header::HeaderMap, Bytes), OciDistributionError> {
         let mut req = self
             .inner
             .http
             .get(url.clone())
-            .header(reqwest::header::ACCEPT, "application/json");
+            .header(reqwest::header::ACCEPT, accept);
         req = match (token, auth) {
             (Some(t), _) => req.bearer_auth(t),
             (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
@@ -420,57 +495,49 @@ impl RegistryClient {
         };
         let mut resp = req.send().await?;
         let status = resp.status();
-        let max = if status.is_success() {
-            list::MAX_PAGE_BODY
-        } else {
-            64 << 10
-        };
+        // Enough of an error body to say what it was.
+        let cap = if status.is_success() { max } else { 64 << 10 };
         let too_large = || {
             OciDistributionError::SpecViolationError(format!(
-                "a list page larger than {} MiB",
-                list::MAX_PAGE_BODY >> 20
+                "{} is larger than {} MiB",
+                url.path(),
+                max >> 20
             ))
         };
-        if resp.content_length().is_some_and(|n| n > max) && status.is_success() {
+        if status.is_success() && resp.content_length().is_some_and(|n| n > max) {
             return Err(too_large());
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await? {
-            if body.len() as u64 + chunk.len() as u64 > max {
+            if body.len() as u64 + chunk.len() as u64 > cap {
                 if status.is_success() {
                     return Err(too_large());
                 }
-                break; // enough of an error body to say what it was
+                break;
             }
             body.extend_from_slice(&chunk);
         }
         let u = url.as_str().to_string();
         match status.as_u16() {
-            200 => {}
-            401 => return Err(OciDistributionError::UnauthorizedError { url: u }),
-            s if status.is_success() => {
-                return Err(OciDistributionError::SpecViolationError(format!(
-                    "expected HTTP 200 for a list page, got {s}"
-                )));
-            }
-            s => {
-                return Err(
-                    match serde_json::from_slice::<oci_client::errors::OciEnvelope>(&body) {
-                        Ok(envelope) if status.is_client_error() => {
-                            OciDistributionError::RegistryError { envelope, url: u }
-                        }
-                        _ => OciDistributionError::ServerError {
-                            code: s,
-                            url: u,
-                            message: String::from_utf8_lossy(&body).into_owned(),
-                        },
+            200 => Ok((resp.headers().clone(), Bytes::from(body))),
+            401 => Err(OciDistributionError::UnauthorizedError { url: u }),
+            s if status.is_success() => Err(OciDistributionError::SpecViolationError(format!(
+                "expected HTTP 200 for {}, got {s}",
+                url.path()
+            ))),
+            s => Err(
+                match serde_json::from_slice::<oci_client::errors::OciEnvelope>(&body) {
+                    Ok(envelope) if status.is_client_error() => {
+                        OciDistributionError::RegistryError { envelope, url: u }
+                    }
+                    _ => OciDistributionError::ServerError {
+                        code: s,
+                        url: u,
+                        message: String::from_utf8_lossy(&body).into_owned(),
                     },
-                );
-            }
+                },
+            ),
         }
-        let next = list::next_link(resp.headers(), url)
-            .map_err(OciDistributionError::SpecViolationError)?;
-        Ok((Bytes::from(body), next))
     }
 
     /// A manifest or index by tag or digest, verified: by digest the bytes
@@ -490,39 +557,54 @@ impl RegistryClient {
         let w = &what;
         let (ep, (bytes, digest)) = self
             .pull(registry, repo, w, |ep| async move {
-                let r = if by_digest {
-                    Reference::with_digest(ep.host.clone(), ep.repo.clone(), reference.into())
-                } else {
-                    Reference::with_tag(ep.host.clone(), ep.repo.clone(), reference.into())
-                };
-                let auth = self.registry_auth(&ep.host);
-                let (bytes, _header_digest) = self
-                    .retrying(&ep.host, w, || async {
-                        self.inner
-                            .oci
-                            .pull_manifest_raw(&r, &auth, MANIFEST_ACCEPT)
-                            .await
-                    })
+                let r = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
+                let url = reqwest::Url::parse(&format!(
+                    "{}/v2/{}/manifests/{reference}",
+                    self.base_url(&ep.host),
+                    ep.repo
+                ))
+                .map_err(|e| RegistryError::Malformed {
+                    registry: ep.host.clone(),
+                    what: w.clone(),
+                    reason: format!("bad manifest URL: {e}"),
+                })?;
+                // Capped as it streams: a hostile registry cannot make the
+                // daemon hold more than this of it.
+                let (headers, bytes) = self
+                    .get_doc(
+                        &ep.host,
+                        w,
+                        &r,
+                        &url,
+                        &MANIFEST_ACCEPT.join(", "),
+                        MAX_METADATA_SIZE,
+                    )
                     .await?;
                 let digest = sha256_digest(&bytes);
-                if by_digest && digest != reference {
+                // By digest the bytes must hash to it; by tag, to the
+                // digest the registry says it sent, if it says one.
+                let expected = if by_digest {
+                    Some(reference.to_string())
+                } else {
+                    headers
+                        .get("Docker-Content-Digest")
+                        .and_then(|h| h.to_str().ok())
+                        .filter(|d| d.starts_with("sha256:"))
+                        .map(str::to_string)
+                };
+                if let Some(expected) = expected
+                    && digest != expected
+                {
                     return Err(RegistryError::DigestMismatch {
                         registry: ep.host.clone(),
                         what: w.clone(),
-                        expected: reference.into(),
+                        expected,
                         actual: digest,
                     });
                 }
                 Ok((bytes, digest))
             })
             .await?;
-        if bytes.len() as u64 > MAX_METADATA_SIZE {
-            return Err(RegistryError::Malformed {
-                registry: ep.host,
-                what,
-                reason: "manifest too large".into(),
-            });
-        }
         let (media_type, is_index) =
             classify_manifest(&bytes).map_err(|reason| RegistryError::Malformed {
                 registry: ep.host.clone(),
