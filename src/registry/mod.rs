@@ -197,6 +197,15 @@ type Token = (Option<String>, Instant);
 /// (Docker Hub: 300 s); one refused anyway is fetched again once.
 const TOKEN_REUSE: Duration = Duration::from_secs(60);
 
+/// The host that serves `host`'s registry API: Docker Hub's images are
+/// named `docker.io/…` but served by `index.docker.io` (as oci-client
+/// resolves it for its own requests).
+fn api_host(host: &str) -> String {
+    Reference::with_tag(host.into(), "x".into(), "x".into())
+        .resolve_registry()
+        .to_string()
+}
+
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -262,7 +271,7 @@ impl RegistryClient {
         } else {
             "https"
         };
-        format!("{scheme}://{host}")
+        format!("{scheme}://{}", api_host(host))
     }
 
     /// Checks that `host` answers the distribution API at all (`GET /v2/`).
@@ -1438,6 +1447,13 @@ fn skip_take(body: BlobBody, offset: u64, len: Option<u64>) -> BlobBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_hub_is_asked_at_its_api_host() {
+        assert_eq!(api_host("docker.io"), "index.docker.io");
+        assert_eq!(api_host("ghcr.io"), "ghcr.io");
+        assert_eq!(api_host("127.0.0.1:5000"), "127.0.0.1:5000");
+    }
 
     #[test]
     fn classifies_manifests() {
