@@ -990,6 +990,29 @@ fn mirror_serves_image_reads_tags_come_from_primary() {
 // ---------------------------------------------------------------------------
 
 #[test]
+fn an_unconfigured_registry_that_is_down_is_eio_not_enoent() {
+    // Its name resolves, so it is a registry that does not answer, not an
+    // unknown host (that one stays ENOENT, above).
+    require_env();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    push_simple(work.path(), &format!("{}/app:t1", reg.host()), Format::Oci);
+    let mut m = Mount::start(&[&reg.host()]);
+    let down = format!("127.0.0.1:{}", free_port());
+    assert_errno(
+        list(m.join(&down)),
+        EIO,
+        "ls an unconfigured registry that is down",
+    );
+    assert!(
+        m.log().contains("cannot connect"),
+        "no log line says why; log:\n{}",
+        m.log()
+    );
+    assert_still_serves(&mut m, &reg.host(), "app", "t1");
+}
+
+#[test]
 fn unknown_registry_repository_and_tag_are_enoent() {
     require_env();
     let reg = Registry::start();

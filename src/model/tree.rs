@@ -681,7 +681,11 @@ impl Tree {
         if !known {
             match self.client.ping(name).await {
                 Ok(()) => {}
-                Err(e @ RegistryError::Unavailable { .. }) => return Err(e.into()),
+                Err(e @ RegistryError::Unavailable { .. }) => {
+                    let e = e.into();
+                    log_error(&e);
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::info!(registry = name, error = %e, "not a registry");
                     return Err(FsError::NotFound);

@@ -206,6 +206,19 @@ fn api_host(host: &str) -> String {
         .to_string()
 }
 
+/// Whether `host` (`name` or `name:port`) resolves to an address, asked
+/// within a few seconds.
+async fn resolves(host: &str) -> bool {
+    let with_port = match host.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => host.to_string(),
+        _ => format!("{host}:443"),
+    };
+    match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(with_port)).await {
+        Ok(Ok(mut addrs)) => addrs.next().is_some(),
+        _ => false,
+    }
+}
+
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -285,6 +298,15 @@ impl RegistryClient {
                 registry: host.into(),
                 what: format!("registry API (GET /v2/ answered {})", resp.status()),
             }),
+            // A host that exists but does not answer is a registry that is
+            // down (EIO); only a name that does not resolve is unknown.
+            Ok(Err(e)) if e.is_connect() && resolves(&api_host(host)).await => {
+                Err(RegistryError::Unavailable {
+                    registry: host.into(),
+                    what: "GET /v2/".into(),
+                    reason: format!("cannot connect: {}", root_cause(&e)),
+                })
+            }
             Ok(Err(e)) => Err(RegistryError::NotFound {
                 registry: host.into(),
                 what: format!("registry ({e})"),
@@ -473,11 +495,13 @@ impl RegistryClient {
                     .auth(reference, auth, RegistryOperation::Pull)
             })
             .await?;
-        self.inner
-            .tokens
-            .lock()
-            .unwrap()
-            .insert(key, (token.clone(), Instant::now()));
+        let mut tokens = self.inner.tokens.lock().unwrap();
+        // One entry per repository read lately: a walk of many
+        // repositories leaves no trail of stale tokens.
+        if tokens.len() >= 1024 {
+            tokens.retain(|_, (_, at)| at.elapsed() < TOKEN_REUSE);
+        }
+        tokens.insert(key, (token.clone(), Instant::now()));
         Ok(token)
     }
 
