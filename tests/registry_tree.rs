@@ -646,6 +646,29 @@ fn tags_are_reread_after_tag_ttl_digests_are_cached_forever() {
     let pinned_a = m.join(format!("{h}/app/@{a}/manifest.json"));
     assert_eq!(read(&pinned_a).unwrap(), a_bytes);
 
+    // A tag that has not moved is asked again by a HEAD, not a GET of its
+    // manifest (Docker Hub counts manifest GETs against its pull limit).
+    let offset = reg.log_len();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        read_string(m.join(format!("{h}/app/t1/digest"))).unwrap(),
+        format!("{a}\n")
+    );
+    registry_log_barrier(&reg);
+    let asked = reg.requests_since(offset);
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.starts_with("HEAD ") && r.contains("/v2/app/manifests/t1 ")),
+        "t1 was not asked again after tag_ttl: {asked:?}"
+    );
+    assert!(
+        !asked
+            .iter()
+            .any(|r| r.starts_with("GET ") && r.contains("/manifests/")),
+        "a manifest was read again although t1 did not move: {asked:?}"
+    );
+
     // A new tag appears; t1 moves to image b; image a is deleted.
     put_manifest(&h, "app", "t2", &b_ct, &b_bytes, None);
     put_manifest(&h, "app", "t1", &b_ct, &b_bytes, None);

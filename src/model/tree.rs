@@ -1228,9 +1228,45 @@ impl Tree {
         if let Some(i) = self.tag_images.get(&key, self.opts.tag_ttl) {
             return Ok(i);
         }
-        let image = self.resolve(registry, repo, tag).await?;
+        let before = self.tag_images.get(&key, Duration::MAX);
+        let image = self
+            .image_flights
+            .run(key.clone(), || async {
+                let r = self.retag(registry, repo, tag, before).await;
+                if let Err(e) = &r {
+                    log_error(e);
+                }
+                r
+            })
+            .await?;
         self.tag_images.put(key, image.clone());
         Ok(image)
+    }
+
+    /// Where `tag` points now. A tag resolved before is asked by a `HEAD`
+    /// (not counted as a pull by registries that limit pulls), and its
+    /// manifest read again only if it moved; a first resolution (or a
+    /// registry that does not say the digest) reads the manifest by tag.
+    async fn retag(
+        &self,
+        registry: &Arc<str>,
+        repo: &Arc<str>,
+        tag: &Arc<str>,
+        before: Option<Arc<Image>>,
+    ) -> Res<Arc<Image>> {
+        if let Some(old) = before {
+            let canonical = canonical_repo(registry, repo);
+            match self
+                .client
+                .manifest_digest(registry, &canonical, tag)
+                .await?
+            {
+                Some(d) if *d == *old.top_digest => return Ok(old),
+                Some(d) => return self.pinned_image(registry, repo, &d).await,
+                None => {}
+            }
+        }
+        self.resolve_uncached(registry, repo, tag).await
     }
 
     /// The image with top-level digest `digest` (immutable).

@@ -454,12 +454,36 @@ impl RegistryClient {
         accept: &str,
         max: u64,
     ) -> Result<(reqwest::header::HeaderMap, Bytes), RegistryError> {
+        self.ask_doc(
+            reqwest::Method::GET,
+            host,
+            what,
+            reference,
+            url,
+            accept,
+            max,
+        )
+        .await
+    }
+
+    /// [`Self::get_doc`] with another method (`HEAD`: headers only).
+    #[allow(clippy::too_many_arguments)]
+    async fn ask_doc(
+        &self,
+        method: reqwest::Method,
+        host: &str,
+        what: &str,
+        reference: &Reference,
+        url: &reqwest::Url,
+        accept: &str,
+        max: u64,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes), RegistryError> {
         let auth = self.registry_auth(host);
         for fresh in [false, true] {
             let token = self.pull_token(host, what, reference, &auth, fresh).await?;
             let got = self
                 .retrying(host, what, || {
-                    self.get_capped(url, accept, max, token.as_deref(), &auth)
+                    self.get_capped(method.clone(), url, accept, max, token.as_deref(), &auth)
                 })
                 .await;
             match got {
@@ -510,6 +534,7 @@ impl RegistryClient {
     /// oci-client's own (so [`Self::retrying`] treats them alike).
     async fn get_capped(
         &self,
+        method: reqwest::Method,
         url: &reqwest::Url,
         accept: &str,
         max: u64,
@@ -519,7 +544,7 @@ impl RegistryClient {
         let mut req = self
             .inner
             .http
-            .get(url.clone())
+            .request(method, url.clone())
             .header(reqwest::header::ACCEPT, accept);
         req = match (token, auth) {
             (Some(t), _) => req.bearer_auth(t),
@@ -650,6 +675,53 @@ impl RegistryClient {
             media_type,
             is_index,
         })
+    }
+
+    /// The digest `tag` of `registry/repo` points at, by a `HEAD` (which
+    /// registries do not count as a pull: Docker Hub's rate limit counts
+    /// `GET`s of manifests). `None` when the registry does not say (no
+    /// sha256 `Docker-Content-Digest`): the caller reads the manifest.
+    pub async fn manifest_digest(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        self.check(registry, repo)?;
+        let what = format!("digest of {repo}:{tag}");
+        let w = &what;
+        let (_, digest) = self
+            .pull(registry, repo, w, |ep| async move {
+                let r = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
+                let url = reqwest::Url::parse(&format!(
+                    "{}/v2/{}/manifests/{tag}",
+                    self.base_url(&ep.host),
+                    ep.repo
+                ))
+                .map_err(|e| RegistryError::Malformed {
+                    registry: ep.host.clone(),
+                    what: w.clone(),
+                    reason: format!("bad manifest URL: {e}"),
+                })?;
+                let (headers, _) = self
+                    .ask_doc(
+                        reqwest::Method::HEAD,
+                        &ep.host,
+                        w,
+                        &r,
+                        &url,
+                        &MANIFEST_ACCEPT.join(", "),
+                        MAX_METADATA_SIZE,
+                    )
+                    .await?;
+                Ok(headers
+                    .get("Docker-Content-Digest")
+                    .and_then(|h| h.to_str().ok())
+                    .filter(|d| name::is_sha256_digest(d))
+                    .map(str::to_string))
+            })
+            .await?;
+        Ok(digest)
     }
 
     /// A whole small blob (a config), verified against `digest`, at most
