@@ -219,6 +219,15 @@ async fn resolves(host: &str) -> bool {
     }
 }
 
+/// The sha256 `Docker-Content-Digest` an answer names, if any.
+fn content_digest(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers
+        .get("Docker-Content-Digest")
+        .and_then(|h| h.to_str().ok())
+        .filter(|d| name::is_sha256_digest(d))
+        .map(str::to_string)
+}
+
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -615,28 +624,8 @@ impl RegistryClient {
         let w = &what;
         let (ep, (bytes, digest)) = self
             .pull(registry, repo, w, |ep| async move {
-                let r = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
-                let url = reqwest::Url::parse(&format!(
-                    "{}/v2/{}/manifests/{reference}",
-                    self.base_url(&ep.host),
-                    ep.repo
-                ))
-                .map_err(|e| RegistryError::Malformed {
-                    registry: ep.host.clone(),
-                    what: w.clone(),
-                    reason: format!("bad manifest URL: {e}"),
-                })?;
-                // Capped as it streams: a hostile registry cannot make the
-                // daemon hold more than this of it.
                 let (headers, bytes) = self
-                    .get_doc(
-                        &ep.host,
-                        w,
-                        &r,
-                        &url,
-                        &MANIFEST_ACCEPT.join(", "),
-                        MAX_METADATA_SIZE,
-                    )
+                    .ask_manifest(reqwest::Method::GET, &ep, reference, w)
                     .await?;
                 let digest = sha256_digest(&bytes);
                 // By digest the bytes must hash to it; by tag, to the
@@ -644,11 +633,7 @@ impl RegistryClient {
                 let expected = if by_digest {
                     Some(reference.to_string())
                 } else {
-                    headers
-                        .get("Docker-Content-Digest")
-                        .and_then(|h| h.to_str().ok())
-                        .filter(|d| d.starts_with("sha256:"))
-                        .map(str::to_string)
+                    content_digest(&headers)
                 };
                 if let Some(expected) = expected
                     && digest != expected
@@ -677,6 +662,32 @@ impl RegistryClient {
         })
     }
 
+    /// `GET` (or `HEAD`) of manifest `reference` at endpoint `ep`, capped
+    /// at [`MAX_METADATA_SIZE`] as it streams: a hostile registry cannot
+    /// make the daemon hold more of it.
+    async fn ask_manifest(
+        &self,
+        method: reqwest::Method,
+        ep: &Endpoint,
+        reference: &str,
+        what: &str,
+    ) -> Result<(reqwest::header::HeaderMap, Bytes), RegistryError> {
+        let r = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
+        let url = reqwest::Url::parse(&format!(
+            "{}/v2/{}/manifests/{reference}",
+            self.base_url(&ep.host),
+            ep.repo
+        ))
+        .map_err(|e| RegistryError::Malformed {
+            registry: ep.host.clone(),
+            what: what.into(),
+            reason: format!("bad manifest URL: {e}"),
+        })?;
+        let accept = MANIFEST_ACCEPT.join(", ");
+        self.ask_doc(method, &ep.host, what, &r, &url, &accept, MAX_METADATA_SIZE)
+            .await
+    }
+
     /// The digest `tag` of `registry/repo` points at, by a `HEAD` (which
     /// registries do not count as a pull: Docker Hub's rate limit counts
     /// `GET`s of manifests). `None` when the registry does not say (no
@@ -692,33 +703,10 @@ impl RegistryClient {
         let w = &what;
         let (_, digest) = self
             .pull(registry, repo, w, |ep| async move {
-                let r = Reference::with_tag(ep.host.clone(), ep.repo.clone(), "latest".into());
-                let url = reqwest::Url::parse(&format!(
-                    "{}/v2/{}/manifests/{tag}",
-                    self.base_url(&ep.host),
-                    ep.repo
-                ))
-                .map_err(|e| RegistryError::Malformed {
-                    registry: ep.host.clone(),
-                    what: w.clone(),
-                    reason: format!("bad manifest URL: {e}"),
-                })?;
                 let (headers, _) = self
-                    .ask_doc(
-                        reqwest::Method::HEAD,
-                        &ep.host,
-                        w,
-                        &r,
-                        &url,
-                        &MANIFEST_ACCEPT.join(", "),
-                        MAX_METADATA_SIZE,
-                    )
+                    .ask_manifest(reqwest::Method::HEAD, &ep, tag, w)
                     .await?;
-                Ok(headers
-                    .get("Docker-Content-Digest")
-                    .and_then(|h| h.to_str().ok())
-                    .filter(|d| name::is_sha256_digest(d))
-                    .map(str::to_string))
+                Ok(content_digest(&headers))
             })
             .await?;
         Ok(digest)
