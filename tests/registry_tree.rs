@@ -1628,6 +1628,53 @@ fn manifest_not_matching_its_digest_is_eio() {
 }
 
 #[test]
+fn a_registry_that_refuses_head_of_manifests_still_has_its_tags_refreshed() {
+    // Tags seen before are asked again by HEAD; a registry that answers
+    // HEAD with 405 gets the GET by tag instead of failing the tag.
+    require_env();
+    let real = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    push_simple(work.path(), &format!("{}/app:t1", real.host()), Format::Oci);
+    let (good, ct) = get_manifest(&real.host(), "app", "t1", None);
+    let body = good.clone();
+    let fault = FaultServer::start(move |method, target| {
+        let (path, _) = split_target(target);
+        if path == "/v2/nohead/tags/list" {
+            FaultReply::json(200, r#"{"name":"nohead","tags":["t1"]}"#)
+        } else if path == "/v2/nohead/manifests/t1" && method == "HEAD" {
+            FaultReply::json(
+                405,
+                r#"{"errors":[{"code":"UNSUPPORTED","message":"no HEAD"}]}"#,
+            )
+        } else if path == "/v2/nohead/manifests/t1" {
+            FaultReply::bytes(200, &ct, body.clone())
+        } else {
+            FaultReply::Default
+        }
+    });
+    let m = Mount::builder()
+        .insecure(&fault.host())
+        .tag_ttl(1)
+        .timeout(3)
+        .start();
+    let file = m.join(format!("{}/nohead/t1/manifest.json", fault.host()));
+    assert_eq!(read(&file).expect("first read"), good);
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(read(&file).expect("read after tag_ttl"), good);
+    let gets = fault
+        .requests()
+        .iter()
+        .filter(|(m, t)| m == "GET" && t == "/v2/nohead/manifests/t1")
+        .count();
+    assert!(
+        fault.count("/v2/nohead/manifests/t1") > gets,
+        "the tag was not asked by HEAD: {:?}",
+        fault.requests()
+    );
+    assert_eq!(gets, 2, "{:?}", fault.requests());
+}
+
+#[test]
 fn an_oversized_manifest_is_refused_before_it_is_read() {
     // A manifest that says it is 64 MiB and sends 1 MiB of it: refused at
     // its Content-Length, not read (and held) until the timeout.

@@ -701,15 +701,24 @@ impl RegistryClient {
         self.check(registry, repo)?;
         let what = format!("digest of {repo}:{tag}");
         let w = &what;
-        let (_, digest) = self
+        let digest = self
             .pull(registry, repo, w, |ep| async move {
                 let (headers, _) = self
                     .ask_manifest(reqwest::Method::HEAD, &ep, tag, w)
                     .await?;
                 Ok(content_digest(&headers))
             })
-            .await?;
-        Ok(digest)
+            .await;
+        match digest {
+            Ok((_, d)) => Ok(d),
+            // A registry that answers HEAD oddly (405, another status) may
+            // still serve the GET.
+            Err(e @ RegistryError::Malformed { .. }) => {
+                tracing::debug!(error = %e, "HEAD of a manifest failed; reading it instead");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A whole small blob (a config), verified against `digest`, at most
