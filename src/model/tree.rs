@@ -1231,13 +1231,7 @@ impl Tree {
         let before = self.tag_images.get(&key, Duration::MAX);
         let image = self
             .image_flights
-            .run(key.clone(), || async {
-                let r = self.retag(registry, repo, tag, before).await;
-                if let Err(e) = &r {
-                    log_error(e);
-                }
-                r
-            })
+            .run(key.clone(), || self.retag(registry, repo, tag, before))
             .await?;
         self.tag_images.put(key, image.clone());
         Ok(image)
@@ -1254,19 +1248,27 @@ impl Tree {
         tag: &Arc<str>,
         before: Option<Arc<Image>>,
     ) -> Res<Arc<Image>> {
+        let logged = |e: FsError| {
+            log_error(&e);
+            e
+        };
         if let Some(old) = before {
             let canonical = canonical_repo(registry, repo);
             match self
                 .client
                 .manifest_digest(registry, &canonical, tag)
-                .await?
+                .await
+                .map_err(|e| logged(e.into()))?
             {
                 Some(d) if *d == *old.top_digest => return Ok(old),
+                // (Its failures are logged where it resolves.)
                 Some(d) => return self.pinned_image(registry, repo, &d).await,
                 None => {}
             }
         }
-        self.resolve_uncached(registry, repo, tag).await
+        self.resolve_uncached(registry, repo, tag)
+            .await
+            .map_err(logged)
     }
 
     /// The image with top-level digest `digest` (immutable).
