@@ -416,7 +416,8 @@ impl RegistryClient {
                 return Ok(names);
             };
             let (headers, body) = self
-                .get_doc(
+                .ask_doc(
+                    reqwest::Method::GET,
                     host,
                     what,
                     reference,
@@ -449,33 +450,12 @@ impl RegistryClient {
         )))
     }
 
-    /// A small document (a list page, a manifest) by our own `GET`, read
-    /// up to `max` bytes as it streams, authenticated as a pull of
-    /// `reference`'s repository: a bearer token from oci-client's challenge
-    /// flow (reused for [`TOKEN_REUSE`], fetched again once if refused),
-    /// else Basic credentials from the auth file.
-    async fn get_doc(
-        &self,
-        host: &str,
-        what: &str,
-        reference: &Reference,
-        url: &reqwest::Url,
-        accept: &str,
-        max: u64,
-    ) -> Result<(reqwest::header::HeaderMap, Bytes), RegistryError> {
-        self.ask_doc(
-            reqwest::Method::GET,
-            host,
-            what,
-            reference,
-            url,
-            accept,
-            max,
-        )
-        .await
-    }
-
-    /// [`Self::get_doc`] with another method (`HEAD`: headers only).
+    /// A small document (a list page, a manifest) by our own `GET` (or
+    /// only its headers, by `HEAD`), read up to `max` bytes as it streams,
+    /// authenticated as a pull of `reference`'s repository: a bearer token
+    /// from oci-client's challenge flow (reused for [`TOKEN_REUSE`],
+    /// fetched again once if refused), else Basic credentials from the auth
+    /// file.
     #[allow(clippy::too_many_arguments)]
     async fn ask_doc(
         &self,
@@ -492,7 +472,7 @@ impl RegistryClient {
             let token = self.pull_token(host, what, reference, &auth, fresh).await?;
             let got = self
                 .retrying(host, what, || {
-                    self.get_capped(method.clone(), url, accept, max, token.as_deref(), &auth)
+                    self.request_capped(method.clone(), url, accept, max, token.as_deref(), &auth)
                 })
                 .await;
             match got {
@@ -538,10 +518,11 @@ impl RegistryClient {
         Ok(token)
     }
 
-    /// One `GET` of a small document: its headers and its body, read up to
-    /// `max` bytes (an error beyond). Failures are classified as
-    /// oci-client's own (so [`Self::retrying`] treats them alike).
-    async fn get_capped(
+    /// One request (`GET`, `HEAD`) for a small document: its headers and
+    /// its body, read up to `max` bytes (an error beyond). Failures are
+    /// classified as oci-client's own (so [`Self::retrying`] treats them
+    /// alike).
+    async fn request_capped(
         &self,
         method: reqwest::Method,
         url: &reqwest::Url,
