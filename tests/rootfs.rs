@@ -5,7 +5,8 @@
 //! (restart, eviction, sharing, corruption, `cache stats|verify|gc`), the
 //! `status` file, and bad layers (escaping paths, corrupt gzip, bytes that
 //! fail their digest, files beyond the cache bound, GNU sparse entries, a
-//! layer size a manifest lies about).
+//! layer size a manifest lies about). Sparse files in GNU tar's PAX form
+//! are made by GNU tar itself.
 //!
 //! Test images are hand-written tar layers ([`TarEntry`], added with
 //! `umoci raw add-layer`) so that every edge case is exactly what the test
@@ -292,6 +293,81 @@ fn duplicate_entries_in_one_layer_equal_umoci_unpack() {
         assert_eq!(read("base/keep"), "upper two\n");
         assert!(!oracle.join("base/sub/child").exists());
     });
+}
+
+/// Sparse files as GNU tar writes them with `--sparse --format=posix`, in
+/// each of its three PAX versions (a layer each; 1.0 is GNU tar's default,
+/// its map at the start of the data): shown expanded, as `umoci unpack`
+/// shows them, with the file after each one intact.
+#[test]
+fn sparse_files_from_gnu_tar_equal_umoci_unpack() {
+    require_env();
+    let work = tempdir();
+    let layout = work.path().join("oci");
+    run(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    let image = layout_ref(&layout, "sparse");
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    let mib = 1u64 << 20;
+    // (name, size, data regions)
+    let files: &[(&str, u64, &[(u64, usize)])] = &[
+        ("head", mib, &[(0, 5000)]),
+        (
+            "middle",
+            3 * mib,
+            &[(100_000, 7000), (mib + 4096, 4096), (2 * mib, 1)],
+        ),
+        ("tail", mib + 1, &[(mib - 8191, 8192)]),
+        ("holes-only", 256 << 10, &[]),
+    ];
+    for version in ["0.0", "0.1", "1.0"] {
+        let src = work.path().join(format!("src-{version}"));
+        let dir = src.join(format!("sparse-{version}"));
+        fs::create_dir_all(&dir).unwrap();
+        for (i, (name, size, regions)) in files.iter().enumerate() {
+            let f = fs::File::create(dir.join(name)).unwrap();
+            f.set_len(*size).unwrap();
+            for (j, (at, len)) in regions.iter().enumerate() {
+                let byte = b'a' + (i * 4 + j) as u8;
+                std::os::unix::fs::FileExt::write_all_at(&f, &vec![byte; *len], *at).unwrap();
+            }
+        }
+        fs::write(dir.join("zz-after"), "after the sparse files\n").unwrap();
+        let tar = work.path().join(format!("sparse-{version}.tar"));
+        run(Command::new("tar")
+            .args(["--create", "--sparse", "--format=posix", "--numeric-owner"])
+            .arg(format!("--sparse-version={version}"))
+            .arg("--file")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&src)
+            .arg("."));
+        let bytes = fs::read(&tar).unwrap();
+        assert!(
+            bytes.windows(11).any(|w| w == b"GNU.sparse."),
+            "GNU tar wrote no sparse records for {version}"
+        );
+        add_tar_layer(&image, &bytes);
+    }
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    // The oracle is what the test means: the files expanded, not their maps.
+    for version in ["0.0", "0.1", "1.0"] {
+        for (name, _, _) in files {
+            let p = format!("sparse-{version}/{name}");
+            let src = work.path().join(format!("src-{version}")).join(&p);
+            assert!(read(oracle.join(&p)).unwrap() == read(&src).unwrap(), "{p}");
+        }
+    }
+    let reg = Registry::start();
+    let h = reg.host();
+    push(&image, &format!("{h}/sparse:1"), Format::Oci);
+    let m = mount_of(&reg);
+    assert_trees_equal(
+        &rootfs(&m, &h, "sparse", "1"),
+        &oracle,
+        "GNU tar sparse files",
+    );
 }
 
 /// Makes an image of `layers` with umoci, checks its `umoci unpack` with

@@ -17,6 +17,7 @@
 
 pub mod gzindex;
 pub mod seekable;
+pub mod sparse;
 pub mod spill;
 pub mod stream;
 
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::cas::ObjectId;
 
 /// Bump when the encoding changes; older indexes are re-made.
-pub const INDEX_VERSION: u32 = 5;
+pub const INDEX_VERSION: u32 = 6;
 
 /// A layer's compression, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +148,10 @@ pub struct IndexEntry {
     pub object: Option<ObjectId>,
     /// Offset of the content in the uncompressed tar stream.
     pub offset: u64,
+    /// For a sparse file (GNU's PAX form), where its data regions lie:
+    /// the stream then holds [`sparse::SparseMap::extent`] bytes at
+    /// `offset`, not `size`.
+    pub sparse: Option<Box<sparse::SparseMap>>,
     /// Compressed bytes the decoder had consumed when this entry's content
     /// was complete: a Range of `0..compressed_end` reaches it.
     pub compressed_end: u64,
@@ -171,8 +176,14 @@ impl IndexEntry {
             xattrs: Vec::new(),
             object: None,
             offset: 0,
+            sparse: None,
             compressed_end: 0,
         }
+    }
+
+    /// Bytes of the uncompressed stream its content takes from `offset`.
+    pub fn extent(&self) -> u64 {
+        self.sparse.as_ref().map_or(self.size, |m| m.extent())
     }
 }
 

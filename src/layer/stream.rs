@@ -20,8 +20,9 @@
 //! GNU sparse entries (type `S`, whose header declares a real size the
 //! layer need not hold) are refused as malformed, as `umoci unpack` (the
 //! oracle), containerd and Docker refuse them. PAX sparse files (records
-//! `GNU.sparse.*`) are refused too: this reader would show their raw map
-//! and data as the file's content, and a wrong byte is worse than `EIO`.
+//! `GNU.sparse.*`, GNU tar's `--sparse --format=posix`) are expanded, as
+//! umoci expands them ([`super::sparse`]); a map that does not check out is
+//! malformed.
 
 use std::io::{self, Read, Write};
 
@@ -31,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Buf, Bytes};
 
 use super::gzindex::{IndexingDecoder, SpanDecoder, SpanIndex};
+use super::sparse::{Expand, SparseMap};
 use super::spill::{Spill, SpillError, Tee};
 use super::{Compression, EntryKind, INDEX_VERSION, IndexEntry, LayerIndex, LayerMode};
 use crate::cas::{ObjectId, ObjectStore};
@@ -271,9 +273,9 @@ fn walk(
     Ok(hashed.n)
 }
 
-/// Where a regular file's content goes: its object id now, or `None` when
-/// another thread stores it later.
-type ContentFn<'a> = dyn FnMut(&mut dyn Read) -> Result<Option<ObjectId>, StreamError> + 'a;
+/// Where a regular file's content (the reader, and the size it must have)
+/// goes: its object id now, or `None` when another thread stores it later.
+type ContentFn<'a> = dyn FnMut(&mut dyn Read, u64) -> Result<Option<ObjectId>, StreamError> + 'a;
 
 /// Size of the pieces file contents travel in to the writer thread.
 const PIECE: usize = 256 << 10;
@@ -380,23 +382,23 @@ pub fn index_layer<R: Read>(
         let walked = decoded(raw, compression, Some(&mut spans), |d| {
             walk(d, true, |entry| {
                 let idx = entries.len();
-                let size = entry.size();
-                let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
-                    tx.send(Msg::Start { idx, size }).map_err(|_| stopped())?;
-                    let mut left = size;
-                    while left > 0 {
-                        let mut chunk = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
-                        let want = left.min(PIECE as u64) as usize;
-                        let n = r.read(&mut chunk[..want]).map_err(classify_read)?;
-                        if n == 0 {
-                            break;
+                let mut content =
+                    |r: &mut dyn Read, size: u64| -> Result<Option<ObjectId>, StreamError> {
+                        tx.send(Msg::Start { idx, size }).map_err(|_| stopped())?;
+                        let mut left = size;
+                        while left > 0 {
+                            let mut chunk = spare.try_recv().unwrap_or_else(|_| vec![0u8; PIECE]);
+                            let want = left.min(PIECE as u64) as usize;
+                            let n = r.read(&mut chunk[..want]).map_err(classify_read)?;
+                            if n == 0 {
+                                break;
+                            }
+                            left -= n as u64;
+                            tx.send(Msg::Data(chunk, n)).map_err(|_| stopped())?;
                         }
-                        left -= n as u64;
-                        tx.send(Msg::Data(chunk, n)).map_err(|_| stopped())?;
-                    }
-                    tx.send(Msg::End).map_err(|_| stopped())?;
-                    Ok(None)
-                };
+                        tx.send(Msg::End).map_err(|_| stopped())?;
+                        Ok(None)
+                    };
                 if let Some(e) = read_entry(entry, &mut content, &counter, max_file)? {
                     if let Some(l) = live {
                         l.push(entries.len(), &e);
@@ -479,10 +481,9 @@ pub fn scan_layer<R: Read>(
     // Large reads: each one is a call into the inflater.
     let mut buf = vec![0u8; PIECE];
     walk(&mut d, true, |entry| {
-        let size = entry.size();
         // The content is read past (not stored) before the entry is
         // published, so its bytes are in the spill by then.
-        let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
+        let mut content = |r: &mut dyn Read, size: u64| -> Result<Option<ObjectId>, StreamError> {
             let mut got = 0u64;
             loop {
                 match r.read(&mut buf) {
@@ -508,21 +509,44 @@ pub fn scan_layer<R: Read>(
     Ok(n)
 }
 
+/// Where a file's content lies in a layer's uncompressed stream: `size`
+/// bytes at `offset`, or, for a sparse file, its map and data regions
+/// there (see [`IndexEntry::extent`]).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Offset of the entry's data.
+    pub offset: u64,
+    /// The file's size.
+    pub size: u64,
+    /// A sparse file's map.
+    pub sparse: Option<Box<SparseMap>>,
+}
+
+impl Placement {
+    /// Where entry `e`'s content lies.
+    pub fn of(e: &IndexEntry) -> Placement {
+        Placement {
+            offset: e.offset,
+            size: e.size,
+            sparse: e.sparse.clone(),
+        }
+    }
+}
+
 /// Stores a file's content from the spill of [`scan_layer`] (decoding from
 /// checkpoint `cp`, or the blob's start): the first pass's on-demand
 /// extraction. Returns the object and whether this call created it.
 pub fn extract_spilled(
     spill: &std::fs::File,
     cp: Option<&super::gzindex::Checkpoint>,
-    offset: u64,
-    size: u64,
+    at: &Placement,
     store: &ObjectStore,
 ) -> Result<(ObjectId, bool), StreamError> {
     let from = cp.map_or(0, |c| c.fetch_from());
     let raw = io::BufReader::with_capacity(64 << 10, ReadAt::new(spill, from));
     let mut d = SpanDecoder::new(raw, cp).map_err(classify_read)?;
-    let at = d.position();
-    store_at(&mut d, at, offset, size, store)
+    let pos = d.position();
+    store_at(&mut d, pos, at, store)
 }
 
 /// Re-reads part of a layer (a prefix fetched by Range) and stores only the
@@ -548,26 +572,26 @@ pub fn extract_objects<R: Read>(
             let Some(id) = wanted.get(&entry.raw_file_position()) else {
                 return Ok(Flow::Continue);
             };
-            let size = entry.size();
             let mut new = false;
-            let mut content = |r: &mut dyn Read| -> Result<Option<ObjectId>, StreamError> {
-                let mut w = store.writer().map_err(StreamError::Local)?;
-                loop {
-                    let n = r.read(&mut buf).map_err(classify_read)?;
-                    if n == 0 {
-                        break;
+            let mut content =
+                |r: &mut dyn Read, size: u64| -> Result<Option<ObjectId>, StreamError> {
+                    let mut w = store.writer().map_err(StreamError::Local)?;
+                    loop {
+                        let n = r.read(&mut buf).map_err(classify_read)?;
+                        if n == 0 {
+                            break;
+                        }
+                        w.write_all(&buf[..n]).map_err(StreamError::Local)?;
                     }
-                    w.write_all(&buf[..n]).map_err(StreamError::Local)?;
-                }
-                if w.len() != size {
-                    return Err(StreamError::Malformed(
-                        "content shorter than its header".into(),
-                    ));
-                }
-                let (id, _, made) = w.finish_new().map_err(StreamError::Local)?;
-                new = made;
-                Ok(Some(id))
-            };
+                    if w.len() != size {
+                        return Err(StreamError::Malformed(
+                            "content shorter than its header".into(),
+                        ));
+                    }
+                    let (id, _, made) = w.finish_new().map_err(StreamError::Local)?;
+                    new = made;
+                    Ok(Some(id))
+                };
             let e = read_entry(entry, &mut content, &counter, store.max_object())?;
             match e.and_then(|e| e.object) {
                 Some(got) if got == *id => found += 1,
@@ -594,17 +618,16 @@ pub fn extract_objects<R: Read>(
 }
 
 /// Stores one file's content from a decompressed stream positioned at
-/// uncompressed offset `at`: skips to `offset`, takes `size` bytes, and
-/// keeps them only if they hash to `id` (the digest-verified index's id).
+/// uncompressed offset `pos`: skips to the content `at` places, takes it,
+/// and keeps it only if it hashes to `id` (the digest-verified index's id).
 pub fn extract_at(
     decoded: &mut dyn Read,
-    at: u64,
-    offset: u64,
-    size: u64,
+    pos: u64,
+    at: &Placement,
     id: &ObjectId,
     store: &ObjectStore,
 ) -> Result<(), StreamError> {
-    let (got, new) = store_at(decoded, at, offset, size, store)?;
+    let (got, new) = store_at(decoded, pos, at, store)?;
     if got != *id {
         // Wrong bytes never stay; an object that was already there (of
         // another layer) is someone else's and stays.
@@ -612,23 +635,29 @@ pub fn extract_at(
             store.remove(&got);
         }
         return Err(StreamError::Malformed(format!(
-            "content at offset {offset} does not match the layer index"
+            "content at offset {} does not match the layer index",
+            at.offset
         )));
     }
     Ok(())
 }
 
-/// Skips `decoded` (at uncompressed offset `at`) to `offset` and stores
-/// the next `size` bytes as an object: its id, and whether it is new.
+/// Skips `decoded` (at uncompressed offset `pos`) to the content `at`
+/// places and stores it as an object (a sparse file expanded): its id, and
+/// whether it is new.
 fn store_at(
     decoded: &mut dyn Read,
-    at: u64,
-    offset: u64,
-    size: u64,
+    pos: u64,
+    at: &Placement,
     store: &ObjectStore,
 ) -> Result<(ObjectId, bool), StreamError> {
-    let skip = offset.checked_sub(at).ok_or_else(|| {
-        StreamError::Malformed(format!("content at {offset} lies before resume point {at}"))
+    let (offset, size) = (at.offset, at.size);
+    // A sparse file's data follows its map (read when it was listed).
+    let data = offset + at.sparse.as_ref().map_or(0, |m| m.map_len);
+    let skip = data.checked_sub(pos).ok_or_else(|| {
+        StreamError::Malformed(format!(
+            "content at {offset} lies before resume point {pos}"
+        ))
     })?;
     if size > store.max_object() {
         return Err(StreamError::TooLarge {
@@ -644,7 +673,14 @@ fn store_at(
         ));
     }
     let mut w = store.writer().map_err(StreamError::Local)?;
-    let copied = io::copy(&mut decoded.take(size), &mut w).map_err(|e| {
+    let copied = match &at.sparse {
+        None => io::copy(&mut decoded.take(size), &mut w),
+        Some(m) => io::copy(
+            &mut Expand::new(decoded.take(m.data_len()), m, size),
+            &mut w,
+        ),
+    }
+    .map_err(|e| {
         if e.get_ref().is_some_and(|i| i.is::<FetchError>()) {
             classify_read(e)
         } else if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof
@@ -668,20 +704,20 @@ fn store_at(
 pub fn extract_gzip_span<R: Read>(
     raw: R,
     cp: Option<&super::gzindex::Checkpoint>,
-    offset: u64,
-    size: u64,
+    at: &Placement,
     id: &ObjectId,
     store: &ObjectStore,
 ) -> Result<(), StreamError> {
     let mut d = SpanDecoder::new(raw, cp).map_err(classify_read)?;
-    let at = d.position();
-    extract_at(&mut d, at, offset, size, id, store)
+    let pos = d.position();
+    extract_at(&mut d, pos, at, id, store)
 }
 
 /// Reads one entry's metadata; a regular file's content goes to `content`,
 /// which returns its object id now, or `None` when it is stored later. A
 /// file larger than `max_file` is refused before `content` sees it, and a
-/// GNU sparse entry before anything is read (see the module contract).
+/// GNU sparse entry before anything is read (see the module contract); a
+/// PAX sparse file's map is read here and `content` sees the file expanded.
 fn read_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     content: &mut ContentFn<'_>,
@@ -720,7 +756,7 @@ fn read_entry<R: Read>(
     let mut mtime_nsec = 0u32;
     let major = h.device_major().ok().flatten().unwrap_or(0);
     let minor = h.device_minor().ok().flatten().unwrap_or(0);
-    let path = normalize(&entry.path_bytes()).map_err(StreamError::Malformed)?;
+    let mut path = normalize(&entry.path_bytes()).map_err(StreamError::Malformed)?;
     let link = match kind {
         EntryKind::Symlink => entry
             .link_name_bytes()
@@ -736,6 +772,7 @@ fn read_entry<R: Read>(
         _ => Vec::new(),
     };
     let mut xattrs = Vec::new();
+    let mut sparse = super::sparse::Records::default();
     if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax", e))? {
         for ext in exts {
             let ext = ext.map_err(|e| bad("pax", e))?;
@@ -758,23 +795,37 @@ fn read_entry<R: Read>(
                 k if k.starts_with(b"SCHILY.xattr.") => {
                     xattrs.push((k[13..].to_vec(), val.to_vec()))
                 }
-                k if k.starts_with(b"GNU.sparse.") => {
-                    return Err(StreamError::Malformed(format!(
-                        "{}: a PAX sparse file ({}), which is not expanded here; refused rather \
-                         than shown as its raw map",
-                        String::from_utf8_lossy(&path),
-                        String::from_utf8_lossy(k)
-                    )));
-                }
+                k if sparse.take(k, val) => {}
                 _ => {}
             }
         }
     }
+    let sparse_bad = |path: &[u8], e: &dyn std::fmt::Display| {
+        StreamError::Malformed(format!("{}: {e}", String::from_utf8_lossy(path)))
+    };
+    let sparse = match sparse.finish() {
+        None => None,
+        Some(Err(e)) => return Err(sparse_bad(&path, &e)),
+        Some(Ok(_)) if kind != EntryKind::File => {
+            return Err(sparse_bad(
+                &path,
+                &"sparse records on an entry that is not a file",
+            ));
+        }
+        Some(Ok(s)) => {
+            // The header's name is `GNUSparseFile.<pid>/<name>`.
+            if let Some(n) = &s.name {
+                path = normalize(n).map_err(StreamError::Malformed)?;
+            }
+            Some(s)
+        }
+    };
     let offset = entry.raw_file_position();
     let mut size = 0;
     let mut object = None;
+    let mut map = None;
     if kind == EntryKind::File {
-        size = entry.size();
+        size = sparse.as_ref().map_or(entry.size(), |s| s.size);
         if size > max_file {
             return Err(StreamError::TooLarge {
                 path: String::from_utf8_lossy(&path).into_owned(),
@@ -782,7 +833,17 @@ fn read_entry<R: Read>(
                 bound: max_file,
             });
         }
-        object = content(entry)?;
+        match sparse {
+            None => object = content(entry, size)?,
+            Some(s) => {
+                let stored = entry.size();
+                let m = s
+                    .resolve(entry, stored)
+                    .map_err(|e| sparse_bad(&path, &e))?;
+                object = content(&mut Expand::new(&mut *entry, &m, size), size)?;
+                map = Some(Box::new(m));
+            }
+        }
     }
     let compressed_end = compressed.load(Ordering::Relaxed);
     Ok(Some(IndexEntry {
@@ -800,6 +861,7 @@ fn read_entry<R: Read>(
         xattrs,
         object,
         offset,
+        sparse: map,
         compressed_end,
     }))
 }
@@ -1000,10 +1062,11 @@ mod tests {
         ));
     }
 
-    /// A PAX sparse file (GNU tar's `--format=posix` sparse): a PAX header
-    /// with `GNU.sparse.*` records, then a regular entry holding the map
-    /// and the data.
-    fn pax_sparse() -> Vec<u8> {
+    /// A PAX sparse file (GNU tar's `--format=posix` sparse, version 1.0):
+    /// a PAX header with `GNU.sparse.*` records, then a regular entry
+    /// holding the map (`map`, padded to a block) and `data`; then a file
+    /// `s/after` holding `after`.
+    fn pax_sparse(map: &str, data: &[u8]) -> Vec<u8> {
         let record = |k: &str, v: &str| {
             let body = format!(" {k}={v}\n");
             let mut n = body.len() + 1;
@@ -1027,34 +1090,109 @@ mod tests {
         x.set_mode(0o644);
         x.set_cksum();
         b.append(&x, pax.as_bytes()).unwrap();
-        let data = b"1\n1048064\n512\n";
-        let mut body = data.to_vec();
+        let mut body = map.as_bytes().to_vec();
         body.resize(512, 0);
-        body.extend_from_slice(&[b'x'; 512]);
+        body.extend_from_slice(data);
         let mut h = tar::Header::new_ustar();
         h.set_size(body.len() as u64);
         h.set_path("s/GNUSparseFile.0/pax-sparse").unwrap();
         h.set_mode(0o644);
         h.set_cksum();
         b.append(&h, &body[..]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(5);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "s/after", &b"after"[..]).unwrap();
         b.into_inner().unwrap()
     }
 
+    /// A hole, 512 bytes of data, a hole, 512 more at the end.
+    const MAP: &str = "2\n4096\n512\n1048064\n512\n";
+
+    fn pax_sparse_content() -> Vec<u8> {
+        let mut v = vec![0u8; 1 << 20];
+        v[4096..4608].fill(b'x');
+        v[1048064..].fill(b'y');
+        v
+    }
+
+    fn pax_sparse_data() -> Vec<u8> {
+        [[b'x'; 512], [b'y'; 512]].concat()
+    }
+
+    /// A PAX sparse file is shown expanded, as umoci shows it, by the
+    /// storing pass, by the listing pass's extraction from the spill, and
+    /// by both ways of fetching evicted content again; the entry after it
+    /// is read from the right place.
     #[test]
-    fn pax_sparse_files_are_refused_not_shown_as_their_map() {
+    fn pax_sparse_files_are_expanded_by_every_pass() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(&d.path().join("a"), u64::MAX).unwrap();
+        let tar = pax_sparse(MAP, &pax_sparse_data());
+        let want = pax_sparse_content();
+        let idx = index(&tar, &store).unwrap();
+        let paths: Vec<_> = idx.entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(paths, [&b"s/pax-sparse"[..], b"s/after"]);
+        let e = &idx.entries[0];
+        assert_eq!((e.size, e.extent()), (1 << 20, 512 + 1024));
+        let id = e.object.unwrap();
+        assert_eq!(std::fs::read(store.path(&id)).unwrap(), want);
+        let after = idx.entries[1].object.unwrap();
+        assert_eq!(std::fs::read(store.path(&after)).unwrap(), b"after");
+
+        // Evicted, then fetched again: from the uncompressed stream, and
+        // by walking the blob's prefix.
+        let again = ObjectStore::open(&d.path().join("b"), u64::MAX).unwrap();
+        extract_at(&mut &tar[..], 0, &Placement::of(e), &id, &again).unwrap();
+        assert_eq!(std::fs::read(again.path(&id)).unwrap(), want);
+        let walked = ObjectStore::open(&d.path().join("c"), u64::MAX).unwrap();
+        let wanted = std::collections::HashMap::from([(e.offset, id)]);
+        assert_eq!(
+            extract_objects(&gz(&tar)[..], Compression::Gzip, &wanted, &walked).unwrap(),
+            1
+        );
+        assert_eq!(std::fs::read(walked.path(&id)).unwrap(), want);
+
+        // The listing pass, then extraction from its spill.
+        let early = ObjectStore::open(&d.path().join("d"), u64::MAX).unwrap();
+        let spill = Spill::new(early.spill_file().unwrap());
+        let live = Arc::new(LiveLayer::default());
+        live.spill(spill.file().clone());
+        assert_eq!(
+            scan_layer(&gz(&tar)[..], &spill, &live, u64::MAX).unwrap(),
+            2
+        );
+        for (i, want_id) in [(0, id), (1, after)] {
+            let x = live.want(i).unwrap();
+            let (got, _) = extract_spilled(&x.spill, x.checkpoint.as_ref(), &x.at, &early).unwrap();
+            assert_eq!(got, want_id, "entry {i}");
+        }
+    }
+
+    /// A map that does not match what the entry holds is malformed for
+    /// both passes, and nothing is stored.
+    #[test]
+    fn pax_sparse_files_whose_map_lies_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let store = ObjectStore::open(d.path(), u64::MAX).unwrap();
-        for r in [
-            index(&pax_sparse(), &store).map(|_| 0),
-            scan(&pax_sparse(), &store),
+        for tar in [
+            // data shorter than the map says
+            pax_sparse(MAP, &[b'x'; 700]),
+            // a region past the real size
+            pax_sparse("1\n1048064\n1024\n", &[b'x'; 1024]),
+            // regions out of order
+            pax_sparse("2\n1048064\n512\n4096\n512\n", &pax_sparse_data()),
         ] {
-            match r {
-                Err(StreamError::Malformed(m)) => {
-                    assert!(m.contains("PAX sparse") && m.contains("GNU.sparse."), "{m}")
+            for r in [index(&tar, &store).map(|_| 0), scan(&tar, &store)] {
+                match r {
+                    Err(StreamError::Malformed(m)) => {
+                        assert!(m.contains("s/pax-sparse: sparse file"), "{m}")
+                    }
+                    other => panic!("{other:?}"),
                 }
-                other => panic!("{other:?}"),
             }
         }
+        assert_eq!(store.stats().objects, 0);
     }
 
     /// A GNU sparse entry is malformed whatever its size, and one of a real
@@ -1137,7 +1275,7 @@ mod spill_tests {
             resumed += usize::from(x.checkpoint.is_some());
             assert!(live.want(i as u32).is_none(), "asked for once");
             let (id, new) =
-                extract_spilled(&x.spill, x.checkpoint.as_ref(), x.offset, x.size, &store).unwrap();
+                extract_spilled(&x.spill, x.checkpoint.as_ref(), &x.at, &store).unwrap();
             assert!(new);
             assert_eq!(std::fs::read(store.path(&id)).unwrap(), *data, "file {i}");
             live.extracted(i as u32, id, new);

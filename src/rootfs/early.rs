@@ -105,10 +105,8 @@ pub struct Extraction {
     pub spill: Arc<File>,
     /// The checkpoint before the content (`None`: the blob's start).
     pub checkpoint: Option<Checkpoint>,
-    /// Uncompressed offset of the content.
-    pub offset: u64,
-    /// Its size.
-    pub size: u64,
+    /// Where the content lies in the uncompressed stream.
+    pub at: crate::layer::stream::Placement,
 }
 
 impl std::fmt::Debug for LiveLayer {
@@ -197,7 +195,8 @@ impl LiveLayer {
         if e.object.is_some() || e.kind != EntryKind::File || g.wanted.contains(&idx) {
             return None;
         }
-        let (offset, size) = (e.offset, e.size);
+        let at = crate::layer::stream::Placement::of(e);
+        let offset = at.offset;
         let spill = g.spill.clone()?;
         let i = g.checkpoints.partition_point(|c| c.uncompressed <= offset);
         let checkpoint = i.checked_sub(1).map(|i| g.checkpoints[i].clone());
@@ -205,8 +204,7 @@ impl LiveLayer {
         Some(Extraction {
             spill,
             checkpoint,
-            offset,
-            size,
+            at,
         })
     }
 

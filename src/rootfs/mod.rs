@@ -401,12 +401,13 @@ impl Layers {
                 no_space: false,
             })?;
         let name = crate::cas::object_hex(&id);
-        let (offset, size) = (entry.offset, entry.size);
+        let at = crate::layer::stream::Placement::of(entry);
+        let offset = at.offset;
         // Where the bytes holding the content start and end in the blob,
         // and how to decode from there.
         let (start, end, how) = match (compression, &index.spans) {
             // Uncompressed: exactly the content.
-            (Compression::None, _) => (offset, offset + size, Refetch::Plain),
+            (Compression::None, _) => (offset, offset + entry.extent(), Refetch::Plain),
             // gzip with a span index: from the checkpoint before the
             // content (the decoder reads at most one input buffer past it).
             (Compression::Gzip, Some(spans)) => {
@@ -430,11 +431,9 @@ impl Layers {
             use crate::layer::stream as s;
             let raw = ChannelReader::new(rx);
             match how {
-                Refetch::Plain => {
-                    s::extract_at(&mut { raw }, start, offset, size, &id, &store).map(|_| 1)
-                }
+                Refetch::Plain => s::extract_at(&mut { raw }, start, &at, &id, &store).map(|_| 1),
                 Refetch::Span(cp) => {
-                    s::extract_gzip_span(raw, cp.as_ref(), offset, size, &id, &store).map(|_| 1)
+                    s::extract_gzip_span(raw, cp.as_ref(), &at, &id, &store).map(|_| 1)
                 }
                 Refetch::Prefix => {
                     let wanted: HashMap<u64, ObjectId> = HashMap::from([(offset, id)]);
@@ -791,10 +790,10 @@ impl Layers {
     pub fn extract_early(&self, layer: Arc<early::LiveLayer>, idx: u32, x: early::Extraction) {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            match extract_spilled(&x.spill, x.checkpoint.as_ref(), x.offset, x.size, &store) {
+            match extract_spilled(&x.spill, x.checkpoint.as_ref(), &x.at, &store) {
                 Ok((id, new)) => layer.extracted(idx, id, new),
                 Err(e) => {
-                    tracing::warn!(error = %e, offset = x.offset, "on-demand extraction failed; the reader waits for the layer")
+                    tracing::warn!(error = %e, offset = x.at.offset, "on-demand extraction failed; the reader waits for the layer")
                 }
             }
         });

@@ -484,6 +484,7 @@ pub fn build(toc: Toc, layout: &Layout) -> Result<(LayerIndex, ChunkTable), Seek
             xattrs,
             object,
             offset: 0,
+            sparse: None,
             compressed_end: 0,
         });
         if kind == EntryKind::File && e.size > 0 {
