@@ -311,7 +311,8 @@ fn sparse_files_from_gnu_tar_equal_umoci_unpack() {
     run(Command::new("umoci").args(["new", "--image", &image]));
     let mib = 1u64 << 20;
     // (name, size, data regions)
-    let files: &[(&str, u64, &[(u64, usize)])] = &[
+    type Sparse<'a> = (&'a str, u64, &'a [(u64, usize)]);
+    let files: &[Sparse] = &[
         ("head", mib, &[(0, 5000)]),
         (
             "middle",
