@@ -1649,7 +1649,8 @@ fn status_reports_layers() {
     let (mbytes, _) = get_manifest(&h, "status", "1", None);
     let manifest: Value = serde_json::from_slice(&mbytes).unwrap();
     let mlayers = manifest["layers"].as_array().unwrap().clone();
-    let m = mount_of(&reg);
+    let cache = work.path().join("cache");
+    let m = mount_on_cache(&reg, &cache, &[]);
     let status_path = m.join(format!("{h}/status/1/status"));
     let status = || -> Value {
         let b = read(&status_path).expect("read status");
@@ -1706,6 +1707,26 @@ fn status_reports_layers() {
             l["objects_cached"].as_u64().is_some_and(|n| n > 0),
             "objects_cached of a layer whose files were read (unbounded cache): {s}"
         );
+    }
+
+    // A daemon started again on the same cache shows the same, before
+    // anything is read (from the head of each saved index).
+    drop(m);
+    let again = mount_on_cache(&reg, &cache, &[]);
+    let b = read(again.join(format!("{h}/status/1/status"))).expect("read status");
+    let after: Value = serde_json::from_slice(&b).unwrap();
+    for (l, before) in after["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(s["layers"].as_array().unwrap())
+    {
+        for k in ["state", "read", "bytes_fetched", "objects_cached"] {
+            assert_eq!(
+                l[k], before[k],
+                "{k} after a restart: {after} (before: {s})"
+            );
+        }
     }
 }
 

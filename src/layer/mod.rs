@@ -248,12 +248,56 @@ fn serves(made_with: Option<&str>, asked: Option<&str>) -> bool {
     made_with.is_none() || made_with == asked
 }
 
-/// The first fields of an encoded [`LayerIndex`].
+/// How a [`LayerIndex`] is saved: its fields, with the count of its
+/// objects before its entries, so that [`IndexStore::summary`] reads only
+/// the head of the file. ([`Saved`] reads it back: postcard encodes a
+/// slice as a `Vec`, and `&str` as a `String`.)
+#[derive(Serialize)]
+struct Saving<'a> {
+    version: u32,
+    digest: &'a str,
+    pin: Option<&'a str>,
+    compression: Compression,
+    mode: LayerMode,
+    compressed_size: u64,
+    uncompressed_size: u64,
+    objects: u64,
+    entries: &'a [IndexEntry],
+    spans: &'a Option<gzindex::SpanIndex>,
+}
+
+/// A saved index, read back (see [`Saving`]).
 #[derive(Deserialize)]
-struct Head {
+struct Saved {
     version: u32,
     digest: String,
     pin: Option<String>,
+    compression: Compression,
+    mode: LayerMode,
+    compressed_size: u64,
+    uncompressed_size: u64,
+    _objects: u64,
+    entries: Vec<IndexEntry>,
+    spans: Option<gzindex::SpanIndex>,
+}
+
+/// The head of a saved index: what `status` shows of a layer indexed
+/// before, without decoding its entries.
+#[derive(Debug, Deserialize)]
+pub struct Summary {
+    version: u32,
+    digest: String,
+    pin: Option<String>,
+    /// Its compression.
+    pub compression: Compression,
+    /// How its content is reached.
+    pub mode: LayerMode,
+    /// Compressed size.
+    pub compressed_size: u64,
+    /// Uncompressed (tar) size.
+    pub uncompressed_size: u64,
+    /// Files with content (one object each).
+    pub objects: u64,
 }
 
 /// Where layer indexes live.
@@ -288,7 +332,18 @@ impl IndexStore {
         if postcard::take_from_bytes::<u32>(&data).ok()?.0 != INDEX_VERSION {
             return None;
         }
-        match postcard::from_bytes::<LayerIndex>(&data) {
+        let loaded = postcard::from_bytes::<Saved>(&data).map(|s| LayerIndex {
+            version: s.version,
+            digest: s.digest,
+            pin: s.pin,
+            compression: s.compression,
+            mode: s.mode,
+            compressed_size: s.compressed_size,
+            uncompressed_size: s.uncompressed_size,
+            entries: s.entries,
+            spans: s.spans,
+        });
+        match loaded {
             Ok(i) if i.digest == digest && i.serves(pin) => Some(i),
             Ok(i) if i.digest == digest => {
                 tracing::info!(digest, made_with = ?i.pin, asked = ?pin, "the saved index of this layer was made from a TOC this descriptor does not pin; it makes its own");
@@ -305,21 +360,37 @@ impl IndexStore {
     /// Whether an index of `digest` that a descriptor with TOC pin `pin`
     /// may use is on disk (reads only the head of the file).
     pub fn serves(&self, digest: &str, pin: Option<&str>) -> bool {
+        self.summary(digest, pin).is_some()
+    }
+
+    /// The head of the saved index of `digest`, if it is one a descriptor
+    /// with TOC pin `pin` may use (reads only the head of the file).
+    pub fn summary(&self, digest: &str, pin: Option<&str>) -> Option<Summary> {
         use std::io::Read;
-        let mut head = Vec::with_capacity(1024);
-        let read = std::fs::File::open(self.path(digest))
-            .and_then(|f| f.take(1024).read_to_end(&mut head));
-        if read.is_err() {
-            return false;
-        }
-        postcard::take_from_bytes::<Head>(&head).is_ok_and(|(h, _)| {
-            h.version == INDEX_VERSION && h.digest == digest && serves(h.pin.as_deref(), pin)
-        })
+        let mut head = Vec::with_capacity(4096);
+        std::fs::File::open(self.path(digest))
+            .and_then(|f| f.take(4096).read_to_end(&mut head))
+            .ok()?;
+        let (h, _) = postcard::take_from_bytes::<Summary>(&head).ok()?;
+        (h.version == INDEX_VERSION && h.digest == digest && serves(h.pin.as_deref(), pin))
+            .then_some(h)
     }
 
     /// Persists `index` (temporary file, then rename).
     pub fn save(&self, index: &LayerIndex) -> std::io::Result<()> {
-        let data = postcard::to_stdvec(index).map_err(std::io::Error::other)?;
+        let saving = Saving {
+            version: index.version,
+            digest: &index.digest,
+            pin: index.pin.as_deref(),
+            compression: index.compression,
+            mode: index.mode,
+            compressed_size: index.compressed_size,
+            uncompressed_size: index.uncompressed_size,
+            objects: index.objects().count() as u64,
+            entries: &index.entries,
+            spans: &index.spans,
+        };
+        let data = postcard::to_stdvec(&saving).map_err(std::io::Error::other)?;
         let path = self.path(&index.digest);
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         std::fs::write(&tmp, &data)?;
@@ -398,5 +469,36 @@ mod tests {
         store.save(&old).unwrap();
         assert!(store.load(X, None).is_none());
         assert!(!store.serves(X, None));
+    }
+
+    /// A saved index's head says what `status` shows of it (read without
+    /// its entries), and the whole index reads back as it was saved.
+    #[test]
+    fn a_saved_index_summarises_itself_in_its_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IndexStore::open(dir.path()).unwrap();
+        let mut i = index(None);
+        let mut f = IndexEntry::new("etc/f", EntryKind::File);
+        f.object = Some([7; 32]);
+        f.sparse = Some(Box::new(sparse::SparseMap {
+            map_len: 512,
+            regions: vec![(4096, 10)],
+        }));
+        i.entries
+            .extend([f.clone(), f, IndexEntry::new("etc/empty", EntryKind::File)]);
+        i.entries
+            .extend((0..10_000).map(|n| IndexEntry::new(format!("d/{n}"), EntryKind::Dir)));
+        store.save(&i).unwrap();
+        let s = store.summary(X, None).unwrap();
+        assert_eq!(
+            (s.mode, s.compressed_size, s.uncompressed_size, s.objects),
+            (LayerMode::SpanIndex, 1, 2, 2)
+        );
+        assert!(store.summary(X, Some("estargz:sha256:aa")).is_some());
+        let back = store.load(X, None).unwrap();
+        assert_eq!(back.entries.len(), i.entries.len());
+        assert_eq!(back.objects().count(), 2);
+        assert_eq!(back.entries[1].sparse, i.entries[1].sparse);
+        assert_eq!(back.entries.last().unwrap().path, b"d/9999");
     }
 }

@@ -241,27 +241,24 @@ impl Layers {
     /// The state of layer `key` (created on first ask, `Indexed` if an
     /// index it may use is on disk).
     ///
-    /// The index on disk is read without holding the map's lock: a large
-    /// one takes a while to decode, and every layer's state goes through
-    /// that lock. Two first asks may both read it; the first to insert wins.
+    /// Only the head of the index on disk is read ([`IndexStore::summary`],
+    /// a few hundred bytes: the entries are decoded once, when the index is
+    /// used), and without holding the map's lock, through which every
+    /// layer's state goes. Two first asks may both read it; the first to
+    /// insert wins.
     pub fn state(&self, key: &LayerKey) -> Arc<LayerState> {
         if let Some(s) = self.states.lock().unwrap().get(key) {
             return s.clone();
         }
         let s = LayerState::default();
-        if let Some(i) = self.indexes.load(&key.digest, key.pin.as_deref()) {
+        if let Some(i) = self.indexes.summary(&key.digest, key.pin.as_deref()) {
             // A lazy layer was fetched only in part; counting starts again.
-            let fetched = if i.mode.is_lazy() {
-                0
+            let (fetched, objects) = if i.mode.is_lazy() {
+                (0, 0)
             } else {
-                i.compressed_size
+                (i.compressed_size, i.objects)
             };
             s.progress.bytes_fetched.store(fetched, Ordering::Relaxed);
-            let objects = if i.mode.is_lazy() {
-                0
-            } else {
-                i.objects().count() as u64
-            };
             s.progress.objects.store(objects, Ordering::Relaxed);
             s.set(LayerPhase::Indexed);
             s.set_mode(i.mode);
