@@ -392,7 +392,9 @@ impl Lazy {
             return;
         }
         let total: u64 = table.files.iter().map(|f| f.size).sum();
-        let limit = self.inner.store.stats().limit;
+        // The cache bound (the largest object it can hold), read without
+        // the store's lock.
+        let limit = self.inner.store.max_object();
         if total > limit / 2 {
             tracing::info!(layer = %ctx.key.digest, bytes = total, cache_limit = limit, "layer too large for the cache to fill in the background; files stay on demand");
             return;
