@@ -167,10 +167,11 @@ pub struct Sparse {
 }
 
 impl Records {
-    /// Takes a PAX record if it is a `GNU.sparse.*` one (returns whether).
-    pub fn take(&mut self, key: &[u8], val: &[u8]) -> bool {
+    /// Takes a PAX record if it is a `GNU.sparse.*` one (others are
+    /// left alone).
+    pub fn take(&mut self, key: &[u8], val: &[u8]) {
         let Some(k) = key.strip_prefix(b"GNU.sparse.") else {
-            return false;
+            return;
         };
         self.seen = true;
         let num = |v: &[u8]| {
@@ -209,7 +210,6 @@ impl Records {
             }
             _ => {}
         }
-        true
     }
 
     /// `None` if no `GNU.sparse.*` record was seen; else what the records
@@ -493,5 +493,50 @@ mod tests {
         assert!(v10(b"1\n2\n-3\n").is_err(), "not a number");
         assert!(v10(b"99999999\n").is_err(), "too many regions");
         assert!(v10(b"\n").is_err(), "empty line");
+    }
+
+    /// Hostile 1.0 maps (random digits and newlines, random sizes) are
+    /// refused or give a map whose expansion is exactly the file's size;
+    /// never a panic.
+    #[test]
+    fn random_maps_never_panic_and_expand_to_the_size() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let size = next() % 4096;
+            let mut map = Vec::new();
+            for _ in 0..next() % 24 {
+                map.push(match next() % 4 {
+                    0 => b'\n',
+                    _ => b'0' + (next() % 10) as u8,
+                });
+            }
+            map.resize(512, 0);
+            map.extend((0..next() % 600).map(|i| i as u8));
+            let s = records(&[
+                ("GNU.sparse.major", "1"),
+                ("GNU.sparse.minor", "0"),
+                ("GNU.sparse.realsize", &size.to_string()),
+            ])
+            .finish()
+            .unwrap()
+            .unwrap();
+            let stored = map.len() as u64;
+            let mut r = &map[..];
+            if let Ok(m) = s.resolve(&mut r, stored) {
+                accepted += 1;
+                assert_eq!(expand(&m, r, size).unwrap().len() as u64, size);
+            }
+        }
+        assert!(
+            accepted > 0,
+            "no random map was valid: the test shows nothing"
+        );
     }
 }

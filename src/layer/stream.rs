@@ -795,8 +795,7 @@ fn read_entry<R: Read>(
                 k if k.starts_with(b"SCHILY.xattr.") => {
                     xattrs.push((k[13..].to_vec(), val.to_vec()))
                 }
-                k if sparse.take(k, val) => {}
-                _ => {}
+                _ => sparse.take(key, val),
             }
         }
     }
