@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(docker-registry skopeo umoci fuse3 busybox-static apache2-utils jq erofs-utils
       containerd stargz-snapshotter zstd libssl-dev pkg-config curl iproute2
-      squashfuse squashfs-tools debootstrap)
+      squashfuse squashfs-tools debootstrap openssl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -557,23 +557,40 @@ fn a_push_cut_by_a_daemon_crash_completes_after_restart() {
     assert_eq!(fs::read(rootfs.join("small")).unwrap(), b"small\n");
 }
 
+/// A mount of `host` with `creds` in its auth file, and a tag directory
+/// `host/tag_path` staged in its outbox holding the file `hello`: the
+/// mount and the tag directory's path below `outbox/`.
+fn stage_with_authfile(
+    work: &Path,
+    host: &str,
+    (user, pass): (&str, &str),
+    tag_path: &str,
+    hello: &[u8],
+) -> (Mount, String) {
+    let auth = write_authfile(work, &[(host, user, pass)]);
+    let m = Mount::builder()
+        .insecure(host)
+        .authfile(&auth)
+        .option(SETTLE)
+        .start();
+    let rel = format!("{host}/{tag_path}");
+    mkdir_p(m.join(format!("outbox/{rel}")));
+    write_file(m.join(format!("outbox/{rel}/hello")), hello.to_vec());
+    (m, rel)
+}
+
 #[test]
 fn pushes_to_an_htpasswd_registry_with_credentials_from_auth_json() {
     let (user, pass) = ("pusher", "s3cret");
     let reg = Registry::start_with_htpasswd(user, pass);
     let host = reg.host();
     let work = tempfile::tempdir().unwrap();
-    let auth = write_authfile(work.path(), &[(&host, user, pass)]);
-    let m = Mount::builder()
-        .insecure(&host)
-        .authfile(&auth)
-        .option(SETTLE)
-        .start();
-    let rel = format!("{host}/private/app/v1");
-    mkdir_p(m.join(format!("outbox/{rel}")));
-    write_file(
-        m.join(format!("outbox/{rel}/hello")),
-        b"authenticated\n".to_vec(),
+    let (m, rel) = stage_with_authfile(
+        work.path(),
+        &host,
+        (user, pass),
+        "private/app/v1",
+        b"authenticated\n",
     );
     wait_for_tag(&m, &host, "private/app", "v1", Some((user, pass)));
     wait_status(&m, &rel, PUSH_WAIT, |s| phase_is(s, "pushed"));
@@ -599,6 +616,43 @@ fn pushes_to_an_htpasswd_registry_with_credentials_from_auth_json() {
         "unclear error: {err}"
     );
     assert!(!registry_tags(&host, "private/app", Some((user, pass))).contains(&"v2".to_string()));
+}
+
+/// The same through a registry with token auth (the bearer flow of Docker
+/// Hub, GHCR and Quay), the CNCF registry checking every token: the push
+/// gets a `pull,push` token with the credentials of auth.json, and the
+/// image reads back with skopeo.
+#[test]
+fn pushes_to_a_token_registry_with_credentials_from_auth_json() {
+    let (user, pass) = ("pusher", "t0ken-s3cret");
+    let tokens = TokenService::start(user, pass);
+    let reg = Registry::start_with_token(&tokens);
+    let host = reg.host();
+    let work = tempfile::tempdir().unwrap();
+    let (m, rel) = stage_with_authfile(
+        work.path(),
+        &host,
+        (user, pass),
+        "tok/app/v1",
+        b"pushed with a token\n",
+    );
+    wait_status(&m, &rel, PUSH_WAIT, |s| phase_is(s, "pushed"));
+    let rootfs = pull_and_unpack(
+        &format!("{host}/tok/app:v1"),
+        &work.path().join("p"),
+        Some((user, pass)),
+    );
+    assert_eq!(
+        fs::read(rootfs.join("hello")).unwrap(),
+        b"pushed with a token\n"
+    );
+    let asked = tokens.asked();
+    assert!(
+        asked
+            .iter()
+            .any(|t| t.contains("repository:tok/app:pull,push")),
+        "no push token was asked for: {asked:?}"
+    );
 }
 
 #[test]

@@ -941,6 +941,95 @@ fn authfile_credentials_are_used_and_missing_ones_give_eacces() {
     }
 }
 
+/// A registry with token auth, the bearer flow of Docker Hub, GHCR and
+/// Quay, with the CNCF registry itself checking every token (signature,
+/// issuer, audience, lifetime, granted actions): with credentials in the
+/// auth file, the catalog and the tag list (our own requests), the
+/// manifest and `rootfs/` (blobs through oci-client) read as skopeo and
+/// umoci read them; without, `EACCES`. The token service saw the scopes.
+#[test]
+fn a_registry_with_bearer_token_auth_is_read_with_tokens() {
+    require_env();
+    const USER: &str = "bob";
+    const PASS: &str = "Tk-51c0ffee-not-in-logs";
+    let tokens = TokenService::start(USER, PASS);
+    let reg = Registry::start_with_token(&tokens);
+    let h = reg.host();
+    let work = tempfile::tempdir().unwrap();
+    let layout = two_layer_image(work.path(), "v1");
+    let oracle = umoci_unpack(&layout_ref(&layout, "v1"), &work.path().join("bundle"));
+    push_with_creds(
+        &layout_ref(&layout, "v1"),
+        &format!("{h}/tok/app:v1"),
+        Format::Oci,
+        Some((USER, PASS)),
+    );
+    let creds = format!("{USER}:{PASS}");
+    let oracle_manifest = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        "--creds",
+        &creds,
+        &format!("docker://{h}/tok/app:v1"),
+    ]);
+    // The registry refuses a request without a token.
+    let anon = http("GET", &h, "/v2/tok/app/tags/list", &[], &[]).unwrap();
+    assert_eq!(anon.status, 401, "the registry must demand a token");
+
+    let authfile = write_authfile(work.path(), &[(&h, USER, PASS)]);
+    let good = Mount::builder().insecure(&h).authfile(&authfile).start();
+    let seen = tokens.asked().len();
+    assert_eq!(
+        list(good.join(&h)).expect("catalog with a token"),
+        strings(&["tok"])
+    );
+    assert_eq!(
+        list(good.join(format!("{h}/tok/app"))).expect("tags with a token"),
+        strings(&["v1"])
+    );
+    assert_eq!(
+        read(good.join(format!("{h}/tok/app/v1/manifest.json"))).expect("manifest with a token"),
+        oracle_manifest
+    );
+    assert_trees_equal(
+        &good.join(format!("{h}/tok/app/v1/rootfs")),
+        &oracle,
+        "rootfs through a token registry",
+    );
+    let asked = tokens.asked().split_off(seen);
+    for scope in ["registry:catalog:*", "repository:tok/app:pull"] {
+        assert!(
+            asked.iter().any(|t| t.contains(scope)),
+            "no token asked for {scope}: {asked:?}"
+        );
+    }
+
+    // Without credentials the token grants nothing. To an anonymous
+    // client, a token registry's refusal is also how it says "no such
+    // repository" (Docker Hub), so the image is absent, with a log line.
+    let bad = Mount::builder().insecure(&h).start();
+    let tags = list(bad.join(format!("{h}/tok/app"))).unwrap_or_default();
+    assert!(tags.is_empty(), "tags without credentials: {tags:?}");
+    assert!(
+        read(bad.join(format!("{h}/tok/app/v1/manifest.json"))).is_err(),
+        "a manifest without credentials"
+    );
+    let said = wait_until(Duration::from_secs(3), || {
+        bad.log().lines().any(|l| {
+            l.contains(&h) && l.contains("tag list of tok/app") && l.contains("shown as absent")
+        })
+    });
+    assert!(
+        said,
+        "no log line says why tok/app is absent:\n{}",
+        bad.log()
+    );
+    for (name, log) in [("good mount", good.log()), ("bad mount", bad.log())] {
+        assert!(!log.contains(PASS), "{name} log contains the password");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Mirrors (registries.conf v2)
 // ---------------------------------------------------------------------------

@@ -1176,7 +1176,18 @@ impl Tree {
                     .map_err(FsError::from);
                 match &r {
                     Ok(_) => self.tags.put(key, r.clone()),
-                    Err(e) if is_absent(e) => self.tags.put(key, r.clone()),
+                    Err(e) if is_absent(e) => {
+                        if let FsError::Registry(RegistryError::Denied { .. }) = e {
+                            // Absent, but the user may have meant a private
+                            // repository: say why it shows as nothing.
+                            tracing::info!(
+                                "{e}: shown as absent (to a client without credentials, a \
+                                 token registry refuses a repository that does not exist the \
+                                 way it refuses a private one)"
+                            );
+                        }
+                        self.tags.put(key, r.clone())
+                    }
                     Err(e) => log_error(e),
                 }
                 r

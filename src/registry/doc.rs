@@ -103,9 +103,11 @@ impl RegistryClient {
     /// A small document (a list page, a manifest) by our own `GET` (or
     /// only its headers, by `HEAD`), read up to `max` bytes as it streams,
     /// authenticated as a pull of `reference`'s repository: a bearer token
-    /// from oci-client's challenge flow (reused for [`TOKEN_REUSE`],
-    /// fetched again once if refused), else Basic credentials from the auth
-    /// file.
+    /// from oci-client's challenge flow (reused for [`TOKEN_REUSE`]), else
+    /// Basic credentials from the auth file. Refused with a `Bearer`
+    /// challenge, it fetches one token for exactly the scope the challenge
+    /// names and asks once more: the catalog wants `registry:catalog:*`,
+    /// not a repository's pull, and a token may have been revoked.
     #[allow(clippy::too_many_arguments)]
     async fn ask_doc(
         &self,
@@ -118,35 +120,137 @@ impl RegistryClient {
         max: u64,
     ) -> Result<(reqwest::header::HeaderMap, Bytes), RegistryError> {
         let auth = self.registry_auth(host);
-        for fresh in [false, true] {
-            let token = self.pull_token(host, what, reference, &auth, fresh).await?;
+        let challenge = std::sync::Mutex::new(None);
+        let mut token = self.pull_token(host, what, reference, &auth).await?;
+        let mut challenged = false;
+        loop {
             let got = self
                 .retrying(host, what, || {
-                    self.request_capped(method.clone(), url, accept, max, token.as_deref(), &auth)
+                    let ask = Ask {
+                        method: method.clone(),
+                        url,
+                        accept,
+                        max,
+                        token: token.as_deref(),
+                        auth: &auth,
+                    };
+                    self.request_capped(ask, &challenge)
                 })
                 .await;
             match got {
-                Err(RegistryError::Denied { .. }) if token.is_some() && !fresh => {}
+                Err(RegistryError::Denied { .. }) if !challenged => {
+                    let Some(c) = challenge.lock().unwrap().take() else {
+                        return got;
+                    };
+                    challenged = true;
+                    token = Some(
+                        self.challenge_token(host, what, reference, &c, &auth)
+                            .await?,
+                    );
+                }
                 r => return r,
             }
         }
-        unreachable!("the second round returns")
+    }
+
+    /// A token for the scope a `Bearer` challenge names (else the pull of
+    /// `reference`'s repository), from its realm (Basic credentials from
+    /// the auth file, if any), kept as that repository's token.
+    async fn challenge_token(
+        &self,
+        host: &str,
+        what: &str,
+        reference: &Reference,
+        challenge: &str,
+        auth: &RegistryAuth,
+    ) -> Result<String, RegistryError> {
+        let bad = |reason: String| RegistryError::Malformed {
+            registry: host.into(),
+            what: what.into(),
+            reason,
+        };
+        let params = bearer_params(challenge)
+            .ok_or_else(|| bad(format!("unreadable challenge {challenge:?}")))?;
+        let realm = params
+            .get("realm")
+            .ok_or_else(|| bad(format!("a challenge without a realm: {challenge:?}")))?;
+        let mut url = reqwest::Url::parse(realm)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| bad(format!("token realm {realm:?} is not an HTTP URL")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(service) = params.get("service") {
+                q.append_pair("service", service);
+            }
+            // A challenge without a scope (some registries leave it out)
+            // means the pull of the repository asked for.
+            let pull = format!("repository:{}:pull", reference.repository());
+            let scopes = params.get("scope").unwrap_or(&pull);
+            for scope in scopes.split(' ').filter(|s| !s.is_empty()) {
+                q.append_pair("scope", scope);
+            }
+        }
+        let token = self
+            .retrying(host, what, || async {
+                let mut req = self.inner.http.get(url.clone());
+                if let RegistryAuth::Basic(u, p) = auth {
+                    req = req.basic_auth(u, Some(p));
+                }
+                let mut resp = req.send().await?;
+                let status = resp.status();
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await? {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > 1 << 20 {
+                        return Err(OciDistributionError::SpecViolationError(
+                            "token answer larger than 1 MiB".into(),
+                        ));
+                    }
+                }
+                let u = url.as_str().to_string();
+                match status.as_u16() {
+                    200 => serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| {
+                            let t = v.get("token").or_else(|| v.get("access_token"))?;
+                            t.as_str().map(str::to_string)
+                        })
+                        .ok_or_else(|| {
+                            OciDistributionError::SpecViolationError(
+                                "token answer without a token".into(),
+                            )
+                        }),
+                    401 | 403 => Err(OciDistributionError::UnauthorizedError { url: u }),
+                    code => Err(OciDistributionError::ServerError {
+                        code,
+                        url: u,
+                        message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+                    }),
+                }
+            })
+            .await?;
+        let key = (host.to_string(), reference.repository().to_string());
+        self.inner
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(key, (Some(token.clone()), Instant::now()));
+        Ok(token)
     }
 
     /// The bearer token for pulling `reference`'s repository (`None` where
     /// the registry takes Basic credentials or none), reused while younger
-    /// than [`TOKEN_REUSE`] unless `fresh`.
+    /// than [`TOKEN_REUSE`].
     async fn pull_token(
         &self,
         host: &str,
         what: &str,
         reference: &Reference,
         auth: &RegistryAuth,
-        fresh: bool,
     ) -> Result<Option<String>, RegistryError> {
         let key = (host.to_string(), reference.repository().to_string());
-        if !fresh
-            && let Some((token, at)) = self.inner.tokens.lock().unwrap().get(&key)
+        if let Some((token, at)) = self.inner.tokens.lock().unwrap().get(&key)
             && at.elapsed() < TOKEN_REUSE
         {
             return Ok(token.clone());
@@ -174,13 +278,17 @@ impl RegistryClient {
     /// alike).
     async fn request_capped(
         &self,
-        method: reqwest::Method,
-        url: &reqwest::Url,
-        accept: &str,
-        max: u64,
-        token: Option<&str>,
-        auth: &RegistryAuth,
+        ask: Ask<'_>,
+        challenge: &std::sync::Mutex<Option<String>>,
     ) -> Result<(reqwest::header::HeaderMap, Bytes), OciDistributionError> {
+        let Ask {
+            method,
+            url,
+            accept,
+            max,
+            token,
+            auth,
+        } = ask;
         let mut req = self
             .inner
             .http
@@ -218,7 +326,15 @@ impl RegistryClient {
         let u = url.as_str().to_string();
         match status.as_u16() {
             200 => Ok((resp.headers().clone(), Bytes::from(body))),
-            401 => Err(OciDistributionError::UnauthorizedError { url: u }),
+            401 => {
+                let bearer = resp
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .filter(|h| bearer_params(h).is_some());
+                *challenge.lock().unwrap() = bearer.map(str::to_string);
+                Err(OciDistributionError::UnauthorizedError { url: u })
+            }
             s if status.is_success() => Err(OciDistributionError::SpecViolationError(format!(
                 "expected HTTP 200 for {}, got {s}",
                 url.path()
@@ -353,6 +469,64 @@ impl RegistryClient {
     }
 }
 
+/// One request of [`RegistryClient::request_capped`].
+struct Ask<'a> {
+    method: reqwest::Method,
+    url: &'a reqwest::Url,
+    accept: &'a str,
+    max: u64,
+    token: Option<&'a str>,
+    auth: &'a RegistryAuth,
+}
+
+/// The parameters of a `Bearer` challenge (`WWW-Authenticate: Bearer
+/// realm="…",service="…",scope="…"`), keys in lower case; `None` for
+/// another scheme or a header that does not parse.
+fn bearer_params(header: &str) -> Option<std::collections::HashMap<String, String>> {
+    let (scheme, mut rest) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut out = std::collections::HashMap::new();
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return Some(out);
+        }
+        let (key, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, tail) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let mut v = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = None;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => v.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        c => v.push(c),
+                    }
+                }
+                (v, &quoted[end?..])
+            }
+            None => {
+                let e = after.find(',').unwrap_or(after.len());
+                (after[..e].trim().to_string(), &after[e..])
+            }
+        };
+        out.insert(key.trim().to_ascii_lowercase(), value);
+        let tail = tail.trim_start();
+        rest = match tail.strip_prefix(',') {
+            Some(t) => t,
+            None if tail.is_empty() => tail,
+            None => return None,
+        };
+    }
+}
+
 /// Returns the media type and whether `bytes` is an index, from the body's
 /// `mediaType` or, where that is absent (allowed for OCI), from its shape.
 pub fn classify_manifest(bytes: &[u8]) -> Result<(String, bool), String> {
@@ -398,6 +572,29 @@ pub fn classify_manifest(bytes: &[u8]) -> Result<(String, bool), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_bearer_challenges() {
+        let p = bearer_params(
+            r#"Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull,push",error="insufficient_scope""#,
+        )
+        .unwrap();
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "reg");
+        assert_eq!(
+            p["scope"], "repository:a/b:pull,push",
+            "a comma inside quotes"
+        );
+        assert_eq!(p["error"], "insufficient_scope");
+        let p = bearer_params(r#"bearer Realm="r\"q", scope=registry:catalog:*"#).unwrap();
+        assert_eq!(
+            (p["realm"].as_str(), p["scope"].as_str()),
+            ("r\"q", "registry:catalog:*")
+        );
+        assert!(bearer_params(r#"Basic realm="x""#).is_none());
+        assert!(bearer_params(r#"Bearer realm="unterminated"#).is_none());
+        assert!(bearer_params(r#"Bearer realm="a" junk"#).is_none());
+    }
 
     #[test]
     fn classifies_manifests() {

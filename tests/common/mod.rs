@@ -42,10 +42,18 @@ use tempfile::TempDir;
 // ---------------------------------------------------------------------------
 
 /// Tools the harness runs.
-const REQUIRED_TOOLS: &[&str] = &["docker-registry", "skopeo", "umoci", "htpasswd", "umount"];
+const REQUIRED_TOOLS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "umoci",
+    "htpasswd",
+    "umount",
+    "openssl",
+];
 
 /// Checks that everything the integration tests need is present: the
-/// registry, skopeo, umoci, htpasswd, `/dev/fuse` and root. Panics with the
+/// registry, skopeo, umoci, htpasswd, openssl (the token service signs
+/// with it), `/dev/fuse` and root. Panics with the
 /// list of what is missing — in CI (`CI` set) and locally alike: these tests
 /// never skip.
 pub fn require_env() {
@@ -65,7 +73,7 @@ pub fn require_env() {
         let ci = std::env::var_os("CI").is_some();
         panic!(
             "integration test environment incomplete{}:\n  - {}\n\
-             Install: docker-registry skopeo umoci fuse3 apache2-utils, run as root with /dev/fuse.",
+             Install: docker-registry skopeo umoci fuse3 apache2-utils openssl, run as root with /dev/fuse.",
             if ci {
                 " (CI is set: tests must fail, not skip)"
             } else {
@@ -417,6 +425,23 @@ impl Registry {
         Self::start_inner(Some((user, pass)), None)
     }
 
+    /// A registry with token auth (`auth.token`: the bearer flow of Docker
+    /// Hub, GHCR and Quay) whose tokens `tokens` issues; the registry itself
+    /// checks each token's signature, issuer, audience, lifetime and
+    /// access. [`Registry::creds`] are the token service's credentials.
+    pub fn start_with_token(tokens: &TokenService) -> Registry {
+        let auth = format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            tokens.realm(),
+            TokenService::SERVICE,
+            TokenService::ISSUER,
+            tokens.cert.display()
+        );
+        let mut r = Self::start_config(None, None, Some(auth));
+        r.creds = Some((tokens.user.clone(), tokens.pass.clone()));
+        r
+    }
+
     /// A pull-through cache (`proxy.remoteurl`) of `remote_url`
     /// (e.g. `http://127.0.0.1:5000`): a registry mirror.
     pub fn start_proxy(remote_url: &str) -> Registry {
@@ -424,6 +449,15 @@ impl Registry {
     }
 
     fn start_inner(auth: Option<(&str, &str)>, proxy: Option<&str>) -> Registry {
+        Self::start_config(auth, proxy, None)
+    }
+
+    /// `auth`: htpasswd credentials; `auth_yaml`: an `auth:` section as is.
+    fn start_config(
+        auth: Option<(&str, &str)>,
+        proxy: Option<&str>,
+        auth_yaml: Option<String>,
+    ) -> Registry {
         require_env();
         let dir = tempfile::Builder::new()
             .prefix("apt-layer-registry-")
@@ -433,7 +467,7 @@ impl Registry {
         fs::create_dir_all(&storage).unwrap();
         let log_path = dir.path().join("registry.log");
         let config = dir.path().join("config.yml");
-        let mut auth_yaml = String::new();
+        let mut auth_yaml = auth_yaml.unwrap_or_default();
         if let Some((user, pass)) = auth {
             let line = run(Command::new("htpasswd").args(["-Bbn", user, pass]));
             let htpasswd = dir.path().join("htpasswd");
@@ -3642,4 +3676,168 @@ impl Drop for FuseTrace {
         let _ = fs::write(self.dir.join("events/fuse/fuse_request_send/enable"), "0");
         let _ = fs::remove_dir(&self.dir);
     }
+}
+
+/// A token service for [`Registry::start_with_token`]: an in-process HTTP
+/// server answering `GET /token?service=…&scope=…` with a JWT signed
+/// (RS256, by `openssl`) with a key whose self-signed certificate the
+/// registry trusts (`x5c` in the token's header). Basic `user`/`pass` on
+/// the token request get every action a scope asks for; a request without
+/// credentials gets a token that grants nothing (the registry then answers
+/// 401); wrong credentials get 401 here. Every request is recorded
+/// ([`TokenService::requests`]).
+pub struct TokenService {
+    server: FaultServer,
+    _dir: TempDir,
+    cert: PathBuf,
+    user: String,
+    pass: String,
+}
+
+impl TokenService {
+    /// The `service` (token audience) the registry expects.
+    pub const SERVICE: &'static str = "apt-layer-test-registry";
+    /// The issuer the registry trusts.
+    pub const ISSUER: &'static str = "apt-layer-test-tokens";
+
+    pub fn start(user: &str, pass: &str) -> TokenService {
+        require_env();
+        let dir = tempfile::Builder::new()
+            .prefix("apt-layer-tokens-")
+            .tempdir()
+            .unwrap();
+        let key = dir.path().join("key.pem");
+        let cert = dir.path().join("cert.pem");
+        run(Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=apt-layer test token service", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert));
+        let der = run(Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert));
+        let x5c = base64::engine::general_purpose::STANDARD.encode(der);
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        );
+        let server = FaultServer::start_with_headers(move |_method, target, headers| {
+            let authz = headers
+                .iter()
+                .find(|(k, _)| k == "authorization")
+                .map(|(_, v)| v.as_str());
+            let granted = match authz {
+                None => false,
+                Some(a) if a == basic => true,
+                Some(_) => {
+                    return FaultReply::Respond {
+                        status: 401,
+                        headers: vec![],
+                        body: br#"{"details":"wrong credentials"}"#.to_vec(),
+                    };
+                }
+            };
+            let scopes: Vec<String> = target
+                .split_once('?')
+                .map(|(_, q)| q)
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("scope="))
+                .map(|v| {
+                    v.replace("%3A", ":")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",")
+                })
+                .collect();
+            let access: Vec<Value> = scopes
+                .iter()
+                .filter(|_| granted)
+                .filter_map(|s| {
+                    let (kind, rest) = s.split_once(':')?;
+                    let (name, actions) = rest.rsplit_once(':')?;
+                    Some(json!({ "type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>() }))
+                })
+                .collect();
+            let token = jwt(&key, &x5c, &access);
+            FaultReply::Respond {
+                status: 200,
+                headers: vec![("Content-Type".into(), "application/json".into())],
+                body: serde_json::to_vec(
+                    &json!({ "token": token, "access_token": token, "expires_in": 300 }),
+                )
+                .unwrap(),
+            }
+        });
+        TokenService {
+            server,
+            _dir: dir,
+            cert,
+            user: user.into(),
+            pass: pass.into(),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/token`.
+    pub fn realm(&self) -> String {
+        format!("http://{}/token", self.server.host())
+    }
+
+    /// The targets of the token requests it answered, decoded (`:`, `/`
+    /// and `,` in scopes), oldest first.
+    pub fn asked(&self) -> Vec<String> {
+        self.server
+            .requests()
+            .into_iter()
+            .map(|(_, t)| {
+                t.replace("%3A", ":")
+                    .replace("%2F", "/")
+                    .replace("%2C", ",")
+            })
+            .collect()
+    }
+}
+
+/// A JWT granting `access`, signed with the RSA key at `key`.
+fn jwt(key: &Path, x5c: &str, access: &[Value]) -> String {
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = json!({ "typ": "JWT", "alg": "RS256", "x5c": [x5c] });
+    let claims = json!({
+        "iss": TokenService::ISSUER,
+        "sub": "apt-layer-test",
+        "aud": TokenService::SERVICE,
+        "exp": now + 300,
+        "nbf": now - 10,
+        "iat": now,
+        "jti": format!("{now}-{}", free_port()),
+        "access": access,
+    });
+    let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl dgst");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(signing_input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl dgst -sign failed");
+    format!(
+        "{signing_input}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out.stdout)
+    )
 }
