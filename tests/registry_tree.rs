@@ -1030,6 +1030,45 @@ fn a_registry_with_bearer_token_auth_is_read_with_tokens() {
     }
 }
 
+/// Public images on a token registry, as on Docker Hub: without any
+/// credentials the token service grants the pull of repositories (and no
+/// catalog), and the tree reads them: tags, manifest, `rootfs/` through
+/// anonymous tokens the CNCF registry checks.
+#[test]
+fn a_public_token_registry_is_read_without_credentials() {
+    require_env();
+    const USER: &str = "carol";
+    const PASS: &str = "Pub-0a1b2c-not-in-logs";
+    let tokens = TokenService::start_public(USER, PASS);
+    let reg = Registry::start_with_token(&tokens);
+    let h = reg.host();
+    let work = tempfile::tempdir().unwrap();
+    let layout = two_layer_image(work.path(), "v1");
+    let oracle = umoci_unpack(&layout_ref(&layout, "v1"), &work.path().join("bundle"));
+    let digest = push_with_creds(
+        &layout_ref(&layout, "v1"),
+        &format!("{h}/library/app:v1"),
+        Format::Oci,
+        Some((USER, PASS)),
+    );
+    let m = Mount::builder().insecure(&h).start();
+    // Anonymous: no catalog, as on Docker Hub.
+    assert_eq!(list(m.join(&h)).expect("ls registry"), Vec::<String>::new());
+    assert_eq!(
+        list(m.join(format!("{h}/library/app"))).expect("tags, anonymously"),
+        strings(&["v1"])
+    );
+    assert_eq!(
+        read_string(m.join(format!("{h}/library/app/v1/digest"))).unwrap(),
+        format!("{digest}\n")
+    );
+    assert_trees_equal(
+        &m.join(format!("{h}/library/app/v1/rootfs")),
+        &oracle,
+        "rootfs of a public image on a token registry",
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Mirrors (registries.conf v2)
 // ---------------------------------------------------------------------------

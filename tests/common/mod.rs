@@ -3684,7 +3684,9 @@ impl Drop for FuseTrace {
 /// registry trusts (`x5c` in the token's header). Basic `user`/`pass` on
 /// the token request get every action a scope asks for; a request without
 /// credentials gets a token that grants nothing (the registry then answers
-/// 401); wrong credentials get 401 here. Every request is recorded
+/// 401), or, from a public service ([`TokenService::start_public`]), only
+/// the pull of repositories, as Docker Hub grants; wrong credentials get
+/// 401 here. Every request is recorded
 /// ([`TokenService::requests`]).
 pub struct TokenService {
     server: FaultServer,
@@ -3701,6 +3703,16 @@ impl TokenService {
     pub const ISSUER: &'static str = "apt-layer-test-tokens";
 
     pub fn start(user: &str, pass: &str) -> TokenService {
+        Self::start_with(user, pass, false)
+    }
+
+    /// A service that grants anyone the pull of any repository (and
+    /// nothing else without credentials): public images, as on Docker Hub.
+    pub fn start_public(user: &str, pass: &str) -> TokenService {
+        Self::start_with(user, pass, true)
+    }
+
+    fn start_with(user: &str, pass: &str, public: bool) -> TokenService {
         require_env();
         let dir = tempfile::Builder::new()
             .prefix("apt-layer-tokens-")
@@ -3754,11 +3766,15 @@ impl TokenService {
                 .collect();
             let access: Vec<Value> = scopes
                 .iter()
-                .filter(|_| granted)
                 .filter_map(|s| {
                     let (kind, rest) = s.split_once(':')?;
                     let (name, actions) = rest.rsplit_once(':')?;
-                    Some(json!({ "type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>() }))
+                    let actions: Vec<&str> = actions
+                        .split(',')
+                        .filter(|a| granted || (public && kind == "repository" && *a == "pull"))
+                        .collect();
+                    (!actions.is_empty())
+                        .then(|| json!({ "type": kind, "name": name, "actions": actions }))
                 })
                 .collect();
             let token = jwt(&key, &x5c, &access);
