@@ -1011,9 +1011,10 @@ fn a_registry_with_bearer_token_auth_is_read_with_tokens() {
     let bad = Mount::builder().insecure(&h).start();
     let tags = list(bad.join(format!("{h}/tok/app"))).unwrap_or_default();
     assert!(tags.is_empty(), "tags without credentials: {tags:?}");
-    assert!(
-        read(bad.join(format!("{h}/tok/app/v1/manifest.json"))).is_err(),
-        "a manifest without credentials"
+    assert_errno(
+        read(bad.join(format!("{h}/tok/app/v1/manifest.json"))),
+        libc::ENOENT,
+        "a manifest without credentials",
     );
     let said = wait_until(Duration::from_secs(3), || {
         bad.log().lines().any(|l| {

@@ -778,6 +778,12 @@ impl Tree {
                         path,
                     }),
                     Some(_) => Err(e),
+                    // A tag's file below a repository that could not be
+                    // read (absent, or refused to a client without
+                    // credentials) is absent too, not a namespace: `cat
+                    // …/v1/manifest.json` says "No such file", not "Is a
+                    // directory".
+                    None if parent.is_some() && TAG_FILES.contains(&name) => Err(FsError::NotFound),
                     None => Ok(Node::Repo {
                         registry: registry.clone(),
                         path,
@@ -1414,6 +1420,16 @@ impl Tree {
         ino == ROOT_INO
     }
 }
+
+/// A tag directory's files whose names a namespace is unlikely to take
+/// (a dot in them); `digest`, `status` and `rootfs` could be namespaces.
+const TAG_FILES: &[&str] = &[
+    "manifest.json",
+    "index.json",
+    "config.json",
+    "inspect.json",
+    "image.cfs",
+];
 
 /// "Does not exist" answers, as opposed to failures: NotFound, and an
 /// anonymous 401 from a token-auth registry (Docker Hub's answer for
