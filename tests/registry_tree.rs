@@ -1033,8 +1033,8 @@ fn a_registry_with_bearer_token_auth_is_read_with_tokens() {
 
 /// Public images on a token registry, as on Docker Hub: without any
 /// credentials the token service grants the pull of repositories (and no
-/// catalog), and the tree reads them: tags, manifest, `rootfs/` through
-/// anonymous tokens the CNCF registry checks.
+/// catalog), and the tree reads them: tags, every tag file as skopeo reads
+/// it, `rootfs/` through anonymous tokens the CNCF registry checks.
 #[test]
 fn a_public_token_registry_is_read_without_credentials() {
     require_env();
@@ -1063,6 +1063,8 @@ fn a_public_token_registry_is_read_without_credentials() {
         read_string(m.join(format!("{h}/library/app/v1/digest"))).unwrap(),
         format!("{digest}\n")
     );
+    // Every tag file against skopeo, itself anonymous here.
+    check_tag(&m, &h, "library/app", "v1");
     assert_trees_equal(
         &m.join(format!("{h}/library/app/v1/rootfs")),
         &oracle,
