@@ -19,7 +19,8 @@
 //!
 //! Contract (**checked map**): regions are in order, do not overlap and lie
 //! within the file, the entry holds exactly the map and the regions' bytes,
-//! and a map has at most [`MAX_REGIONS`] regions; anything else is refused
+//! a map has at most [`MAX_REGIONS`] regions and a layer's maps at most
+//! [`MAX_LAYER_REGIONS`] together; anything else is refused
 //! ([`SparseError`]) rather than guessed at, as Go's reader refuses it. The
 //! old GNU sparse type `S` is not this: umoci refuses it (see
 //! [`super::stream`]).
@@ -31,6 +32,11 @@ use serde::{Deserialize, Serialize};
 /// The most regions a map may have: 16 bytes each in memory and in the
 /// layer's index. A file with more holes than this is refused.
 pub const MAX_REGIONS: usize = 1 << 20;
+
+/// The most regions all sparse files of one layer may have together
+/// (64 MiB of maps): a layer of many files each at [`MAX_REGIONS`] would
+/// otherwise hold the daemon's memory ransom. Past it the layer is refused.
+pub const MAX_LAYER_REGIONS: usize = 1 << 22;
 
 /// Why a sparse file's records or map were refused.
 #[derive(Debug, thiserror::Error)]

@@ -370,7 +370,7 @@ pub fn index_layer<R: Read>(
         n: counter.clone(),
     };
     let mut entries = Vec::new();
-    let max_file = store.max_object();
+    let mut budget = Budget::new(store.max_object());
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(64);
         let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -399,7 +399,7 @@ pub fn index_layer<R: Read>(
                         tx.send(Msg::End).map_err(|_| stopped())?;
                         Ok(None)
                     };
-                if let Some(e) = read_entry(entry, &mut content, &counter, max_file)? {
+                if let Some(e) = read_entry(entry, &mut content, &counter, &mut budget)? {
                     if let Some(l) = live {
                         l.push(entries.len(), &e);
                     }
@@ -480,6 +480,7 @@ pub fn scan_layer<R: Read>(
     let mut n = 0;
     // Large reads: each one is a call into the inflater.
     let mut buf = vec![0u8; PIECE];
+    let mut budget = Budget::new(max_file);
     walk(&mut d, true, |entry| {
         // The content is read past (not stored) before the entry is
         // published, so its bytes are in the spill by then.
@@ -500,7 +501,7 @@ pub fn scan_layer<R: Read>(
             }
             Ok(None)
         };
-        if let Some(e) = read_entry(entry, &mut content, &counter, max_file)? {
+        if let Some(e) = read_entry(entry, &mut content, &counter, &mut budget)? {
             live.push(n, &e);
             n += 1;
         }
@@ -566,6 +567,7 @@ pub fn extract_objects<R: Read>(
         n: counter.clone(),
     };
     let mut found = 0;
+    let mut budget = Budget::new(store.max_object());
     let mut buf = vec![0u8; 256 << 10];
     decoded(raw, compression, None, |d| {
         walk(d, false, |entry| {
@@ -592,7 +594,7 @@ pub fn extract_objects<R: Read>(
                     new = made;
                     Ok(Some(id))
                 };
-            let e = read_entry(entry, &mut content, &counter, store.max_object())?;
+            let e = read_entry(entry, &mut content, &counter, &mut budget)?;
             match e.and_then(|e| e.object) {
                 Some(got) if got == *id => found += 1,
                 got => {
@@ -722,8 +724,9 @@ fn read_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     content: &mut ContentFn<'_>,
     compressed: &AtomicU64,
-    max_file: u64,
+    budget: &mut Budget,
 ) -> Result<Option<IndexEntry>, StreamError> {
+    let max_file = budget.max_file;
     use tar::EntryType as T;
     let bad = |what: &str, e: io::Error| StreamError::Malformed(format!("{what}: {e}"));
     let h = entry.header();
@@ -839,6 +842,15 @@ fn read_entry<R: Read>(
                 let m = s
                     .resolve(entry, stored)
                     .map_err(|e| sparse_bad(&path, &e))?;
+                budget.regions = budget.regions.checked_sub(m.regions.len()).ok_or_else(|| {
+                    sparse_bad(
+                        &path,
+                        &format_args!(
+                            "the layer's sparse maps pass {} regions",
+                            super::sparse::MAX_LAYER_REGIONS
+                        ),
+                    )
+                })?;
                 object = content(&mut Expand::new(&mut *entry, &m, size), size)?;
                 map = Some(Box::new(m));
             }
@@ -863,6 +875,23 @@ fn read_entry<R: Read>(
         sparse: map,
         compressed_end,
     }))
+}
+
+/// What one pass over a layer may still take: files up to the cache's
+/// bound each, and sparse regions up to
+/// [`super::sparse::MAX_LAYER_REGIONS`] for the whole layer.
+struct Budget {
+    max_file: u64,
+    regions: usize,
+}
+
+impl Budget {
+    fn new(max_file: u64) -> Budget {
+        Budget {
+            max_file,
+            regions: super::sparse::MAX_LAYER_REGIONS,
+        }
+    }
 }
 
 /// PAX times are decimal seconds with an optional fraction.
@@ -1166,6 +1195,42 @@ mod tests {
             let (got, _) = extract_spilled(&x.spill, x.checkpoint.as_ref(), &x.at, &early).unwrap();
             assert_eq!(got, want_id, "entry {i}");
         }
+    }
+
+    /// The sparse maps of one layer are bounded together: past the
+    /// layer's budget of regions an entry is malformed.
+    #[test]
+    fn a_layers_sparse_maps_are_bounded_together() {
+        let one = pax_sparse(MAP, &pax_sparse_data());
+        let tar = [one.clone(), one].concat();
+        let mut archive = tar::Archive::new(&tar[..]);
+        // Two archives back to back: read past the first one's end.
+        archive.set_ignore_zeros(true);
+        // Room for the first file's two regions, not for the second's.
+        let mut budget = Budget {
+            max_file: u64::MAX,
+            regions: 3,
+        };
+        let counter = AtomicU64::new(0);
+        let mut content = |r: &mut dyn Read, _: u64| -> Result<Option<ObjectId>, StreamError> {
+            io::copy(r, &mut io::sink()).map_err(classify_read)?;
+            Ok(None)
+        };
+        let mut got = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            got.push(
+                read_entry(&mut entry, &mut content, &counter, &mut budget)
+                    .map(|e| e.unwrap().path),
+            );
+        }
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(matches!(&got[0], Ok(p) if p == b"s/pax-sparse"), "{got:?}");
+        assert!(matches!(&got[1], Ok(p) if p == b"s/after"), "{got:?}");
+        assert!(
+            matches!(&got[2], Err(StreamError::Malformed(m)) if m.contains("sparse maps pass")),
+            "{got:?}"
+        );
     }
 
     /// A map that does not match what the entry holds is malformed for
