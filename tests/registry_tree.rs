@@ -997,6 +997,33 @@ fn a_registry_with_bearer_token_auth_is_read_with_tokens() {
         &oracle,
         "rootfs through a token registry",
     );
+    // The command line, with the same auth file, prints what skopeo does.
+    let ours = apt_layer(
+        &[
+            "inspect",
+            "--insecure-registry",
+            &h,
+            "--authfile",
+            &authfile.display().to_string(),
+            &format!("{h}/tok/app:v1"),
+        ],
+        Duration::from_secs(60),
+    )
+    .json();
+    let oracle: Value = serde_json::from_slice(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{h}/tok/app:v1"),
+    ]))
+    .unwrap();
+    assert_inspect_matches(
+        &ours,
+        &oracle,
+        &oracle_manifest,
+        "inspect through a token registry",
+    );
     let asked = tokens.asked().split_off(seen);
     for scope in ["registry:catalog:*", "repository:tok/app:pull"] {
         assert!(
