@@ -134,7 +134,7 @@ impl RegistryClient {
                         token: token.as_deref(),
                         auth: &auth,
                     };
-                    self.request_capped(ask, &challenge)
+                    self.request_capped(ask, Some(&challenge))
                 })
                 .await;
             match got {
@@ -191,51 +191,28 @@ impl RegistryClient {
                 q.append_pair("scope", scope);
             }
         }
-        let token = self
-            .retrying(host, what, || async {
-                let mut req = self.inner.http.get(url.clone());
-                if let RegistryAuth::Basic(u, p) = auth {
-                    req = req.basic_auth(u, Some(p));
-                }
-                let mut resp = req.send().await?;
-                let status = resp.status();
-                let mut body = Vec::new();
-                while let Some(chunk) = resp.chunk().await? {
-                    body.extend_from_slice(&chunk);
-                    if body.len() > 1 << 20 {
-                        return Err(OciDistributionError::SpecViolationError(
-                            "token answer larger than 1 MiB".into(),
-                        ));
-                    }
-                }
-                let u = url.as_str().to_string();
-                match status.as_u16() {
-                    200 => serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| {
-                            let t = v.get("token").or_else(|| v.get("access_token"))?;
-                            t.as_str().map(str::to_string)
-                        })
-                        .ok_or_else(|| {
-                            OciDistributionError::SpecViolationError(
-                                "token answer without a token".into(),
-                            )
-                        }),
-                    401 | 403 => Err(OciDistributionError::UnauthorizedError { url: u }),
-                    code => Err(OciDistributionError::ServerError {
-                        code,
-                        url: u,
-                        message: String::from_utf8_lossy(&body).chars().take(200).collect(),
-                    }),
-                }
+        // The token service's answer is a small document like any other.
+        let (_, body) = self
+            .retrying(host, what, || {
+                let ask = Ask {
+                    method: reqwest::Method::GET,
+                    url: &url,
+                    accept: "application/json",
+                    max: 1 << 20,
+                    token: None,
+                    auth,
+                };
+                self.request_capped(ask, None)
             })
             .await?;
-        let key = (host.to_string(), reference.repository().to_string());
-        self.inner
-            .tokens
-            .lock()
-            .unwrap()
-            .insert(key, (Some(token.clone()), Instant::now()));
+        let token = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let t = v.get("token").or_else(|| v.get("access_token"))?;
+                t.as_str().map(str::to_string)
+            })
+            .ok_or_else(|| bad("the token service's answer holds no token".into()))?;
+        self.keep_token(host, reference, Some(token.clone()));
         Ok(token)
     }
 
@@ -262,24 +239,30 @@ impl RegistryClient {
                     .auth(reference, auth, RegistryOperation::Pull)
             })
             .await?;
+        self.keep_token(host, reference, token.clone());
+        Ok(token)
+    }
+
+    /// Keeps `token` as the one for `reference`'s repository on `host`.
+    fn keep_token(&self, host: &str, reference: &Reference, token: Option<String>) {
+        let key = (host.to_string(), reference.repository().to_string());
         let mut tokens = self.inner.tokens.lock().unwrap();
         // One entry per repository read lately: a walk of many
         // repositories leaves no trail of stale tokens.
         if tokens.len() >= 1024 {
             tokens.retain(|_, (_, at)| at.elapsed() < TOKEN_REUSE);
         }
-        tokens.insert(key, (token.clone(), Instant::now()));
-        Ok(token)
+        tokens.insert(key, (token, Instant::now()));
     }
 
     /// One request (`GET`, `HEAD`) for a small document: its headers and
     /// its body, read up to `max` bytes (an error beyond). Failures are
     /// classified as oci-client's own (so [`Self::retrying`] treats them
-    /// alike).
+    /// alike); `challenge`, if given, receives a 401's `Bearer` challenge.
     async fn request_capped(
         &self,
         ask: Ask<'_>,
-        challenge: &std::sync::Mutex<Option<String>>,
+        challenge: Option<&std::sync::Mutex<Option<String>>>,
     ) -> Result<(reqwest::header::HeaderMap, Bytes), OciDistributionError> {
         let Ask {
             method,
@@ -332,7 +315,9 @@ impl RegistryClient {
                     .get(reqwest::header::WWW_AUTHENTICATE)
                     .and_then(|h| h.to_str().ok())
                     .filter(|h| bearer_params(h).is_some());
-                *challenge.lock().unwrap() = bearer.map(str::to_string);
+                if let Some(c) = challenge {
+                    *c.lock().unwrap() = bearer.map(str::to_string);
+                }
                 Err(OciDistributionError::UnauthorizedError { url: u })
             }
             s if status.is_success() => Err(OciDistributionError::SpecViolationError(format!(
