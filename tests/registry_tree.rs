@@ -129,6 +129,15 @@ fn check_tag(m: &Mount, host: &str, repo: &str, tag: &str) {
     );
 }
 
+/// The daemon's log says `needle` somewhere (why a request failed).
+fn assert_log_says(m: &Mount, needle: &str) {
+    assert!(
+        m.log().contains(needle),
+        "no log line says {needle:?}; log:\n{}",
+        m.log()
+    );
+}
+
 /// The mount still serves `HOST/REPO:TAG` of a real registry, and the daemon
 /// still runs.
 fn assert_still_serves(m: &mut Mount, host: &str, repo: &str, tag: &str) {
@@ -438,11 +447,7 @@ fn a_next_page_link_to_another_server_is_not_followed() {
         "the other server was asked: {:?}",
         elsewhere.requests()
     );
-    assert!(
-        m.log().contains("another server"),
-        "no log line says why; log:\n{}",
-        m.log()
-    );
+    assert_log_says(&m, "another server");
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 
@@ -471,11 +476,7 @@ fn an_oversized_tag_list_is_eio_not_memory() {
         EIO,
         "ls a 20 MiB tag list",
     );
-    assert!(
-        m.log().contains("larger than"),
-        "no log line says why; log:\n{}",
-        m.log()
-    );
+    assert_log_says(&m, "larger than");
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 
@@ -1185,11 +1186,7 @@ fn an_unconfigured_registry_that_is_down_is_eio_not_enoent() {
         EIO,
         "ls an unconfigured registry that is down",
     );
-    assert!(
-        m.log().contains("cannot connect"),
-        "no log line says why; log:\n{}",
-        m.log()
-    );
+    assert_log_says(&m, "cannot connect");
     assert_still_serves(&mut m, &reg.host(), "app", "t1");
 }
 
@@ -1720,11 +1717,7 @@ fn config_longer_than_its_descriptor_says_is_eio() {
         config.len() as u64 - 10
     );
     assert_errno(read(tag.join("config.json")), EIO, "config of another size");
-    assert!(
-        m.log().contains("its descriptor says"),
-        "no log line: {}",
-        m.log()
-    );
+    assert_log_says(&m, "its descriptor says");
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 
@@ -1862,11 +1855,7 @@ fn an_oversized_manifest_is_refused_before_it_is_read() {
         EIO,
         "read a 64 MiB manifest",
     );
-    assert!(
-        m.log().contains("larger than 16 MiB"),
-        "refused for another reason; log:\n{}",
-        m.log()
-    );
+    assert_log_says(&m, "larger than 16 MiB");
     gate.open();
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
@@ -1935,11 +1924,7 @@ fn invalid_tag_names_are_left_out_of_the_listing() {
         .expect("ls a repository whose tag list has invalid names");
     listed.sort();
     assert_eq!(listed, ["v1", "v2"]);
-    assert!(
-        m.log().contains("invalid names"),
-        "no log line: {}",
-        m.log()
-    );
+    assert_log_says(&m, "invalid names");
     assert_still_serves(&mut m, &real.host(), "app", "t1");
 }
 
