@@ -248,20 +248,14 @@ fn serves(made_with: Option<&str>, asked: Option<&str>) -> bool {
     made_with.is_none() || made_with == asked
 }
 
-/// How a [`LayerIndex`] is saved: its fields, with the count of its
-/// objects before its entries, so that [`IndexStore::summary`] reads only
-/// the head of the file. ([`Saved`] reads it back: postcard encodes a
-/// slice as a `Vec`, and `&str` as a `String`.)
+/// How a [`LayerIndex`] is saved: its head ([`Summary`], which counts
+/// its objects, so that [`IndexStore::summary`] reads only the start of
+/// the file), then its entries and spans. ([`Saved`] reads it back:
+/// postcard writes a nested struct's fields in line, and a slice as a
+/// `Vec`.)
 #[derive(Serialize)]
 struct Saving<'a> {
-    version: u32,
-    digest: &'a str,
-    pin: Option<&'a str>,
-    compression: Compression,
-    mode: LayerMode,
-    compressed_size: u64,
-    uncompressed_size: u64,
-    objects: u64,
+    head: Summary,
     entries: &'a [IndexEntry],
     spans: &'a Option<gzindex::SpanIndex>,
 }
@@ -269,21 +263,14 @@ struct Saving<'a> {
 /// A saved index, read back (see [`Saving`]).
 #[derive(Deserialize)]
 struct Saved {
-    version: u32,
-    digest: String,
-    pin: Option<String>,
-    compression: Compression,
-    mode: LayerMode,
-    compressed_size: u64,
-    uncompressed_size: u64,
-    _objects: u64,
+    head: Summary,
     entries: Vec<IndexEntry>,
     spans: Option<gzindex::SpanIndex>,
 }
 
 /// The head of a saved index: what `status` shows of a layer indexed
 /// before, without decoding its entries.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Summary {
     version: u32,
     digest: String,
@@ -333,13 +320,13 @@ impl IndexStore {
             return None;
         }
         let loaded = postcard::from_bytes::<Saved>(&data).map(|s| LayerIndex {
-            version: s.version,
-            digest: s.digest,
-            pin: s.pin,
-            compression: s.compression,
-            mode: s.mode,
-            compressed_size: s.compressed_size,
-            uncompressed_size: s.uncompressed_size,
+            version: s.head.version,
+            digest: s.head.digest,
+            pin: s.head.pin,
+            compression: s.head.compression,
+            mode: s.head.mode,
+            compressed_size: s.head.compressed_size,
+            uncompressed_size: s.head.uncompressed_size,
             entries: s.entries,
             spans: s.spans,
         });
@@ -379,14 +366,16 @@ impl IndexStore {
     /// Persists `index` (temporary file, then rename).
     pub fn save(&self, index: &LayerIndex) -> std::io::Result<()> {
         let saving = Saving {
-            version: index.version,
-            digest: &index.digest,
-            pin: index.pin.as_deref(),
-            compression: index.compression,
-            mode: index.mode,
-            compressed_size: index.compressed_size,
-            uncompressed_size: index.uncompressed_size,
-            objects: index.objects().count() as u64,
+            head: Summary {
+                version: index.version,
+                digest: index.digest.clone(),
+                pin: index.pin.clone(),
+                compression: index.compression,
+                mode: index.mode,
+                compressed_size: index.compressed_size,
+                uncompressed_size: index.uncompressed_size,
+                objects: index.objects().count() as u64,
+            },
             entries: &index.entries,
             spans: &index.spans,
         };
