@@ -1100,6 +1100,95 @@ fn a_public_token_registry_is_read_without_credentials() {
     );
 }
 
+/// Without a catalog (a token registry that grants anonymous pulls and no
+/// catalog, as Docker Hub, ghcr.io and quay.io do), a name without tags is
+/// a namespace only where it can be one. Below a repository it is an
+/// unknown tag: `test -d app/$TAG` must not say yes. On Docker Hub
+/// (`docker.io`, here sent to the test registry by a registries.conf
+/// `location`), names are `<namespace>/<name>` and never deeper.
+#[test]
+fn unknown_tags_and_repositories_without_a_catalog_are_enoent() {
+    require_env();
+    const USER: &str = "dave";
+    const PASS: &str = "Ns-5e6f7a-not-in-logs";
+    let tokens = TokenService::start_public(USER, PASS);
+    let reg = Registry::start_with_token(&tokens);
+    let h = reg.host();
+    let work = tempfile::tempdir().unwrap();
+    let layout = two_layer_image(work.path(), "v1");
+    let mut digest = String::new();
+    for repo in ["library/app", "org/team/app"] {
+        digest = push_with_creds(
+            &layout_ref(&layout, "v1"),
+            &format!("{h}/{repo}:v1"),
+            Format::Oci,
+            Some((USER, PASS)),
+        );
+    }
+    let conf = work.path().join("registries.conf");
+    fs::write(
+        &conf,
+        format!("[[registry]]\nprefix = \"docker.io\"\nlocation = \"{h}\"\ninsecure = true\n"),
+    )
+    .unwrap();
+    let m = Mount::builder().insecure(&h).registries_conf(&conf).start();
+    assert_eq!(list(m.join(&h)).expect("ls registry"), Vec::<String>::new());
+
+    // Any registry: a repository's unknown tags are absent, in any case.
+    assert_eq!(
+        list(m.join(format!("{h}/library/app"))).expect("tags"),
+        strings(&["v1"])
+    );
+    for tag in ["v2", "NoSuchTag", "latest"] {
+        let p = m.join(format!("{h}/library/app/{tag}"));
+        assert_errno(stat(&p), ENOENT, &format!("stat unknown tag {tag}"));
+        assert_errno(list(&p), ENOENT, &format!("ls unknown tag {tag}"));
+        assert_errno(
+            read(p.join("rootfs/etc/os-release")),
+            ENOENT,
+            &format!("a file below unknown tag {tag}"),
+        );
+    }
+    // Namespaces still resolve, and a repository nested in one reads.
+    assert!(stat(m.join(format!("{h}/org"))).unwrap().is_dir());
+    assert!(stat(m.join(format!("{h}/org/team"))).unwrap().is_dir());
+    assert_eq!(
+        read_string(m.join(format!("{h}/org/team/app/v1/digest"))).unwrap(),
+        format!("{digest}\n")
+    );
+    assert_errno(
+        stat(m.join(format!("{h}/org/team/app/v2"))),
+        ENOENT,
+        "unknown tag of a nested repository",
+    );
+
+    // Docker Hub: one component is `library/<name>` or a namespace; two
+    // are a repository or nothing.
+    assert_eq!(
+        list(m.join("docker.io/app")).expect("docker.io/app is library/app"),
+        strings(&["v1"])
+    );
+    assert_eq!(
+        read_string(m.join("docker.io/library/app/v1/digest")).unwrap(),
+        format!("{digest}\n")
+    );
+    assert!(stat(m.join("docker.io/library")).unwrap().is_dir());
+    assert!(stat(m.join("docker.io/someone")).unwrap().is_dir());
+    for path in [
+        "docker.io/library/nosuch",
+        "docker.io/someone/nosuch",
+        "docker.io/app/v2",
+        "docker.io/library/app/v2",
+    ] {
+        assert_errno(stat(m.join(path)), ENOENT, path);
+    }
+    assert_errno(
+        read(m.join("docker.io/library/nosuch/latest/rootfs/bin/sh")),
+        ENOENT,
+        "a file below an unknown Docker Hub repository",
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Mirrors (registries.conf v2)
 // ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ use crate::cfs::images::ImageStore;
 use crate::inspect::{InspectInput, inspect_json};
 use crate::layer::EntryKind;
 use crate::registry::name::{
-    canonical_repo, is_registry, is_repo_component, is_sha256_digest, is_tag,
+    canonical_repo, is_docker_hub, is_registry, is_repo_component, is_sha256_digest, is_tag,
 };
 use crate::registry::{MAX_METADATA_SIZE, RawManifest, RegistryClient, RegistryError};
 use crate::rootfs::merge::MergedTree;
@@ -710,6 +710,9 @@ impl Tree {
             Some(p) => format!("{p}/{name}").into(),
             None => arc(name),
         };
+        // Whether the parent is a repository (it has tags): then a child
+        // that is neither one of them nor a repository is an unknown tag.
+        let mut parent_is_repo = false;
         if let Some(p) = parent {
             if let Some(digest) = name.strip_prefix('@') {
                 if !is_sha256_digest(digest) {
@@ -737,6 +740,7 @@ impl Tree {
                 match self.tags(registry, p).await {
                     Ok(tags) if tags.iter().any(|t| t == name) => return Ok(tag_node()),
                     Ok(_) => {
+                        parent_is_repo = true;
                         // Perhaps pushed since the list was read.
                         match self.tag_image(registry, p, &arc(name)).await {
                             Ok(_) => return Ok(tag_node()),
@@ -778,11 +782,19 @@ impl Tree {
                         path,
                     }),
                     Some(_) => Err(e),
-                    // A tag's file below a repository that could not be
-                    // read (absent, or refused to a client without
-                    // credentials) is absent too, not a namespace: `cat
-                    // …/v1/manifest.json` says "No such file", not "Is a
-                    // directory".
+                    // Without a catalog, a name without tags is taken for
+                    // a namespace, except where it cannot be one:
+                    // - below a repository, it is an unknown tag (`ls
+                    //   app/no-such-tag`, `test -d app/$TAG` say so); a
+                    //   deeper repository there answers its own tags above;
+                    // - on Docker Hub, whose names are `<namespace>/<name>`
+                    //   and never deeper;
+                    // - a tag's file below a repository that could not be
+                    //   read (absent, or refused to a client without
+                    //   credentials): `cat …/v1/manifest.json` says "No
+                    //   such file", not "Is a directory".
+                    None if parent_is_repo => Err(FsError::NotFound),
+                    None if is_docker_hub(registry) && path.contains('/') => Err(FsError::NotFound),
                     None if parent.is_some() && TAG_FILES.contains(&name) => Err(FsError::NotFound),
                     None => Ok(Node::Repo {
                         registry: registry.clone(),

@@ -78,10 +78,16 @@ pub fn is_sha256_digest(s: &str) -> bool {
     })
 }
 
+/// Docker Hub, whose repository names are `<namespace>/<name>` and never
+/// deeper (single-component names are `library/<name>`).
+pub fn is_docker_hub(registry: &str) -> bool {
+    registry == "docker.io"
+}
+
 /// The repository path a registry really serves: Docker Hub puts
 /// single-component names under `library/`.
 pub fn canonical_repo(registry: &str, repo: &str) -> String {
-    if registry == "docker.io" && !repo.contains('/') {
+    if is_docker_hub(registry) && !repo.contains('/') {
         format!("library/{repo}")
     } else {
         repo.to_string()
