@@ -652,6 +652,15 @@ fn scan(objects: &Path) -> io::Result<Vec<(ObjectId, std::fs::Metadata)>> {
 }
 
 /// An object being written: hashed as it goes, named when finished.
+///
+/// Zeros are not written where they can be left as holes: a write's
+/// leading and trailing zeros, and whole blocks of zeros ([`HOLE_BLOCK`],
+/// block-aligned) within it. Bytes are written at their offsets, so what
+/// is skipped reads as zeros, and [`ObjectWriter::finish`] sets the
+/// length. A file of zeros (a `lastlog` of a high uid, a preallocated
+/// image) or an expanded PAX sparse file thus reads the same and takes no
+/// disk for its zeros, whatever sizes the writes come in. The object
+/// still counts at its full length against the store's bound.
 pub struct ObjectWriter<'a> {
     store: &'a ObjectStore,
     /// `None` once finished.
@@ -660,8 +669,64 @@ pub struct ObjectWriter<'a> {
     size: u64,
 }
 
+/// The block size holes are made of inside a write: the page and the
+/// usual filesystem block, so a block skipped is a block not allocated.
+pub const HOLE_BLOCK: usize = 4096;
+
+/// Whether `b` is all zeros (16 bytes at a time).
+fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(16);
+    chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// How many bytes `b` starts with that are zero.
+fn zero_prefix(b: &[u8]) -> usize {
+    let whole = b.chunks_exact(16).take_while(|c| is_zero(c)).count() * 16;
+    whole + b[whole..].iter().take_while(|&&x| x == 0).count()
+}
+
+/// How many bytes `b` ends with that are zero.
+fn zero_suffix(b: &[u8]) -> usize {
+    let whole = b.rchunks_exact(16).take_while(|c| is_zero(c)).count() * 16;
+    whole
+        + b[..b.len() - whole]
+            .iter()
+            .rev()
+            .take_while(|&&x| x == 0)
+            .count()
+}
+
+/// The next step of writing `buf` at `offset`: `(n, true)` to skip `n`
+/// bytes of whole aligned blocks of zeros (a hole), else `(n, false)` to
+/// write `n` bytes, up to where such a block starts.
+fn next_step(offset: u64, buf: &[u8]) -> (usize, bool) {
+    let head = (HOLE_BLOCK - (offset % HOLE_BLOCK as u64) as usize) % HOLE_BLOCK;
+    if head == 0 {
+        let z = buf
+            .chunks_exact(HOLE_BLOCK)
+            .take_while(|b| is_zero(b))
+            .count()
+            * HOLE_BLOCK;
+        if z > 0 {
+            return (z, true);
+        }
+    }
+    let mut at = head;
+    while at + HOLE_BLOCK <= buf.len() && !is_zero(&buf[at..at + HOLE_BLOCK]) {
+        at += HOLE_BLOCK;
+    }
+    if at + HOLE_BLOCK > buf.len() {
+        at = buf.len();
+    }
+    (at, false)
+}
+
 impl Write for ObjectWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
         let store = self.store;
         // An object that can never fit fails before it takes disk, or
         // evicts a byte (see the module contract).
@@ -674,14 +739,31 @@ impl Write for ObjectWriter<'_> {
                 ),
             ));
         }
-        let mut file = self.tmp.as_ref().expect("open until finished").as_file();
-        let n = when_full(|| store.make_room(buf.len() as u64), || file.write(buf))?;
+        let file = self.tmp.as_ref().expect("open until finished").as_file();
+        let start = self.size;
+        let mut at = zero_prefix(buf);
+        let end = if at == buf.len() {
+            at
+        } else {
+            buf.len() - zero_suffix(buf)
+        };
+        while at < end {
+            let (n, hole) = next_step(start + at as u64, &buf[at..end]);
+            if !hole {
+                let (data, off) = (&buf[at..at + n], start + at as u64);
+                when_full(
+                    || store.make_room(n as u64),
+                    || file.write_all_at(data, off),
+                )?;
+            }
+            at += n;
+        }
         self.hasher
             .as_mut()
             .expect("open until finished")
-            .update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
+            .update(buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -708,6 +790,8 @@ impl ObjectWriter<'_> {
     /// Like [`ObjectWriter::finish`], also telling whether the object is new.
     pub fn finish_new(mut self) -> io::Result<(ObjectId, u64, bool)> {
         let tmp = self.tmp.take().expect("finished once");
+        // Zeros at the end were not written.
+        tmp.as_file().set_len(self.size)?;
         let id = self.hasher.take().expect("finished once").finish();
         let new = self.store.insert(tmp, id, self.size)?;
         Ok((id, self.size, new))
@@ -992,5 +1076,60 @@ mod tests {
         assert_eq!(put(&s, b"other"), other);
         assert_eq!(std::fs::metadata(s.path(&other)).unwrap().ino(), ino);
         assert!(s.get(&other).is_some());
+    }
+
+    #[test]
+    fn next_step_skips_only_whole_aligned_blocks_of_zeros() {
+        const B: usize = HOLE_BLOCK;
+        let zeros = vec![0u8; 3 * B];
+        assert_eq!(next_step(0, &zeros), (3 * B, true));
+        assert_eq!(next_step(0, &zeros[..B - 1]), (B - 1, false));
+        // Unaligned: data up to the boundary, then the hole.
+        assert_eq!(next_step(10, &zeros), (B - 10, false));
+        assert_eq!(next_step(B as u64, &zeros[..2 * B + 5]), (2 * B, true));
+        let mut mixed = vec![0u8; 4 * B];
+        mixed[B + 7] = 1;
+        assert_eq!(next_step(0, &mixed), (B, true));
+        assert_eq!(next_step(B as u64, &mixed[B..]), (B, false));
+        mixed[3 * B - 1] = 1;
+        assert_eq!(next_step(B as u64, &mixed[B..]), (2 * B, false));
+        assert_eq!(next_step(0, &[]), (0, false));
+    }
+
+    /// Objects with runs of zeros read back the same, and the runs take
+    /// no disk, whatever the sizes of the writes.
+    #[test]
+    fn zeros_are_stored_as_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(dir.path(), 1 << 30).unwrap();
+        let mut data = vec![7u8; 100];
+        data.resize(100 + (1 << 20), 0);
+        data.extend(std::iter::repeat_n(9u8, 5000));
+        data.resize(data.len() + (64 << 10), 0);
+        for chunk in [1usize, 777, 4096, 65536, data.len()] {
+            let mut w = s.writer().unwrap();
+            for c in data.chunks(chunk) {
+                w.write_all(c).unwrap();
+            }
+            let (id, size) = w.finish().unwrap();
+            assert_eq!((id, size), (sha256(&data), data.len() as u64));
+            let path = s.path(&id);
+            assert_eq!(std::fs::read(&path).unwrap(), data, "writes of {chunk}");
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!(m.len(), data.len() as u64);
+            assert!(
+                m.blocks() * 512 <= 5 * HOLE_BLOCK as u64,
+                "writes of {chunk}: {} bytes allocated",
+                m.blocks() * 512
+            );
+            s.remove(&id);
+        }
+        // All zeros: no block at all, the length still right.
+        let zeros = vec![0u8; 8 << 20];
+        let id = put(&s, &zeros);
+        let m = std::fs::metadata(s.path(&id)).unwrap();
+        assert_eq!((m.len(), m.blocks()), (8 << 20, 0));
+        assert_eq!(hash_file(&File::open(s.path(&id)).unwrap()).unwrap(), id);
+        assert_eq!(s.stats().bytes, 8 << 20, "counted at its full size");
     }
 }

@@ -363,12 +363,30 @@ fn sparse_files_from_gnu_tar_equal_umoci_unpack() {
     let reg = Registry::start();
     let h = reg.host();
     push(&image, &format!("{h}/sparse:1"), Format::Oci);
-    let m = mount_of(&reg);
+    let cache = work.path().join("cache");
+    let m = mount_on_cache(&reg, &cache, &[]);
     assert_trees_equal(
         &rootfs(&m, &h, "sparse", "1"),
         &oracle,
         "GNU tar sparse files",
     );
+    // In the cache their holes take no disk: objects leave zeros unwritten.
+    for (name, size, _) in files {
+        let src = work.path().join("src-1.0/sparse-1.0").join(name);
+        let hex = sha256_hex(&read(&src).unwrap());
+        let obj = cache.join("objects").join(&hex[..2]).join(&hex[2..]);
+        assert!(
+            wait_until(Duration::from_secs(10), || obj.exists()),
+            "no object for {name}"
+        );
+        let meta = fs::metadata(&obj).unwrap();
+        assert_eq!(meta.len(), *size, "{name}");
+        assert!(
+            meta.blocks() * 512 <= 64 << 10,
+            "the object of {name} ({size} bytes, at most 20 KiB of data) takes {} bytes of disk",
+            meta.blocks() * 512
+        );
+    }
 }
 
 /// Makes an image of `layers` with umoci, checks its `umoci unpack` with
