@@ -282,11 +282,15 @@ impl<R: Read> Core<R> {
         }
     }
 
-    /// Decodes into `out`; `on_block` runs at each block boundary inside a
-    /// member with the core (to take checkpoints).
+    /// Decodes into `out`. With `flush` = `Z_BLOCK`, inflate stops at the
+    /// next block boundary inside a member and `on_block` runs there with
+    /// the core (to take a checkpoint); with `Z_NO_FLUSH` it runs on
+    /// across blocks (~12% faster: no return per block), and `on_block`
+    /// runs only if a call happens to end on a boundary.
     fn read_with(
         &mut self,
         out: &mut [u8],
+        flush: i32,
         mut on_block: impl FnMut(&mut Core<R>) -> io::Result<()>,
     ) -> io::Result<usize> {
         if out.is_empty() {
@@ -318,7 +322,7 @@ impl<R: Read> Core<R> {
                     self.fill()?;
                     let input = &self.buf[self.pos..self.len];
                     let at_eof = input.is_empty();
-                    let (c, p, rc) = self.z.inflate(input, out, z::Z_BLOCK);
+                    let (c, p, rc) = self.z.inflate(input, out, flush);
                     self.pos += c;
                     self.out += p as u64;
                     match rc {
@@ -409,7 +413,17 @@ impl<R: Read> Read for IndexingDecoder<R> {
             &mut self.checkpoints,
             &mut self.sink,
         );
-        self.core.read_with(out, |core| {
+        // Stop at block boundaries only once a span is due (decoding no
+        // further than that before), so the checkpoint is still taken at
+        // the first boundary after it.
+        let due = *last + span;
+        let (flush, out) = if self.core.out >= due {
+            (z::Z_BLOCK, out)
+        } else {
+            let room = (due - self.core.out).min(out.len() as u64) as usize;
+            (z::Z_NO_FLUSH, &mut out[..room])
+        };
+        self.core.read_with(out, flush, |core| {
             if core.out >= *last + span {
                 let window = core.z.window()?;
                 let window = zstd::bulk::compress(&window, 3)?;
@@ -463,7 +477,7 @@ impl<R: Read> SpanDecoder<R> {
 
 impl<R: Read> Read for SpanDecoder<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        self.core.read_with(out, |_| Ok(()))
+        self.core.read_with(out, z::Z_NO_FLUSH, |_| Ok(()))
     }
 }
 
