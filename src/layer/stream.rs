@@ -6,7 +6,7 @@
 //! memory: at most the channel's few chunks plus one copy buffer. The
 //! compressed digest is checked by the feeder.
 //!
-//! Hashing file contents is the dominant cost (no SHA extensions on many
+//! Hashing file contents is a large cost (no SHA extensions on many
 //! servers), so reading a layer is a pipeline: this thread decompresses and
 //! parses the tar while a writer thread hashes and stores the contents,
 //! with the feeder hashing the compressed bytes on a third.
