@@ -121,7 +121,12 @@ pub struct ObjectStore {
     pins: crate::pins::Pins,
     /// Bytes of the bound held by spills ([`ObjectStore::reserve_spill`]).
     reserved: AtomicU64,
+    /// Told of objects whose files went ([`ObjectStore::on_unlinked`]).
+    unlinked: std::sync::OnceLock<Unlinked>,
 }
+
+/// What to tell when objects' files are unlinked or found gone.
+type Unlinked = Box<dyn Fn(&[ObjectId]) + Send + Sync>;
 
 /// Room in the bound for one layer's spill, given back when dropped.
 pub struct SpillRoom {
@@ -168,6 +173,7 @@ impl ObjectStore {
             making_room: Mutex::new(()),
             pins: crate::pins::Pins::open(cache_dir)?,
             reserved: AtomicU64::new(0),
+            unlinked: std::sync::OnceLock::new(),
         };
         store.evict_to(limit);
         Ok(store)
@@ -228,19 +234,36 @@ impl ObjectStore {
             None => {
                 if let Some(i) = st.lru.pop(id) {
                     st.total -= i.size;
+                    drop(st);
+                    self.tell_unlinked(std::slice::from_ref(id));
                 }
             }
         }
     }
 
     /// [`ObjectStore::learn`] for every object in directory `objects/<b>`
-    /// (one just created, whose first objects came before its watch).
+    /// (one just created, whose first objects came before its watch), and
+    /// for every object of it the index has and the directory has not: one
+    /// another process removed before the watch was there.
     pub(crate) fn learn_dir(&self, b: u8) {
         let dir = crate::objwatch::dir_path(&self.objects_dir(), b);
+        let mut present = std::collections::HashSet::new();
         for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if let Some(id) = crate::objwatch::object_id(b, &f.file_name()) {
                 self.learn(&id, true);
+                present.insert(id);
             }
+        }
+        let gone: Vec<ObjectId> = {
+            let st = self.state.lock().unwrap();
+            st.lru
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| id[0] == b && !present.contains(id))
+                .collect()
+        };
+        for id in gone {
+            self.learn(&id, false);
         }
     }
 
@@ -403,9 +426,41 @@ impl ObjectStore {
     }
 
     fn forget(&self, id: &ObjectId) {
-        let mut st = self.state.lock().unwrap();
-        if let Some(i) = st.lru.pop(id) {
-            st.total -= i.size;
+        {
+            let mut st = self.state.lock().unwrap();
+            if let Some(i) = st.lru.pop(id) {
+                st.total -= i.size;
+            }
+        }
+        self.tell_unlinked(std::slice::from_ref(id));
+    }
+
+    /// Calls `f` with the objects whose files this store unlinks (evicted,
+    /// damaged, removed) or finds gone (another process evicted them),
+    /// after the fact and with no lock of the store held: whoever keeps
+    /// such a file open should let it go, or its disk is not freed. Set
+    /// once; later calls are ignored.
+    pub fn on_unlinked(&self, f: impl Fn(&[ObjectId]) + Send + Sync + 'static) {
+        let _ = self.unlinked.set(Box::new(f));
+    }
+
+    fn tell_unlinked(&self, ids: &[ObjectId]) {
+        if let Some(f) = self.unlinked.get()
+            && !ids.is_empty()
+        {
+            f(ids);
+        }
+    }
+
+    /// Whether `file`, opened from object `id` when it was verified, is
+    /// still the file the store has verified under that name: one `fstat`,
+    /// no open, no hashing. A damaged, replaced or evicted object is not.
+    /// Marks the object used.
+    pub fn still_verified(&self, id: &ObjectId, file: &File) -> bool {
+        let verified = self.state.lock().unwrap().lru.get(id).map(|i| i.verified);
+        match (verified, file.metadata()) {
+            (Some(v), Ok(m)) => v != 0 && m.nlink() > 0 && Stamp::of(&m).fingerprint() == v,
+            _ => false,
         }
     }
 
@@ -533,6 +588,7 @@ impl ObjectStore {
             let _ = std::fs::remove_file(self.path(id));
         }
         drop(lock);
+        self.tell_unlinked(&victims);
         if !victims.is_empty() {
             self.evicted
                 .fetch_add(victims.len() as u64, Ordering::Relaxed);
@@ -1050,6 +1106,27 @@ mod tests {
         assert!(s.contains(&gone) && !s.contains(&new));
         s.rescan();
         assert!(!s.contains(&gone) && s.contains(&new));
+        assert_eq!(s.stats().bytes, 4);
+    }
+
+    /// A directory watched late is listed both ways: objects that came
+    /// before its watch are learned, and objects another process removed
+    /// before it are forgotten (and told to whoever keeps them open).
+    #[test]
+    fn learning_a_directory_finds_objects_removed_before_its_watch() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        s.on_unlinked(move |ids| t.lock().unwrap().extend_from_slice(ids));
+        let gone = put(&s, b"gone");
+        let kept = put(&s, b"kept");
+        std::fs::remove_file(s.path(&gone)).unwrap();
+        s.learn_dir(gone[0]);
+        assert!(!s.contains(&gone));
+        assert_eq!(*told.lock().unwrap(), vec![gone]);
+        s.learn_dir(kept[0]);
+        assert!(s.contains(&kept), "an object still on disk stays");
         assert_eq!(s.stats().bytes, 4);
     }
 

@@ -1942,6 +1942,71 @@ fn tight_disk_after_other(
     assert_objects_well_formed(&dir);
 }
 
+/// Objects the daemon holds open: its descriptors' targets under
+/// `objects/`, and whether each is deleted.
+fn daemon_objects_open(pid: u32) -> Vec<(String, bool)> {
+    let mut v = Vec::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(t) = fs::read_link(fd.path()) {
+            let t = t.to_string_lossy().to_string();
+            if t.contains("/objects/") {
+                v.push((t.clone(), t.ends_with(" (deleted)")));
+            }
+        }
+    }
+    v
+}
+
+/// A file opened again after its release reuses the open the daemon kept
+/// (its object stays open: no open of the object, no new backing id), and
+/// eviction lets it go: once another process's `cache gc` unlinks the
+/// objects, the daemon holds none of them open, so their disk is freed.
+#[test]
+fn a_released_open_is_kept_for_the_next_until_its_object_is_evicted() {
+    require_env();
+    let work = tempdir();
+    let layout = make_tar_image(work.path(), "k", &many_files(6, 8192, 500));
+    let image = layout_ref(&layout, "k");
+    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+    let reg = Registry::start();
+    push(&image, &format!("{}/kept:1", reg.host()), Format::Oci);
+    let cache = tempdir();
+    let m = mount_on_cache(&reg, cache.path(), &[]);
+    let root = rootfs(&m, &reg.host(), "kept", "1");
+    assert_trees_equal(&root, &oracle, "first read");
+    let pid = m.pid().expect("daemon pid");
+    // Every file was opened and released: the daemon still has their
+    // objects open, none deleted.
+    let open = daemon_objects_open(pid);
+    let files = content_hashes(&oracle);
+    for hex in &files {
+        let o = object_path(cache.path(), hex).to_string_lossy().to_string();
+        assert!(
+            open.iter().any(|(t, _)| t == &o),
+            "the object of a released file is not kept open: {o}; open: {open:?}"
+        );
+    }
+    // Opened again: the same bytes.
+    assert_trees_equal(&root, &oracle, "second read, from kept opens");
+    let out = cache_cmd(cache.path(), &["gc", "--cache-size", "1k"]);
+    assert!(out.status.success(), "cache gc: {out:?}");
+    let freed = wait_until(Duration::from_secs(10), || {
+        daemon_objects_open(pid).iter().all(|(_, deleted)| !deleted)
+    });
+    assert!(
+        freed,
+        "the daemon still holds evicted objects open: {:?}\n{}",
+        daemon_objects_open(pid),
+        m.log()
+    );
+    // Opened again after eviction: fetched again, the same bytes.
+    assert_trees_equal(&root, &oracle, "read after gc");
+}
+
 #[test]
 fn cache_gc_evicts_down_to_size() {
     require_env();

@@ -16,12 +16,15 @@
 //! per inode while any open of it lives, so later opens share it
 //! (`shared_backing`), but only while it still holds the verified bytes:
 //! an object damaged on disk while open is never handed to a later open.
+//! A released passthrough open is kept for the file's next open
+//! (module `kept`).
 //!
 //! Inodes at or above [`crate::outbox::OUTBOX_BASE`] belong to the writable outbox
 //! ([`crate::outbox`]); every request for them goes there (local disk I/O,
 //! answered inline). Writes anywhere else are `EROFS`.
 
 pub mod errno;
+mod kept;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -84,6 +87,9 @@ pub struct Fs {
     allow_passthrough: bool,
     /// The writable outbox, when mounted with one.
     outbox: Option<Arc<Outbox>>,
+    /// Released passthrough opens of rootfs files, for their next open
+    /// (module `kept`); `None` when the descriptor limit is too low.
+    kept: Option<Arc<Mutex<kept::KeptOpens>>>,
 }
 
 impl Fs {
@@ -150,7 +156,14 @@ impl Fs {
 
     /// Serves `tree`, running slow work on `rt`.
     pub fn new(tree: Arc<Tree>, rt: tokio::runtime::Handle) -> Fs {
+        let kept =
+            kept::KeptOpens::<fuser::BackingId>::for_fd_limit().map(|k| Arc::new(Mutex::new(k)));
+        if let Some(k) = &kept {
+            let k = k.clone();
+            tree.on_objects_unlinked(move |ids| k.lock().unwrap().forget_objects(ids));
+        }
         Fs {
+            kept,
             tree,
             rt,
             handles: Arc::new(Mutex::new(HashMap::new())),
@@ -394,6 +407,7 @@ impl Filesystem for Fs {
                         content: Content::Bytes(data),
                         keep_cache: false,
                         direct_io: true,
+                        object: None,
                     };
                     let fh = self.put_handle(Handle::File(Arc::new(f), None));
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
@@ -403,6 +417,16 @@ impl Filesystem for Fs {
         }
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(errno(&FsError::ReadOnly));
+        }
+        // Opened before and still the verified object: its kept open and
+        // backing id serve again, for one fstat.
+        let kept = self.kept.as_ref().filter(|_| self.passthrough);
+        if let Some(k) = kept.and_then(|k| k.lock().unwrap().take(ino.0))
+            && let (Content::File(file), Some(object)) = (&k.file.content, &k.file.object)
+            && self.tree.still_verified(object, file)
+        {
+            let fh = self.put_handle(Handle::File(k.file.clone(), Some(k.id.clone())));
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &k.id);
         }
         let (tree, handles) = (self.tree.clone(), self.handles.clone());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -511,15 +535,21 @@ impl Filesystem for Fs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().unwrap().remove(&fh.0);
+        let h = self.handles.lock().unwrap().remove(&fh.0);
         reply.ok();
+        // A rootfs file read through passthrough: kept for its next open.
+        if let (Some(Handle::File(f, Some(id))), Some(k)) = (h, &self.kept)
+            && f.object.is_some()
+        {
+            k.lock().unwrap().keep(ino.0, f, id);
+        }
     }
 
     fn flush(

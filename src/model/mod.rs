@@ -158,6 +158,11 @@ pub struct OpenFile {
     /// Generated content whose size may differ from `getattr`: bypass the
     /// page cache so readers see exactly `data`.
     pub direct_io: bool,
+    /// The content-store object a rootfs file reads (`content` is its
+    /// verified file): the open may be kept and used again after its
+    /// release while the object stays the one verified
+    /// ([`Tree::still_verified`]).
+    pub object: Option<crate::cas::ObjectId>,
 }
 
 /// How long immutable (digest-addressed) names and attributes are cached.

@@ -434,6 +434,7 @@ impl Tree {
                 content: Content::File(Arc::new(f)),
                 keep_cache: true,
                 direct_io: false,
+                object: Some(id),
             });
         }
         let (tree, i) = self.rootfs_node(rf, i).await?;
@@ -464,6 +465,7 @@ impl Tree {
                     content: Content::File(Arc::new(f)),
                     keep_cache: true,
                     direct_io: false,
+                    object: Some(id),
                 });
             }
             if attempt == 0 {
@@ -1100,6 +1102,7 @@ impl Tree {
                     content: Content::Bytes(data),
                     keep_cache: true,
                     direct_io: false,
+                    object: None,
                 })
             }
             Node::Cfs {
@@ -1112,6 +1115,7 @@ impl Tree {
                     content: Content::File(file),
                     keep_cache: true,
                     direct_io: false,
+                    object: None,
                 })
             }
             Node::Inspect { .. } | Node::Status { .. } => {
@@ -1120,6 +1124,7 @@ impl Tree {
                     content: Content::Bytes(data),
                     keep_cache: false,
                     direct_io: true,
+                    object: None,
                 })
             }
             _ => Err(FsError::IsDir),
@@ -1425,6 +1430,19 @@ impl Tree {
                 }
             })
             .await
+    }
+
+    /// Whether `file`, an open of content object `object`, is still that
+    /// verified object (an open kept after its release may be used again):
+    /// one `fstat` ([`crate::cas::ObjectStore::still_verified`]).
+    pub fn still_verified(&self, object: &crate::cas::ObjectId, file: &std::fs::File) -> bool {
+        self.layers.store().still_verified(object, file)
+    }
+
+    /// Calls `f` with objects whose files the content store unlinked or
+    /// found gone ([`crate::cas::ObjectStore::on_unlinked`]).
+    pub fn on_objects_unlinked(&self, f: impl Fn(&[crate::cas::ObjectId]) + Send + Sync + 'static) {
+        self.layers.store().on_unlinked(f);
     }
 
     /// Whether `ino` is the root (for the FUSE layer's statfs and checks).
