@@ -381,8 +381,14 @@ impl ObjectStore {
         };
         let file = match File::open(self.path(id)) {
             Ok(f) => f,
-            Err(_) => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.forget(id);
+                return Ok(None);
+            }
+            // Not a sign the object is gone (out of descriptors, a failing
+            // disk): not served now, but not forgotten either.
+            Err(e) => {
+                tracing::warn!(object = %object_hex(id), error = %e, "cannot open object");
                 return Ok(None);
             }
         };
@@ -1107,6 +1113,31 @@ mod tests {
         s.rescan();
         assert!(!s.contains(&gone) && s.contains(&new));
         assert_eq!(s.stats().bytes, 4);
+    }
+
+    /// Only a missing file makes an object absent: an open that fails for
+    /// another reason (here ENOTDIR; out of descriptors alike) serves
+    /// nothing but keeps the object in the index.
+    #[test]
+    fn an_object_that_cannot_be_opened_now_is_not_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let id = put(&s, b"kept in the index");
+        let dir = s.path(&id).parent().unwrap().to_path_buf();
+        let aside = d.path().join("aside");
+        std::fs::rename(&dir, &aside).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+        assert!(matches!(s.get_verified(&id), Ok(None)));
+        assert!(
+            s.contains(&id),
+            "forgotten for an error that is not absence"
+        );
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::rename(&aside, &dir).unwrap();
+        assert!(matches!(s.get_verified(&id), Ok(Some(_))));
+        std::fs::remove_file(s.path(&id)).unwrap();
+        assert!(matches!(s.get_verified(&id), Ok(None)));
+        assert!(!s.contains(&id), "a missing file is absent");
     }
 
     /// A directory watched late is listed both ways: objects that came
