@@ -11,10 +11,12 @@
 //! - **Bounded**: at most `cap` opens are kept (each holds a descriptor;
 //!   the cap is a share of the descriptor limit), least recently released
 //!   go first.
-//! - **Never stale**: a kept open is used only while its object is still
-//!   the file the store verified ([`crate::model::Tree::still_verified`]:
-//!   one `fstat` against the verified stamp, also marking the object
-//!   used); otherwise it is dropped and the open takes the usual path.
+//! - **Never stale**: a kept open is used only while its image's merged
+//!   tree is built (every layer checked: an image whose layer failed
+//!   answers `EIO` through the usual path) and its object is still the
+//!   file the store verified ([`crate::model::Tree::still_verified`]: one
+//!   `fstat` against the verified stamp, also marking the object used);
+//!   otherwise it is dropped and the open takes the usual path.
 //! - **Never holds evicted disk**: the store tells which objects' files it
 //!   unlinked ([`crate::cas::ObjectStore::on_unlinked`]); their kept opens
 //!   go at once, so the disk is freed as eviction means it to be.

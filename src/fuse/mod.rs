@@ -423,7 +423,7 @@ impl Filesystem for Fs {
         let kept = self.kept.as_ref().filter(|_| self.passthrough);
         if let Some(k) = kept.and_then(|k| k.lock().unwrap().take(ino.0))
             && let (Content::File(file), Some(object)) = (&k.file.content, &k.file.object)
-            && self.tree.still_verified(object, file)
+            && self.tree.still_verified(ino.0, object, file)
         {
             let fh = self.put_handle(Handle::File(k.file.clone(), Some(k.id.clone())));
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &k.id);

@@ -160,7 +160,7 @@ pub struct OpenFile {
     pub direct_io: bool,
     /// The content-store object a rootfs file reads (`content` is its
     /// verified file): the open may be kept and used again after its
-    /// release while the object stays the one verified
+    /// release while its image stays built and the object the one verified
     /// ([`Tree::still_verified`]).
     pub object: Option<crate::cas::ObjectId>,
 }

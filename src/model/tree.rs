@@ -1432,11 +1432,21 @@ impl Tree {
             .await
     }
 
-    /// Whether `file`, an open of content object `object`, is still that
-    /// verified object (an open kept after its release may be used again):
-    /// one `fstat` ([`crate::cas::ObjectStore::still_verified`]).
-    pub fn still_verified(&self, object: &crate::cas::ObjectId, file: &std::fs::File) -> bool {
-        self.layers.store().still_verified(object, file)
+    /// Whether `file`, an open of rootfs inode `ino` reading content
+    /// object `object`, may serve that inode again (an open kept after its
+    /// release): its image's merged tree is built (every layer checked
+    /// against its digest; before that, and after a layer failed, opens
+    /// take the usual path) and the file is still the verified object (one
+    /// `fstat`, [`crate::cas::ObjectStore::still_verified`]).
+    pub fn still_verified(
+        &self,
+        ino: u64,
+        object: &crate::cas::ObjectId,
+        file: &std::fs::File,
+    ) -> bool {
+        self.rootfs_of(ino)
+            .is_some_and(|(rf, _)| rf.built().is_some())
+            && self.layers.store().still_verified(object, file)
     }
 
     /// Calls `f` with objects whose files the content store unlinked or
