@@ -59,20 +59,31 @@ pub fn mount(opts: MountOptions, foreground: bool, ready_fd: Option<i32>) -> Res
 
 /// Raises the soft limit of open files to the hard limit: the outbox keeps
 /// one `O_PATH` descriptor per inode the kernel holds, and every open file
-/// of a rootfs keeps its object open (on `-o ro` mounts too).
-pub fn raise_fd_limit() {
+/// of a rootfs keeps its object open (on `-o ro` mounts too), as do the
+/// opens the FUSE layer keeps after release. Returns the soft limit now in
+/// force (0 if it cannot be read).
+pub fn raise_fd_limit() -> u64 {
     // SAFETY: plain getrlimit/setrlimit on a zeroed struct.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
         }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        r.rlim_cur
     }
 }
 
 fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), String> {
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
     // One malloc arena: streaming a layer churns through buffers on several
     // threads, and per-thread arenas kept that churn as RSS (measured: ~5.7
     // KB per image entry with the default arenas, ~0.6 KB with one).
@@ -188,7 +199,7 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     cfg.clone_fd = true;
 
     std::fs::create_dir_all(&opts.mountpoint).ok();
-    let mut fs = Fs::new(tree, rt.handle().clone());
+    let mut fs = Fs::new(tree, rt.handle().clone()).with_kept_opens(fd_limit);
     if let Some(outbox) = outbox {
         fs = fs.with_outbox(outbox);
     }

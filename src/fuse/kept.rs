@@ -49,18 +49,12 @@ pub struct KeptOpens<B = fuser::BackingId> {
 }
 
 impl<B> KeptOpens<B> {
-    /// Room for a quarter of the soft descriptor limit, at most
-    /// [`MAX_KEPT`]; `None` when that is too few to be worth it.
-    pub fn for_fd_limit() -> Option<KeptOpens<B>> {
-        // SAFETY: getrlimit on a zeroed struct.
-        let soft = unsafe {
-            let mut r: libc::rlimit = std::mem::zeroed();
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-                return None;
-            }
-            r.rlim_cur
-        };
-        let cap = usize::try_from(soft / 4).unwrap_or(MAX_KEPT).min(MAX_KEPT);
+    /// Room for a quarter of `fd_limit` (the process's descriptor limit),
+    /// at most [`MAX_KEPT`]; `None` when that is too few to be worth it.
+    pub fn for_fd_limit(fd_limit: u64) -> Option<KeptOpens<B>> {
+        let cap = usize::try_from(fd_limit / 4)
+            .unwrap_or(MAX_KEPT)
+            .min(MAX_KEPT);
         (cap >= 64).then(|| KeptOpens::<B>::with_cap(cap))
     }
 

@@ -99,6 +99,20 @@ impl Fs {
         self
     }
 
+    /// Keeps released opens of rootfs files for their next open (module
+    /// `kept`), as many as a quarter of `fd_limit`, the process's
+    /// descriptor limit, allows (none if that is too few).
+    pub fn with_kept_opens(mut self, fd_limit: u64) -> Fs {
+        let kept = kept::KeptOpens::for_fd_limit(fd_limit).map(|k| Arc::new(Mutex::new(k)));
+        if let Some(k) = &kept {
+            let k = k.clone();
+            self.tree
+                .on_objects_unlinked(move |ids| k.lock().unwrap().forget_objects(ids));
+        }
+        self.kept = kept;
+        self
+    }
+
     /// Routes the outbox's inodes to `outbox`.
     pub fn with_outbox(mut self, outbox: Arc<Outbox>) -> Fs {
         self.outbox = Some(outbox);
@@ -156,14 +170,8 @@ impl Fs {
 
     /// Serves `tree`, running slow work on `rt`.
     pub fn new(tree: Arc<Tree>, rt: tokio::runtime::Handle) -> Fs {
-        let kept =
-            kept::KeptOpens::<fuser::BackingId>::for_fd_limit().map(|k| Arc::new(Mutex::new(k)));
-        if let Some(k) = &kept {
-            let k = k.clone();
-            tree.on_objects_unlinked(move |ids| k.lock().unwrap().forget_objects(ids));
-        }
         Fs {
-            kept,
+            kept: None,
             tree,
             rt,
             handles: Arc::new(Mutex::new(HashMap::new())),

@@ -483,7 +483,7 @@ impl Outbox {
         // SAFETY: open just returned it.
         let root_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let st = fstat(&root_fd).map_err(|e| std::io::Error::other(e.to_string()))?;
-        crate::daemon::raise_fd_limit();
+        let _ = crate::daemon::raise_fd_limit();
         let pusher = Pusher::open(
             client,
             &root,
