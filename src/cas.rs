@@ -232,11 +232,8 @@ impl ObjectStore {
             }
             Some(_) => {}
             None => {
-                if let Some(i) = st.lru.pop(id) {
-                    st.total -= i.size;
-                    drop(st);
-                    self.tell_unlinked(std::slice::from_ref(id));
-                }
+                drop(st);
+                self.forget(id);
             }
         }
     }
