@@ -484,6 +484,28 @@ fn an_oversized_tag_list_is_eio_not_memory() {
 // Per-tag files
 // ---------------------------------------------------------------------------
 
+/// [`two_layer_image`] tagged `v1`, pushed as `<repo>:v1` for each of
+/// `repos` to registry `h` (with `creds`, if any): its layout and its
+/// manifest digest (the same in every repository).
+fn push_two_layer_image(
+    work: &Path,
+    h: &str,
+    repos: &[&str],
+    creds: Option<(&str, &str)>,
+) -> (PathBuf, String) {
+    let layout = two_layer_image(work, "v1");
+    let mut digest = String::new();
+    for repo in repos {
+        digest = push_with_creds(
+            &layout_ref(&layout, "v1"),
+            &format!("{h}/{repo}:v1"),
+            Format::Oci,
+            creds,
+        );
+    }
+    (layout, digest)
+}
+
 fn two_layer_image(work: &Path, tag: &str) -> PathBuf {
     let spec = ImageSpec::new(tag)
         .tree(vec![
@@ -825,13 +847,7 @@ fn authfile_credentials_are_used_and_missing_ones_give_eacces() {
     let reg = Registry::start_with_htpasswd(USER, PASS);
     let h = reg.host();
     let work = tempfile::tempdir().unwrap();
-    let layout = two_layer_image(work.path(), "v1");
-    push_with_creds(
-        &layout_ref(&layout, "v1"),
-        &format!("{h}/private/app:v1"),
-        Format::Oci,
-        Some((USER, PASS)),
-    );
+    push_two_layer_image(work.path(), &h, &["private/app"], Some((USER, PASS)));
     let creds = format!("{USER}:{PASS}");
     let docker = format!("docker://{h}/private/app");
     let oracle_tags: Value = serde_json::from_slice(&skopeo(&[
@@ -957,14 +973,8 @@ fn a_registry_with_bearer_token_auth_is_read_with_tokens() {
     let reg = Registry::start_with_token(&tokens);
     let h = reg.host();
     let work = tempfile::tempdir().unwrap();
-    let layout = two_layer_image(work.path(), "v1");
+    let (layout, _) = push_two_layer_image(work.path(), &h, &["tok/app"], Some((USER, PASS)));
     let oracle = umoci_unpack(&layout_ref(&layout, "v1"), &work.path().join("bundle"));
-    push_with_creds(
-        &layout_ref(&layout, "v1"),
-        &format!("{h}/tok/app:v1"),
-        Format::Oci,
-        Some((USER, PASS)),
-    );
     let creds = format!("{USER}:{PASS}");
     let oracle_manifest = skopeo(&[
         "inspect",
@@ -1072,14 +1082,9 @@ fn a_public_token_registry_is_read_without_credentials() {
     let reg = Registry::start_with_token(&tokens);
     let h = reg.host();
     let work = tempfile::tempdir().unwrap();
-    let layout = two_layer_image(work.path(), "v1");
+    let (layout, digest) =
+        push_two_layer_image(work.path(), &h, &["library/app"], Some((USER, PASS)));
     let oracle = umoci_unpack(&layout_ref(&layout, "v1"), &work.path().join("bundle"));
-    let digest = push_with_creds(
-        &layout_ref(&layout, "v1"),
-        &format!("{h}/library/app:v1"),
-        Format::Oci,
-        Some((USER, PASS)),
-    );
     let m = Mount::builder().insecure(&h).start();
     // Anonymous: no catalog, as on Docker Hub.
     assert_eq!(list(m.join(&h)).expect("ls registry"), Vec::<String>::new());
@@ -1115,16 +1120,12 @@ fn unknown_tags_and_repositories_without_a_catalog_are_enoent() {
     let reg = Registry::start_with_token(&tokens);
     let h = reg.host();
     let work = tempfile::tempdir().unwrap();
-    let layout = two_layer_image(work.path(), "v1");
-    let mut digest = String::new();
-    for repo in ["library/app", "org/team/app"] {
-        digest = push_with_creds(
-            &layout_ref(&layout, "v1"),
-            &format!("{h}/{repo}:v1"),
-            Format::Oci,
-            Some((USER, PASS)),
-        );
-    }
+    let (_, digest) = push_two_layer_image(
+        work.path(),
+        &h,
+        &["library/app", "org/team/app"],
+        Some((USER, PASS)),
+    );
     let conf = work.path().join("registries.conf");
     fs::write(
         &conf,
