@@ -7,7 +7,9 @@
 //! parent exits 0 or reports that error.
 //!
 //! Shutdown: `umount`, SIGTERM, SIGINT or SIGHUP end the session; the daemon
-//! unmounts (if needed), lets in-flight work finish briefly and exits 0.
+//! unmounts (if needed), finishes storing layers whose download is over (at
+//! most `STORING_GRACE`), lets other in-flight work finish briefly and
+//! exits 0.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -24,6 +26,11 @@ use crate::model::Tree;
 use crate::model::tree::TreeOptions;
 use crate::registry::RegistryClient;
 use crate::store::MetaStore;
+
+/// How long an exiting daemon waits for layers that were downloaded and
+/// listed to be stored (their indexes saved), so that the next start does
+/// not fetch them again.
+const STORING_GRACE: Duration = Duration::from_secs(30);
 
 /// Loads auth and registries.conf and builds the shared registry client.
 pub fn make_client(
@@ -199,6 +206,7 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     cfg.clone_fd = true;
 
     std::fs::create_dir_all(&opts.mountpoint).ok();
+    let layers = tree.layers().clone();
     let mut fs = Fs::new(tree, rt.handle().clone()).with_kept_opens(fd_limit);
     if let Some(outbox) = outbox {
         fs = fs.with_outbox(outbox);
@@ -231,6 +239,7 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
         }
     });
     let res = session.run();
+    rt.block_on(layers.finish_storing(STORING_GRACE));
     rt.shutdown_timeout(Duration::from_secs(2));
     match res {
         Ok(()) => {}

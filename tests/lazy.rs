@@ -549,6 +549,11 @@ fn registry_ignoring_range_gets_the_layer_streamed_with_a_reason() {
     let fh = fault.host();
     let m = Mount::builder().insecure(&fh).start();
     assert_trees_equal(&rootfs(&m, &fh, "nr", &tag), &oracle, "Range ignored");
+    // A walk can end before the layer is stored (the tree is sketched from
+    // its listing).
+    wait_until(Duration::from_secs(30), || {
+        status(&m, &fh, "nr", &tag)["layers"][0]["state"] == "indexed"
+    });
     let s = status(&m, &fh, "nr", &tag);
     // Streamed once (a gzip layer, so with a span index), not lazily.
     assert_eq!(s["layers"][0]["mode"], "span-index", "{s}");
@@ -670,6 +675,11 @@ fn a_lazy_index_serves_only_descriptors_with_its_toc_pin() {
             &oracle,
             "B's image after A's lazy index of the same digest, same daemon",
         );
+        // A walk can end before the layer is stored (the tree is sketched
+        // from its listing).
+        wait_until(Duration::from_secs(30), || {
+            status(&m, &h, "honest", "v1")["layers"][0]["state"] == "indexed"
+        });
         let s = status(&m, &h, "honest", "v1");
         assert_eq!(s["layers"][0]["mode"], "span-index", "{s}");
     }

@@ -3003,14 +3003,15 @@ struct HeldImage {
     _work: tempfile::TempDir,
 }
 
-fn held_image(name: &'static str, held: Held) -> HeldImage {
-    let work = tempdir();
+/// The layers of [`held_image`]: small files (a whiteout, hard links)
+/// before and after `big` bytes of incompressible data in each.
+fn held_layers(big: usize) -> [Vec<TarEntry>; 2] {
     let lower = vec![
         TarEntry::dir("./"),
         TarEntry::dir("etc/"),
         TarEntry::file("etc/base", "from the lower layer\n"),
         TarEntry::file("etc/gone", "whited out above\n"),
-        TarEntry::file("big-lower", pseudo_random(7, 8 << 20)),
+        TarEntry::file("big-lower", pseudo_random(7, big)),
         TarEntry::file("etc/late-lower", "after the lower big file\n"),
     ];
     let upper = vec![
@@ -3019,9 +3020,15 @@ fn held_image(name: &'static str, held: Held) -> HeldImage {
         TarEntry::hardlink("etc/early-link", "etc/early"),
         TarEntry::hardlink("etc/early-link2", "etc/early"),
         TarEntry::whiteout("etc", "gone"),
-        TarEntry::file("big", pseudo_random(42, 8 << 20)),
+        TarEntry::file("big", pseudo_random(42, big)),
         TarEntry::file("etc/late", "after the big file\n"),
     ];
+    [lower, upper]
+}
+
+fn held_image(name: &'static str, held: Held) -> HeldImage {
+    let work = tempdir();
+    let [lower, upper] = held_layers(8 << 20);
     let layout = make_tar_image(work.path(), "held", &[lower, upper]);
     let oracle = umoci_unpack(&layout_ref(&layout, "held"), &work.path().join("bundle"));
     let layers = manifest_layer_digests(&layout_manifest(&layout, "held"));
@@ -3391,4 +3398,109 @@ fn noearly_reads_wait_for_the_checked_tree() {
         EARLY_FILE
     );
     assert_trees_equal(&root, &held.oracle, "noearly");
+}
+
+/// All names, attributes and hard-link groups under `root` (symlinks not
+/// followed), by path, with inode numbers: what a walker sees.
+fn inodes_under(root: &Path) -> BTreeMap<PathBuf, (u64, u32, u64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                (md.ino(), md.mode(), md.nlink()),
+            );
+        }
+    }
+    out
+}
+
+/// Once every layer is listed and checked, names, attributes and listings
+/// are answered from a sketch of the merged tree while the contents are
+/// still being stored: a walk of the whole tree (and its file contents,
+/// extracted from the spill on demand) equals `umoci unpack` without
+/// waiting for the storing pass, hard links show their real link counts,
+/// and once the tree is built every path keeps its inode number.
+#[test]
+fn a_listed_image_is_walked_while_its_contents_are_stored() {
+    require_env();
+    let work = tempdir();
+    let [mut lower, mut upper] = held_layers(2 << 20);
+    lower.extend([
+        TarEntry::dir("usr/"),
+        TarEntry::file("usr/lib-file", "in a directory of its own\n"),
+    ]);
+    upper.extend([
+        TarEntry::hardlink("lower-link", "etc/base"),
+        TarEntry::symlink("etc/to-base", "base"),
+    ]);
+    let layout = make_tar_image(work.path(), "sketch", &[lower, upper]);
+    let oracle = umoci_unpack(&layout_ref(&layout, "sketch"), &work.path().join("bundle"));
+    let reg = Registry::start();
+    let h = reg.host();
+    push(
+        &layout_ref(&layout, "sketch"),
+        &format!("{h}/sketch/img:1"),
+        Format::Oci,
+    );
+    let hold = work.path().join("hold-storing");
+    fs::write(&hold, b"").unwrap();
+    let m = Mount::builder()
+        .insecure(&h)
+        .env("APT_LAYER_TEST_HOLD_STORING", hold.to_str().unwrap())
+        .start();
+    let root = rootfs(&m, &h, "sketch/img", "1");
+
+    let (r, o) = (root.clone(), oracle.clone());
+    let (early, _) = timed_within(Duration::from_secs(60), "walk while stored", move || {
+        assert_trees_equal(&r, &o, "while the contents are being stored");
+        inodes_under(&r)
+    });
+    for layer in [0, 1] {
+        assert_streaming(&m, &h, "sketch/img", layer, "the walk did not wait for it");
+    }
+    let link_count = |p: &str| early[Path::new(p)].2;
+    assert_eq!(
+        link_count("etc/early-link"),
+        3,
+        "a hard link's count, sketched"
+    );
+    assert_eq!(
+        link_count("lower-link"),
+        2,
+        "a cross-layer hard link's count"
+    );
+    assert_eq!(
+        early[Path::new("etc/early")].0,
+        early[Path::new("etc/early-link")].0
+    );
+
+    fs::remove_file(&hold).unwrap();
+    let status = || -> Value {
+        serde_json::from_slice(&read(m.join(format!("{h}/sketch/img/1/status"))).unwrap()).unwrap()
+    };
+    let stored = wait_until(Duration::from_secs(60), || {
+        status()["layers"]
+            .as_array()
+            .is_some_and(|ls| ls.iter().all(|l| l["state"] == "indexed"))
+    });
+    assert!(stored, "layers not stored once let go: {}", status());
+    // Stored and built: a first look at a path never answered before, then
+    // the whole tree again.
+    assert_eq!(
+        read(root.join("etc/to-base")).unwrap(),
+        b"from the lower layer\n"
+    );
+    assert_trees_equal(&root, &oracle, "once the tree is built");
+    assert_eq!(
+        inodes_under(&root),
+        early,
+        "inode numbers, modes or link counts changed when the built tree replaced the sketch"
+    );
 }

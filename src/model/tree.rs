@@ -180,6 +180,16 @@ pub struct Tree {
 /// Gives the current entry of the outbox directory (its own inode range).
 pub type OutboxRoot = Box<dyn Fn() -> Entry + Send + Sync>;
 
+/// An open of content object `id`: immutable, so the kernel keeps its pages.
+fn object_open(f: std::fs::File, id: crate::cas::ObjectId) -> OpenFile {
+    OpenFile {
+        content: Content::File(Arc::new(f)),
+        keep_cache: true,
+        direct_io: false,
+        object: Some(id),
+    }
+}
+
 fn arc(s: &str) -> Arc<str> {
     Arc::from(s)
 }
@@ -369,7 +379,7 @@ impl Tree {
     /// else a placeholder the kernel must not cache (listing a tag must not
     /// start streaming layers).
     fn rootfs_root_entry(&self, rf: &Rootfs, entry_ttl: Duration) -> Entry {
-        match rf.built() {
+        match rf.shown() {
             Some(t) => {
                 let mut e = Self::rootfs_entry(rf, &t, 0).expect("root exists");
                 e.entry_ttl = entry_ttl;
@@ -430,18 +440,26 @@ impl Tree {
         if let Some(id) = self.early_object(rf, i).await?
             && let Ok(Some(f)) = store.get_verified(&id)
         {
-            return Ok(OpenFile {
-                content: Content::File(Arc::new(f)),
-                keep_cache: true,
-                direct_io: false,
-                object: Some(id),
-            });
+            return Ok(object_open(f, id));
         }
-        let (tree, i) = self.rootfs_node(rf, i).await?;
+        let (mut tree, i) = self.rootfs_node(rf, i).await?;
         let n = tree.node(i).ok_or(FsError::Stale(rf.base + i as u64))?;
         if n.kind == EntryKind::Dir {
             return Err(FsError::IsDir);
         }
+        if tree.is_sketch() {
+            // Contents are still being stored: the file's entry in its live
+            // layer has its object, or it is extracted now.
+            if let Some(id) = self.sketch_object(rf, &tree, i).await?
+                && let Ok(Some(f)) = store.get_verified(&id)
+            {
+                return Ok(object_open(f, id));
+            }
+            // Gone again (evicted): from the built tree, as any other (its
+            // node numbers are the sketch's).
+            tree = rf.tree(&self.layers).await?;
+        }
+        let n = tree.node(i).ok_or(FsError::Stale(rf.base + i as u64))?;
         let id = n.object;
         rf.ahead.opened(&tree, &store, i);
         for attempt in 0..2 {
@@ -461,12 +479,7 @@ impl Tree {
                 }
             };
             if let Some(f) = file {
-                return Ok(OpenFile {
-                    content: Content::File(Arc::new(f)),
-                    keep_cache: true,
-                    direct_io: false,
-                    object: Some(id),
-                });
+                return Ok(object_open(f, id));
             }
             if attempt == 0 {
                 let desc = rf

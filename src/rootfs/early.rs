@@ -27,23 +27,30 @@
 //!   gzip checkpoint before it ([`LiveLayer::want`]), so a reader waits for
 //!   its file, not for the layer. Other layers are listed and stored in one
 //!   pass, and complete at its end.
-//! - **Listings wait for the tree**, even once every layer is complete.
-//!   Tried: listing from the live layers answered `ls rootfs/` of minbase
-//!   at 0.7 s instead of 1.3 s, but a cold `find` took 2.5 s instead of
-//!   1.5-2 s (every early entry costs a lookup and a getattr round trip,
-//!   with zero TTLs), and whole-tree walks are what build systems do.
+//! - **Listings wait for a tree.** Once every layer is complete (listed
+//!   and checked) and while contents are still being stored, names,
+//!   attributes and listings come from a *sketch*: the merged tree made of
+//!   the live layers' entries ([`MergedTree::sketch`]), with the same node
+//!   numbers the built tree will have and the kernel's long TTLs. A file of
+//!   the sketch finds its content through its entry in its live layer
+//!   ([`MergedTree::origin`]): stored, or extracted on demand as above.
+//!   Before that, a listing waits. Tried: listing from the live layers
+//!   answered `ls rootfs/` of minbase at 0.7 s instead of 1.3 s, but a
+//!   cold `find` took 2.5 s instead of 1.5-2 s (every early entry costs a
+//!   lookup and a getattr round trip, with zero TTLs).
 //! - **Inodes.** Early entries get inode numbers of their own
 //!   ([`EarlyInodes`], above [`EARLY`] in the image's range) and zero
-//!   TTLs; once the tree is built every early inode maps to its node by
-//!   path. A name keeps the number it was first answered with: lookups
-//!   and listings of the root or an early directory give a child its early
+//!   TTLs; once a tree answers (the sketch, then the built tree, which
+//!   number nodes alike) every early inode maps to its node by path. A
+//!   name keeps the number it was first answered with: lookups and
+//!   listings of the root or an early directory give a child its early
 //!   number if it has one, the tree's otherwise. A number that changed
 //!   would fail the kernel's revalidation of a dentry it holds, and an
 //!   overlay mounted on `rootfs/` answers `ESTALE` for that. A hard link
 //!   answered early takes its target's number (when the target's path
-//!   shows the same entry), and once the tree is built every other name
-//!   of a hard-linked file shows the early number too, so `tar` and
-//!   `cp -a` still see one file. (Early, its link count is still 1.)
+//!   shows the same entry), and once a tree answers every other name of a
+//!   hard-linked file shows the early number too, so `tar` and `cp -a`
+//!   still see one file. (Early, its link count is still 1.)
 //! - **Trust.** A layer's blob digest is known only at its end, so an early
 //!   read returns bytes before the digest check (each file is stored under
 //!   its own sha256, so what is read is what the stream carried). Should
@@ -184,6 +191,24 @@ impl LiveLayer {
     /// A gzip checkpoint into the spill (they come in stream order).
     pub fn checkpoint(&self, cp: &Checkpoint) {
         self.inner.lock().unwrap().checkpoints.push(cp.clone());
+    }
+
+    /// Whether every entry has been seen and the layer checked.
+    pub fn is_ended(&self) -> bool {
+        self.inner.lock().unwrap().ended
+    }
+
+    /// Every entry, once the layer is listed and checked (`None` before):
+    /// what a sketch of the merged tree is made of
+    /// ([`MergedTree::sketch`]).
+    pub fn listed(&self) -> Option<Vec<IndexEntry>> {
+        let g = self.inner.lock().unwrap();
+        g.ended.then(|| g.entries.clone())
+    }
+
+    /// The object of entry `idx`, once stored or extracted.
+    pub fn object(&self, idx: u32) -> Option<ObjectId> {
+        self.inner.lock().unwrap().entries.get(idx as usize)?.object
     }
 
     /// Entry `idx`'s content should be extracted from the spill now: what

@@ -149,17 +149,22 @@ fn claim(desc: &Descriptor) -> Option<Claim> {
 /// to drop. The index is saved with them: it is the blob's, and serves
 /// descriptors that claim nothing too.
 pub(super) fn without_artifacts(desc: &Descriptor, index: &LayerIndex) -> Option<LayerIndex> {
-    let artifact = |e: &crate::layer::IndexEntry| {
-        e.path == estargz::TOC_NAME.as_bytes()
-            || e.path == seekable::PREFETCH_LANDMARK
-            || e.path == seekable::NO_PREFETCH_LANDMARK
-    };
-    if claim(desc).is_none() || !index.entries.iter().any(artifact) {
+    if !index.entries.iter().any(|e| is_artifact(desc, e)) {
         return None;
     }
     let mut shown = index.clone();
-    shown.entries.retain(|e| !artifact(e));
+    shown.entries.retain(|e| !is_artifact(desc, e));
     Some(shown)
+}
+
+/// Whether `desc` does not show entry `e` of its layer read whole: what a
+/// seekable converter adds, when `desc` claims a seekable format (see
+/// [`without_artifacts`]).
+pub(super) fn is_artifact(desc: &Descriptor, e: &crate::layer::IndexEntry) -> bool {
+    (e.path == estargz::TOC_NAME.as_bytes()
+        || e.path == seekable::PREFETCH_LANDMARK
+        || e.path == seekable::NO_PREFETCH_LANDMARK)
+        && claim(desc).is_some()
 }
 
 /// Where a fetch goes.

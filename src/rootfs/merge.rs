@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::cas::ObjectId;
-use crate::layer::{EntryKind, LayerIndex};
+use crate::layer::{EntryKind, IndexEntry, LayerIndex};
 
 /// An extended attribute: name, value.
 pub type Xattr = (Box<[u8]>, Box<[u8]>);
@@ -81,6 +81,9 @@ pub struct MergedTree {
     /// (name offset in `arena`, child node), per directory sorted by name.
     children: Vec<(u32, u32)>,
     xattrs: Vec<Vec<Xattr>>,
+    /// A sketch only ([`MergedTree::sketch`]): per node, the number of the
+    /// layer entry that made it (`u32::MAX` for implicit directories).
+    origins: Vec<u32>,
 }
 
 /// Why layers could not be merged.
@@ -185,12 +188,45 @@ impl MergedTree {
 
     /// Merges `layers` (bottom first).
     pub fn build(layers: &[&LayerIndex]) -> Result<MergedTree, MergeError> {
-        let mut b = Builder::new();
+        let mut b = Builder::new(false);
         for (li, layer) in layers.iter().enumerate() {
-            b.apply(li as u16, layer)
+            b.apply(li as u16, layer.entries.iter().enumerate())
                 .map_err(|e| MergeError(format!("layer {}: {e}", layer.digest)))?;
         }
         Ok(b.freeze())
+    }
+
+    /// Merges the entries of layers whose contents may not all be stored
+    /// yet (bottom first, each with its digest), leaving out those `shown`
+    /// (given the layer's position) says no: the tree [`MergedTree::build`]
+    /// makes of the same entries, with the same node numbers, except that a
+    /// file's object may be unknown (all zeros). Each node remembers the
+    /// entry that made it ([`MergedTree::origin`]), through which its
+    /// content is found meanwhile.
+    pub fn sketch(
+        layers: &[(&str, &[IndexEntry])],
+        shown: impl Fn(usize, &IndexEntry) -> bool,
+    ) -> Result<MergedTree, MergeError> {
+        let mut b = Builder::new(true);
+        for (li, (digest, entries)) in layers.iter().enumerate() {
+            let entries = entries.iter().enumerate().filter(|(_, e)| shown(li, e));
+            b.apply(li as u16, entries)
+                .map_err(|e| MergeError(format!("layer {digest}: {e}")))?;
+        }
+        Ok(b.freeze())
+    }
+
+    /// Whether this is a sketch ([`MergedTree::sketch`]).
+    pub fn is_sketch(&self) -> bool {
+        !self.origins.is_empty()
+    }
+
+    /// Of a sketch's file node `i`: the layer and the number of the entry
+    /// (in that layer) whose content it shows.
+    pub fn origin(&self, i: u32) -> Option<(u16, u32)> {
+        let n = self.cnode(i).filter(|n| n.kind == EntryKind::File)?;
+        let e = *self.origins.get(i as usize)?;
+        (e != u32::MAX).then_some((n.layer, e))
     }
 }
 
@@ -208,6 +244,8 @@ struct BNode {
     link: Vec<u8>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     object: Option<ObjectId>,
+    /// The number of the entry (in `layer`) that made the node.
+    entry: u32,
     /// name → (node, layer that put the name here)
     children: BTreeMap<Vec<u8>, (u32, u16)>,
 }
@@ -228,6 +266,7 @@ impl BNode {
             link: Vec::new(),
             xattrs: Vec::new(),
             object: None,
+            entry: u32::MAX,
             children: BTreeMap::new(),
         }
     }
@@ -235,15 +274,18 @@ impl BNode {
 
 struct Builder {
     nodes: Vec<BNode>,
+    /// Sketching: files may have no object yet, and nodes keep their entry.
+    sketch: bool,
 }
 
 const WH: &[u8] = b".wh.";
 const OPQ: &[u8] = b".wh..wh..opq";
 
 impl Builder {
-    fn new() -> Builder {
+    fn new(sketch: bool) -> Builder {
         Builder {
             nodes: vec![BNode::implicit_dir(0)],
+            sketch,
         }
     }
 
@@ -282,8 +324,13 @@ impl Builder {
         cur
     }
 
-    fn apply(&mut self, li: u16, layer: &LayerIndex) -> Result<(), String> {
-        for e in &layer.entries {
+    /// Applies layer `li`'s entries, each with its number in the layer.
+    fn apply<'a>(
+        &mut self,
+        li: u16,
+        entries: impl Iterator<Item = (usize, &'a IndexEntry)>,
+    ) -> Result<(), String> {
+        for (k, e) in entries {
             let (parent, name) = match e.path.iter().rposition(|&b| b == b'/') {
                 Some(i) => (&e.path[..i], &e.path[i + 1..]),
                 None => (&[][..], &e.path[..]),
@@ -354,7 +401,8 @@ impl Builder {
                         Vec::new()
                     };
                     n.object = e.object;
-                    if e.kind == EntryKind::File && e.object.is_none() {
+                    n.entry = k as u32;
+                    if e.kind == EntryKind::File && e.object.is_none() && !self.sketch {
                         return Err(format!("file {:?} has no content", lossy(&e.path)));
                     }
                     let id = self.nodes.len() as u32;
@@ -400,6 +448,9 @@ impl Builder {
         let mut attr_ids: HashMap<(u32, u32, u32, u32), u32> = HashMap::new();
         for (newi, &old) in order.iter().enumerate() {
             let b = &self.nodes[old as usize];
+            if self.sketch {
+                out.origins.push(b.entry);
+            }
             let (a, len) = match b.kind {
                 EntryKind::Dir => {
                     let start = out.children.len() as u32;
@@ -594,6 +645,74 @@ mod tests {
         let b = MergedTree::build(&[&l]).unwrap();
         assert_eq!(numbers(&a), numbers(&b));
         assert_eq!(numbers(&a).len(), 50 + 50 + 4);
+    }
+
+    #[test]
+    fn a_sketch_numbers_nodes_as_the_tree_and_knows_their_entries() {
+        let mut hl = e("b/link", EntryKind::Hardlink);
+        hl.link = b"a/f".to_vec();
+        let lower = vec![
+            e("a", EntryKind::Dir),
+            e("a/f", EntryKind::File),
+            e("a/g", EntryKind::File),
+            e("a/f", EntryKind::File), // a duplicate: the last one wins
+        ];
+        let upper = vec![
+            e("a/.wh.g", EntryKind::File),
+            e("b", EntryKind::Dir),
+            hl,
+            e("c/deep/h", EntryKind::File), // implicit parents
+        ];
+        let tree = MergedTree::build(&[&layer(lower.clone()), &layer(upper.clone())]).unwrap();
+        // The listing pass has not stored a single file yet.
+        let unstored = |v: &[IndexEntry]| -> Vec<IndexEntry> {
+            v.iter()
+                .map(|x| IndexEntry {
+                    object: None,
+                    ..x.clone()
+                })
+                .collect()
+        };
+        let (lo, up) = (unstored(&lower), unstored(&upper));
+        assert!(MergedTree::build(&[&layer(lo.clone())]).is_err());
+        let sketch = MergedTree::sketch(&[("lower", &lo), ("upper", &up)], |_, _| true).unwrap();
+        // Entries left out are not in it, and the others keep their numbers.
+        let without_g = MergedTree::sketch(&[("lower", &lo)], |_, e| e.path != b"a/g").unwrap();
+        assert_eq!(ls(&without_g, "a"), ["f"]);
+        assert_eq!(
+            without_g.origin(without_g.lookup(1, b"f").unwrap()),
+            Some((0, 3))
+        );
+        assert!(sketch.is_sketch() && !tree.is_sketch());
+        assert_eq!(sketch.len(), tree.len());
+        for i in 0..tree.len() as u32 {
+            let (t, s) = (tree.node(i).unwrap(), sketch.node(i).unwrap());
+            assert_eq!(
+                (t.kind, t.layer, t.nlink, t.size),
+                (s.kind, s.layer, s.nlink, s.size)
+            );
+            let names = |m: &MergedTree| {
+                m.children(i)
+                    .map(|(n, c)| (n.to_vec(), c))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(names(&tree), names(&sketch));
+            assert_eq!(tree.origin(i), None);
+        }
+        let at = |t: &MergedTree, p: &[&str]| {
+            p.iter().fold(0, |d, c| t.lookup(d, c.as_bytes()).unwrap())
+        };
+        assert_eq!(sketch.origin(at(&sketch, &["a", "f"])), Some((0, 3)));
+        assert_eq!(sketch.origin(at(&sketch, &["b", "link"])), Some((0, 3)));
+        assert_eq!(
+            sketch.origin(at(&sketch, &["c", "deep", "h"])),
+            Some((1, 3))
+        );
+        assert_eq!(sketch.origin(at(&sketch, &["c", "deep"])), None);
+        assert_eq!(
+            sketch.node(at(&sketch, &["a", "f"])).unwrap().object,
+            [0; 32]
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ use crate::layer::spill::{Finish, Spill};
 use crate::layer::stream::{
     ChannelReader, Progress, StreamError, extract_spilled, index_layer, scan_layer,
 };
-use crate::layer::{Compression, IndexStore, LayerIndex, LayerMode};
+use crate::layer::{Compression, IndexEntry, IndexStore, LayerIndex, LayerMode};
 use crate::model::FsError;
 use crate::model::image::{Descriptor, Image};
 use crate::registry::{RegistryClient, RegistryError};
@@ -136,6 +136,9 @@ pub struct LayerState {
     /// Its entries so far while it streams, until the images that wait for
     /// it are merged ([`early`]).
     live: Mutex<Option<Arc<early::LiveLayer>>>,
+    /// Listed and checked, its contents still being stored and its index
+    /// not saved yet: what a clean exit waits for ([`Layers::finish_storing`]).
+    storing: std::sync::atomic::AtomicBool,
 }
 
 impl LayerState {
@@ -189,6 +192,20 @@ pub struct Layers {
     /// Woken whenever a live layer or a rootfs changes (early answers wait
     /// on it).
     pub changed: Arc<tokio::sync::Notify>,
+    /// How many layers are [`LayerState::storing`].
+    storing: std::sync::atomic::AtomicUsize,
+}
+
+/// Ends a layer's [`LayerState::storing`] when its read and the saving of
+/// its index are over, however they end.
+struct StoringDone<'a>(&'a Layers, &'a LayerState);
+
+impl Drop for StoringDone<'_> {
+    fn drop(&mut self) {
+        if self.1.storing.swap(false, Ordering::AcqRel) {
+            self.0.storing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Layers {
@@ -205,6 +222,7 @@ impl Layers {
             refetch_flights: Flights::default(),
             early: std::sync::atomic::AtomicBool::new(true),
             changed: Arc::new(tokio::sync::Notify::new()),
+            storing: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -236,6 +254,32 @@ impl Layers {
     /// The object store.
     pub fn store(&self) -> &Arc<ObjectStore> {
         &self.store
+    }
+
+    /// Waits, at most `limit`, until no layer that was listed and checked is
+    /// still being stored: a clean exit lets them finish (local work, the
+    /// download is over), so that the next start finds their indexes and
+    /// fetches nothing again. Layers still downloading are not waited for.
+    pub async fn finish_storing(&self, limit: std::time::Duration) {
+        let n = self.storing.load(Ordering::Acquire);
+        if n == 0 {
+            return;
+        }
+        tracing::info!(
+            layers = n,
+            "storing layers already downloaded before exiting"
+        );
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.storing.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    layers = self.storing.load(Ordering::Acquire),
+                    "exiting before every downloaded layer was stored; the next start reads them again"
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// The state of layer `key` (created on first ask, `Indexed` if an
@@ -305,6 +349,7 @@ impl Layers {
                     *st.index.lock().unwrap() = Arc::downgrade(&i);
                     return Ok(i);
                 }
+                let _stored = StoringDone(self, &st);
                 let (saved, idx) = match self.lazy.index(registry, repo, desc, &st).await? {
                     Some(i) => {
                         let i = Arc::new(i);
@@ -381,6 +426,7 @@ impl Layers {
         }
         let Some(index) = index else {
             tracing::info!(layer = %desc.digest, "no index on disk this layer may use; reading the layer again");
+            let _stored = StoringDone(self, &st);
             let idx = self.stream(registry, repo, desc, &st).await?;
             self.persist(desc, &st, Arc::new(idx)).await;
             return Ok(());
@@ -694,6 +740,7 @@ impl Layers {
                 // it) ends with the pass.
                 // SAFETY: setpriority has no memory effects.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                hold_for_tests();
                 let raw = std::io::BufReader::with_capacity(1 << 20, s2.tail(0));
                 // Only the reader keeps the spill: it must be gone by the
                 // time the result is, or a one-pass retry after a full
@@ -757,6 +804,9 @@ impl Layers {
             return Err(e);
         }
         // Listed and checked: every name of the layer is settled now.
+        if !st.storing.swap(true, Ordering::AcqRel) {
+            self.storing.fetch_add(1, Ordering::AcqRel);
+        }
         live.end();
         tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer listed and checked; storing its contents");
         let stored = second.await;
@@ -848,6 +898,20 @@ fn ended_early(registry: &str, repo: &str, desc: &Descriptor, n: u64) -> FsError
             "layer {} ended after {n} of {} bytes",
             desc.digest, desc.size
         ),
+    }
+}
+
+/// For tests only: while the path in `APT_LAYER_TEST_HOLD_STORING` exists,
+/// a spilled layer's storing pass waits before it starts, so that a test
+/// can see what is answered between the listing pass and the stored tree
+/// (on a fast machine that is a fraction of a second). Unset, it costs one
+/// lookup of the environment per layer.
+fn hold_for_tests() {
+    let Some(path) = std::env::var_os("APT_LAYER_TEST_HOLD_STORING") else {
+        return;
+    };
+    while std::path::Path::new(&path).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -1017,6 +1081,13 @@ pub struct RootfsCore {
     pub image: Arc<Image>,
     tree: Mutex<Option<Arc<MergedTree>>>,
     flight: Flights<(), Res<Arc<MergedTree>>>,
+    /// The tree made from the layers' listings while their contents are
+    /// still being stored ([`RootfsCore::answering`]); gone once the tree
+    /// is built, or its build failed.
+    sketch: Mutex<Option<Arc<MergedTree>>>,
+    sketch_flight: Flights<(), Option<Arc<MergedTree>>>,
+    /// The layers' entries did not merge: no sketch.
+    sketch_failed: std::sync::atomic::AtomicBool,
     /// Inode readahead of the objects of files opened one after another.
     pub ahead: ahead::Ahead,
     /// Inode numbers handed out before the tree was built.
@@ -1051,6 +1122,9 @@ impl Rootfs {
                 image,
                 tree: Mutex::new(None),
                 flight: Flights::default(),
+                sketch: Mutex::new(None),
+                sketch_flight: Flights::default(),
+                sketch_failed: std::sync::atomic::AtomicBool::new(false),
                 ahead: ahead::Ahead::default(),
                 early: early::EarlyInodes::default(),
                 building: std::sync::atomic::AtomicBool::new(false),
@@ -1076,6 +1150,33 @@ impl Rootfs {
     /// `layers.changed` wakes the waiters.
     pub fn start(&self, layers: &Arc<Layers>) {
         self.core.start(layers)
+    }
+
+    /// The tree to answer names, attributes and listings from: the built
+    /// one, or, while contents are still being stored, the sketch made from
+    /// the layers' listings once every layer is listed and checked (its
+    /// files' contents are found through their entries in the live layers,
+    /// [`MergedTree::origin`]). Waits for whichever comes first.
+    pub async fn answering(&self, layers: &Arc<Layers>) -> Res<Arc<MergedTree>> {
+        if !layers.early() || self.was_built() {
+            return self.tree(layers).await;
+        }
+        self.core.start(layers);
+        loop {
+            let notified = layers.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(t) = self.shown() {
+                return Ok(t);
+            }
+            if let Some(e) = self.build_error() {
+                return Err(e);
+            }
+            if let Some(t) = self.sketch_now(layers).await {
+                return Ok(t);
+            }
+            notified.await;
+        }
     }
 }
 
@@ -1139,6 +1240,83 @@ impl RootfsCore {
         self.tree.lock().unwrap().clone()
     }
 
+    /// The tree answers are taken from now, if any: the built one, else
+    /// the sketch.
+    pub fn shown(&self) -> Option<Arc<MergedTree>> {
+        self.built().or_else(|| self.sketch.lock().unwrap().clone())
+    }
+
+    /// Whether names are answered from a tree (built or sketched), no
+    /// longer early from the live layers.
+    pub fn answers_from_tree(&self) -> bool {
+        self.was_built() || self.sketch.lock().unwrap().is_some()
+    }
+
+    /// Sketches the tree if every layer of the image is listed and checked
+    /// and the tree is not built (once, however many ask).
+    pub async fn sketch_now(&self, layers: &Layers) -> Option<Arc<MergedTree>> {
+        if self.was_built() {
+            return None;
+        }
+        if let Some(t) = self.sketch.lock().unwrap().clone() {
+            return Some(t);
+        }
+        let views = layers.live_views(&self.image);
+        if self.sketch_failed.load(Ordering::Relaxed)
+            || !views
+                .iter()
+                .all(|v| v.as_ref().is_some_and(|l| l.is_ended()))
+        {
+            return None;
+        }
+        self.sketch_flight
+            .run((), || async {
+                if let Some(t) = self.sketch.lock().unwrap().clone() {
+                    return Some(t);
+                }
+                let listed: Vec<Vec<IndexEntry>> = views
+                    .iter()
+                    .map(|v| v.as_ref()?.listed())
+                    .collect::<Option<_>>()?;
+                let image = self.image.clone();
+                let t = tokio::task::spawn_blocking(move || {
+                    let refs: Vec<(&str, &[IndexEntry])> = image
+                        .layers
+                        .iter()
+                        .zip(&listed)
+                        .map(|(d, e)| (d.digest.as_str(), e.as_slice()))
+                        .collect();
+                    // As the built tree shows each layer (`Layers::index`).
+                    MergedTree::sketch(&refs, |li, e| !lazy::is_artifact(&image.layers[li], e))
+                })
+                .await
+                .ok()?;
+                // The build meets the same error and reports it; until then
+                // the sketch is not tried again.
+                let Ok(t) = t else {
+                    self.sketch_failed.store(true, Ordering::Relaxed);
+                    return None;
+                };
+                let t = Arc::new(t);
+                let mut slot = self.sketch.lock().unwrap();
+                // Checked under the slot's lock: a build that ends now
+                // clears the slot after this.
+                if self.built().is_some() {
+                    return None;
+                }
+                tracing::info!(
+                    image = %format!("{}/{}@{}", self.registry, self.repo, self.image.manifest.digest),
+                    entries = t.len(),
+                    "rootfs listed; contents are still being stored"
+                );
+                *slot = Some(t.clone());
+                drop(slot);
+                layers.changed.notify_waiters();
+                Some(t)
+            })
+            .await
+    }
+
     /// The merged tree, streaming and merging layers first if needed.
     pub async fn tree(&self, layers: &Layers) -> Res<Arc<MergedTree>> {
         self.last_used.store(now_secs(), Ordering::Relaxed);
@@ -1188,6 +1366,12 @@ impl RootfsCore {
                 tracing::info!(image = %name, entries = tree.len(), "rootfs ready");
                 *self.tree.lock().unwrap() = Some(tree.clone());
                 self.ever_built.store(true, Ordering::Release);
+                if let Some(s) = self.sketch.lock().unwrap().take()
+                    && s.len() != tree.len()
+                {
+                    // Cannot happen: both merge the same entries.
+                    tracing::error!(image = %name, sketched = s.len(), built = tree.len(), "the built tree differs from its sketch");
+                }
                 Ok(tree)
             })
             .await;
@@ -1195,6 +1379,7 @@ impl RootfsCore {
         // answered early any more. Built or failed, early waiters look again.
         if r.is_err() {
             self.drop_live_views(layers);
+            *self.sketch.lock().unwrap() = None;
         }
         layers.changed.notify_waiters();
         r

@@ -1,7 +1,9 @@
 //! The rootfs operations of [`Tree`] while an image's tree is not built
 //! yet: answered early from the layers streaming so far where they settle
-//! the answer ([`crate::rootfs::early`] has the rules), else after the
-//! build, with early inode numbers mapped to tree nodes by path.
+//! the answer ([`crate::rootfs::early`] has the rules), else from the tree
+//! that answers (its sketch once every layer is listed, or the built tree,
+//! [`Rootfs::answering`]), with early inode numbers mapped to tree nodes by
+//! path.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,12 +44,13 @@ fn early_entry(rf: &Rootfs, i: u32, e: &IndexEntry) -> Entry {
 impl Tree {
     /// Whether node `i` of `rf` may be answered early.
     fn early_on(&self, rf: &Rootfs, i: u32) -> bool {
-        self.layers.early() && !rf.was_built() && (i == 0 || i >= EARLY)
+        self.layers.early() && !rf.answers_from_tree() && (i == 0 || i >= EARLY)
     }
 
-    /// Waits until `f` answers from the live layers (`Some`) or the tree is
-    /// built (`None`: ask the tree), starting the build if needed. `f`
-    /// returns `None` while unsettled.
+    /// Waits until `f` answers from the live layers (`Some`) or a tree
+    /// answers (`None`: ask the tree; built, or sketched once every layer is
+    /// listed), starting the build if needed. `f` returns `None` while
+    /// unsettled.
     async fn settle<T>(
         &self,
         rf: &Arc<Rootfs>,
@@ -58,7 +61,7 @@ impl Tree {
             let notified = self.layers.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if rf.was_built() {
+            if rf.answers_from_tree() {
                 return Ok(None);
             }
             if let Some(e) = rf.build_error() {
@@ -66,6 +69,9 @@ impl Tree {
             }
             if let Some(x) = f(&self.layers.live_views(&rf.image)) {
                 return Ok(Some(x));
+            }
+            if rf.sketch_now(&self.layers).await.is_some() {
+                return Ok(None);
             }
             notified.await;
         }
@@ -83,13 +89,14 @@ impl Tree {
         Some(p)
     }
 
-    /// Node `i` (a tree node or an early inode) in the built tree.
+    /// Node `i` (a tree node or an early inode) in the tree that answers
+    /// ([`Rootfs::answering`]: built, or sketched).
     pub(super) async fn rootfs_node(
         &self,
         rf: &Arc<Rootfs>,
         i: u32,
     ) -> Res<(Arc<MergedTree>, u32)> {
-        let tree = rf.tree(&self.layers).await?;
+        let tree = rf.answering(&self.layers).await?;
         let n = rf
             .early
             .to_tree(&tree, i)
@@ -174,7 +181,7 @@ impl Tree {
 
     /// `getattr` of a rootfs node.
     pub(super) async fn rootfs_getattr(&self, rf: &Arc<Rootfs>, i: u32) -> Res<Entry> {
-        if !rf.was_built() {
+        if !rf.answers_from_tree() {
             if i == 0 {
                 return Ok(self.rootfs_root_entry(rf, crate::model::IMMUTABLE_TTL));
             }
@@ -183,11 +190,7 @@ impl Tree {
                 return Ok(e);
             }
         }
-        let tree = rf.tree(&self.layers).await?;
-        let n = rf
-            .early
-            .to_tree(&tree, i)
-            .ok_or(FsError::Stale(rf.base + i as u64))?;
+        let (tree, n) = self.rootfs_node(rf, i).await?;
         let mut e = Self::rootfs_entry(rf, &tree, n)?;
         // The kernel knows this inode by the number it was given.
         e.stat.ino = rf.base + i as u64;
@@ -219,6 +222,41 @@ impl Tree {
         .transpose()
     }
 
+    /// The object of file node `n` of a sketch, once stored by the layer's
+    /// storing pass or extracted on demand from its spill (asked for here);
+    /// `None` when the answer has to come from the built tree.
+    pub(super) async fn sketch_object(
+        &self,
+        rf: &Arc<Rootfs>,
+        tree: &MergedTree,
+        n: u32,
+    ) -> Res<Option<crate::cas::ObjectId>> {
+        let Some((li, k)) = tree.origin(n) else {
+            return Ok(None);
+        };
+        loop {
+            let notified = self.layers.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if rf.was_built() {
+                return Ok(None);
+            }
+            if let Some(e) = rf.build_error() {
+                return Err(e);
+            }
+            let views = self.layers.live_views(&rf.image);
+            if let Some(Some(layer)) = views.get(li as usize) {
+                if let Some(id) = layer.object(k) {
+                    return Ok(Some(id));
+                }
+                if let Some(x) = layer.want(k) {
+                    self.layers.extract_early(layer.clone(), k, x);
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// `readlink` of a rootfs node.
     pub(super) async fn rootfs_readlink(&self, rf: &Arc<Rootfs>, i: u32) -> Res<bytes::Bytes> {
         let early = self.early_answer(rf, i, |f| {
@@ -245,7 +283,7 @@ impl Tree {
         // Like its attributes (`rootfs_getattr`), the root's extended
         // attributes are a placeholder until the tree is built: `ls -l
         // <tag>` asks for them, and looking at a tag must not stream it.
-        if i == 0 && !rf.was_built() {
+        if i == 0 && !rf.answers_from_tree() {
             return Ok(Vec::new());
         }
         let (tree, n) = self.rootfs_node(rf, i).await?;
