@@ -3426,7 +3426,9 @@ fn inodes_under(root: &Path) -> BTreeMap<PathBuf, (u64, u32, u64)> {
 /// still being stored: a walk of the whole tree (and its file contents,
 /// extracted from the spill on demand) equals `umoci unpack` without
 /// waiting for the storing pass, hard links show their real link counts,
-/// and once the tree is built every path keeps its inode number.
+/// and once the tree is built every path keeps its inode number. The same
+/// holds for an image whose lower layers were stored before (by another
+/// image) and only the top one streams.
 #[test]
 fn a_listed_image_is_walked_while_its_contents_are_stored() {
     require_env();
@@ -3441,66 +3443,87 @@ fn a_listed_image_is_walked_while_its_contents_are_stored() {
         TarEntry::symlink("etc/to-base", "base"),
     ]);
     let layout = make_tar_image(work.path(), "sketch", &[lower, upper]);
-    let oracle = umoci_unpack(&layout_ref(&layout, "sketch"), &work.path().join("bundle"));
+    run(Command::new("umoci").args(["tag", "--image", &layout_ref(&layout, "sketch"), "more"]));
+    let top = [
+        TarEntry::dir("etc/"),
+        TarEntry::file("etc/added", "in the third layer\n"),
+        TarEntry::hardlink("etc/base-again", "etc/base"),
+        TarEntry::whiteout("etc", "late"),
+        TarEntry::file("big-top", pseudo_random(9, 2 << 20)),
+    ];
+    add_tar_layer(&layout_ref(&layout, "more"), &tar_bytes(&top));
     let reg = Registry::start();
     let h = reg.host();
-    push(
-        &layout_ref(&layout, "sketch"),
-        &format!("{h}/sketch/img:1"),
-        Format::Oci,
-    );
+    let mut oracles = Vec::new();
+    for tag in ["sketch", "more"] {
+        let image = layout_ref(&layout, tag);
+        oracles.push(umoci_unpack(&image, &work.path().join(tag)));
+        push(&image, &format!("{h}/sketch/img:{tag}"), Format::Oci);
+    }
     let hold = work.path().join("hold-storing");
-    fs::write(&hold, b"").unwrap();
     let m = Mount::builder()
         .insecure(&h)
         .env("APT_LAYER_TEST_HOLD_STORING", hold.to_str().unwrap())
         .start();
-    let root = rootfs(&m, &h, "sketch/img", "1");
 
-    let (r, o) = (root.clone(), oracle.clone());
-    let (early, _) = timed_within(Duration::from_secs(60), "walk while stored", move || {
-        assert_trees_equal(&r, &o, "while the contents are being stored");
-        inodes_under(&r)
-    });
-    for layer in [0, 1] {
-        assert_streaming(&m, &h, "sketch/img", layer, "the walk did not wait for it");
+    // "sketch" streams both its layers; "more" then only its top one.
+    for (tag, oracle, streaming) in [
+        ("sketch", &oracles[0], &[0, 1][..]),
+        ("more", &oracles[1], &[2][..]),
+    ] {
+        fs::write(&hold, b"").unwrap();
+        let root = rootfs(&m, &h, "sketch/img", tag);
+        let (r, o) = (root.clone(), oracle.clone());
+        let what = format!("{tag}: while the contents are being stored");
+        let (early, _) = timed_within(Duration::from_secs(60), "walk while stored", move || {
+            assert_trees_equal(&r, &o, &what);
+            inodes_under(&r)
+        });
+        let status = || -> Value {
+            serde_json::from_slice(&read(m.join(format!("{h}/sketch/img/{tag}/status"))).unwrap())
+                .unwrap()
+        };
+        let s = status();
+        for &l in streaming {
+            assert_eq!(
+                s["layers"][l]["state"], "streaming",
+                "{tag}: layer {l} was stored before the walk ended: {s}"
+            );
+        }
+        let link_count = |p: &str| early[Path::new(p)].2;
+        assert_eq!(
+            link_count("etc/early-link"),
+            3,
+            "{tag}: a hard link's count"
+        );
+        assert_eq!(
+            link_count("lower-link"),
+            2 + u64::from(tag == "more"),
+            "{tag}: a cross-layer hard link's count"
+        );
+        assert_eq!(
+            early[Path::new("etc/early")].0,
+            early[Path::new("etc/early-link")].0
+        );
+
+        fs::remove_file(&hold).unwrap();
+        let stored = wait_until(Duration::from_secs(60), || {
+            status()["layers"]
+                .as_array()
+                .is_some_and(|ls| ls.iter().all(|l| l["state"] == "indexed"))
+        });
+        assert!(stored, "{tag}: layers not stored once let go: {}", status());
+        // Stored and built: a first look at a path never answered before,
+        // then the whole tree again.
+        assert_eq!(
+            read(root.join("etc/to-base")).unwrap(),
+            b"from the lower layer\n"
+        );
+        assert_trees_equal(&root, oracle, &format!("{tag}: once the tree is built"));
+        assert_eq!(
+            inodes_under(&root),
+            early,
+            "{tag}: inode numbers, modes or link counts changed when the built tree replaced the sketch"
+        );
     }
-    let link_count = |p: &str| early[Path::new(p)].2;
-    assert_eq!(
-        link_count("etc/early-link"),
-        3,
-        "a hard link's count, sketched"
-    );
-    assert_eq!(
-        link_count("lower-link"),
-        2,
-        "a cross-layer hard link's count"
-    );
-    assert_eq!(
-        early[Path::new("etc/early")].0,
-        early[Path::new("etc/early-link")].0
-    );
-
-    fs::remove_file(&hold).unwrap();
-    let status = || -> Value {
-        serde_json::from_slice(&read(m.join(format!("{h}/sketch/img/1/status"))).unwrap()).unwrap()
-    };
-    let stored = wait_until(Duration::from_secs(60), || {
-        status()["layers"]
-            .as_array()
-            .is_some_and(|ls| ls.iter().all(|l| l["state"] == "indexed"))
-    });
-    assert!(stored, "layers not stored once let go: {}", status());
-    // Stored and built: a first look at a path never answered before, then
-    // the whole tree again.
-    assert_eq!(
-        read(root.join("etc/to-base")).unwrap(),
-        b"from the lower layer\n"
-    );
-    assert_trees_equal(&root, &oracle, "once the tree is built");
-    assert_eq!(
-        inodes_under(&root),
-        early,
-        "inode numbers, modes or link counts changed when the built tree replaced the sketch"
-    );
 }

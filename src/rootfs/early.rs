@@ -28,16 +28,17 @@
 //!   its file, not for the layer. Other layers are listed and stored in one
 //!   pass, and complete at its end.
 //! - **Listings wait for a tree.** Once every layer is complete (listed
-//!   and checked) and while contents are still being stored, names,
-//!   attributes and listings come from a *sketch*: the merged tree made of
-//!   the live layers' entries ([`MergedTree::sketch`]), with the same node
-//!   numbers the built tree will have and the kernel's long TTLs. A file of
-//!   the sketch finds its content through its entry in its live layer
-//!   ([`MergedTree::origin`]): stored, or extracted on demand as above.
-//!   Before that, a listing waits. Tried: listing from the live layers
-//!   answered `ls rootfs/` of minbase at 0.7 s instead of 1.3 s, but a
-//!   cold `find` took 2.5 s instead of 1.5-2 s (every early entry costs a
-//!   lookup and a getattr round trip, with zero TTLs).
+//!   and checked, or indexed before) and while contents are still being
+//!   stored, names, attributes and listings come from a *sketch*: the
+//!   merged tree made of the layers' entries ([`MergedTree::sketch`]),
+//!   with the same node numbers the built tree will have and the kernel's
+//!   long TTLs. A file of the sketch has its object if its layer was
+//!   indexed before; else it finds its content through its entry in its
+//!   live layer ([`MergedTree::origin`]): stored, or extracted on demand as
+//!   above. Before that, a listing waits. Tried: listing from the live
+//!   layers answered `ls rootfs/` of minbase at 0.7 s instead of 1.3 s,
+//!   but a cold `find` took 2.5 s instead of 1.5-2 s (every early entry
+//!   costs a lookup and a getattr round trip, with zero TTLs).
 //! - **Inodes.** Early entries get inode numbers of their own
 //!   ([`EarlyInodes`], above [`EARLY`] in the image's range) and zero
 //!   TTLs; once a tree answers (the sketch, then the built tree, which

@@ -196,6 +196,23 @@ pub struct Layers {
     storing: std::sync::atomic::AtomicUsize,
 }
 
+/// A layer's entries for a sketch of the tree.
+enum Listed {
+    /// Listed by a stream that is still storing the contents.
+    Live(Vec<IndexEntry>),
+    /// Indexed (contents stored or reachable by their object ids).
+    Indexed(Arc<LayerIndex>),
+}
+
+impl Listed {
+    fn entries(&self) -> &[IndexEntry] {
+        match self {
+            Listed::Live(e) => e,
+            Listed::Indexed(i) => &i.entries,
+        }
+    }
+}
+
 /// Ends a layer's [`LayerState::storing`] when its read and the saving of
 /// its index are over, however they end.
 struct StoringDone<'a>(&'a Layers, &'a LayerState);
@@ -1261,11 +1278,21 @@ impl RootfsCore {
         if let Some(t) = self.sketch.lock().unwrap().clone() {
             return Some(t);
         }
-        let views = layers.live_views(&self.image);
+        let states: Vec<Arc<LayerState>> = self
+            .image
+            .layers
+            .iter()
+            .map(|d| layers.state(&LayerKey::of(d)))
+            .collect();
+        // Each layer listed and checked: live and ended, or indexed (its
+        // index in memory: the build holds it); one at least still storing.
+        let ready = |st: &LayerState| match st.live() {
+            Some(l) => l.is_ended(),
+            None => st.index.lock().unwrap().strong_count() > 0,
+        };
         if self.sketch_failed.load(Ordering::Relaxed)
-            || !views
-                .iter()
-                .all(|v| v.as_ref().is_some_and(|l| l.is_ended()))
+            || !states.iter().all(|st| ready(st))
+            || states.iter().all(|st| st.live().is_none())
         {
             return None;
         }
@@ -1274,9 +1301,12 @@ impl RootfsCore {
                 if let Some(t) = self.sketch.lock().unwrap().clone() {
                     return Some(t);
                 }
-                let listed: Vec<Vec<IndexEntry>> = views
+                let listed: Vec<Listed> = states
                     .iter()
-                    .map(|v| v.as_ref()?.listed())
+                    .map(|st| match st.live() {
+                        Some(l) => l.listed().map(Listed::Live),
+                        None => st.index.lock().unwrap().upgrade().map(Listed::Indexed),
+                    })
                     .collect::<Option<_>>()?;
                 let image = self.image.clone();
                 let t = tokio::task::spawn_blocking(move || {
@@ -1284,7 +1314,7 @@ impl RootfsCore {
                         .layers
                         .iter()
                         .zip(&listed)
-                        .map(|(d, e)| (d.digest.as_str(), e.as_slice()))
+                        .map(|(d, l)| (d.digest.as_str(), l.entries()))
                         .collect();
                     // As the built tree shows each layer (`Layers::index`).
                     MergedTree::sketch(&refs, |li, e| !lazy::is_artifact(&image.layers[li], e))

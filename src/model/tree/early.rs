@@ -231,6 +231,12 @@ impl Tree {
         tree: &MergedTree,
         n: u32,
     ) -> Res<Option<crate::cas::ObjectId>> {
+        // Of a layer indexed before: known.
+        if let Some(f) = tree.node(n)
+            && f.object != [0; 32]
+        {
+            return Ok(Some(f.object));
+        }
         let Some((li, k)) = tree.origin(n) else {
             return Ok(None);
         };
