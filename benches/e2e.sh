@@ -153,6 +153,19 @@ for l in sys.stdin:
     if m: n+=int(m.group(1))
 print(n)'
 }
+# Waits (at most 60 s) until the image whose `status` file is $1 is stored
+# and its tree built: a walk can end before that (names come from a sketch
+# of the tree while the contents are still being stored).
+wait_stored() {
+    python3 - "$1" <<'PY'
+import json, sys, time
+for _ in range(600):
+    s = json.load(open(sys.argv[1]))
+    if s.get("rootfs") == "ready" and all(l["state"] == "indexed" for l in s["layers"]):
+        break
+    time.sleep(0.1)
+PY
+}
 rss_kb() { awk '/VmHWM/{print $2}' "/proc/$1/status"; }
 rss_now_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 anon_kb() { awk '/RssAnon/{print $2}' "/proc/$1/status"; }
@@ -225,13 +238,7 @@ for r in $(seq "$ROUNDS"); do
     # The chroot returns while the layer's contents are still being stored
     # (a second pass behind the listing): the warm rows start from a full
     # cache, and nothing else streams the layer meanwhile.
-    python3 - "$MNT/$REG/bench/img/gzip/status" <<'PY'
-import json, sys, time
-for _ in range(600):
-    if all(l["state"] == "indexed" for l in json.load(open(sys.argv[1]))["layers"]):
-        break
-    time.sleep(0.1)
-PY
+    wait_stored "$MNT/$REG/bench/img/gzip/status"
 
     # warm: apt-layer (cache full) vs local disk vs squashfuse
     NAT=$work/pull-bundle/rootfs
@@ -340,9 +347,13 @@ syn_tree "$SYN" "$N_SYN"; syn_tree "$SMALL" "$N_SMALL"
 SYN_ENTRIES=$(find "$SYN" | wc -l); SMALL_ENTRIES=$(find "$SMALL" | wc -l)
 PID=$(mount_al "$REG")
 base_rss=$(rss_now_kb "$PID")
+# RSS once each image is stored: what the daemon keeps serving it (the walk
+# may end while the contents are still being stored).
 find "$MNT/$REG/bench/syn-small/1/rootfs" -printf '%p %s\n' > /dev/null
+wait_stored "$MNT/$REG/bench/syn-small/1/status"
 small_rss=$(rss_now_kb "$PID")
 find "$MNT/$REG/bench/syn/1/rootfs" -printf '%p %s\n' > /dev/null
+wait_stored "$MNT/$REG/bench/syn/1/status"
 peak=$(rss_kb "$PID"); steady=$(rss_now_kb "$PID")
 SYN_SLOPE=$(python3 -c "print(f'{($steady-$small_rss)*1024/$SYN_ENTRIES:.0f}')")
 SYN_RSS=$(python3 -c "print(f'{($steady-$base_rss)*1024/($SYN_ENTRIES+$SMALL_ENTRIES):.0f}')")

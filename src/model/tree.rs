@@ -1183,7 +1183,8 @@ impl Tree {
                 top,
             } => {
                 let image = self.pinned_image(registry, repo, top).await?;
-                status_json(&image, &self.layers)
+                let rf = self.rootfs_for(registry, repo, &image);
+                status_json(&image, &self.layers, rf.state())
             }
             _ => return Err(FsError::IsDir),
         };
@@ -1514,7 +1515,7 @@ fn log_error(e: &FsError) {
 }
 
 /// The `status` file: per layer, what it is and how much of it is here.
-fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
+fn status_json(image: &Image, all: &Layers, rootfs: &str) -> Vec<u8> {
     use std::sync::atomic::Ordering::Relaxed;
     let layers: Vec<serde_json::Value> = image
         .layers
@@ -1548,6 +1549,7 @@ fn status_json(image: &Image, all: &Layers) -> Vec<u8> {
     let v = serde_json::json!({
         "manifest": image.manifest.digest,
         "top": &*image.top_digest,
+        "rootfs": rootfs,
         "layers": layers,
     });
     let mut out = serde_json::to_vec_pretty(&v).expect("Value serialises");

@@ -1244,6 +1244,22 @@ impl RootfsCore {
         });
     }
 
+    /// Where the merged tree is, as `status` shows it: `ready` (built),
+    /// `listed` (every layer listed: answered from the sketch while
+    /// contents are still being stored), `failed` (the last build failed)
+    /// or `pending`.
+    pub fn state(&self) -> &'static str {
+        if self.was_built() {
+            "ready"
+        } else if self.sketch.lock().unwrap().is_some() {
+            "listed"
+        } else if self.build_error().is_some() {
+            "failed"
+        } else {
+            "pending"
+        }
+    }
+
     /// The error of the last detached build, once it has ended.
     pub fn build_error(&self) -> Option<FsError> {
         if self.building.load(Ordering::Acquire) {
@@ -1383,8 +1399,17 @@ impl RootfsCore {
                     }
                 })?;
                 let tree = Arc::new(tree);
-                // The tree answers from now on: the live views of its
-                // layers go (before the trim below, which returns them too).
+                // The tree answers from now on: its sketch and the live
+                // views of its layers go (before the trim below, which
+                // returns them too).
+                *self.tree.lock().unwrap() = Some(tree.clone());
+                self.ever_built.store(true, Ordering::Release);
+                if let Some(s) = self.sketch.lock().unwrap().take()
+                    && s.len() != tree.len()
+                {
+                    // Cannot happen: both merge the same entries.
+                    tracing::error!(image = %name, sketched = s.len(), built = tree.len(), "the built tree differs from its sketch");
+                }
                 self.drop_live_views(layers);
                 // Streaming and merging freed far more than the tree keeps;
                 // hand it back to the system rather than hold it as RSS.
@@ -1394,14 +1419,6 @@ impl RootfsCore {
                     libc::malloc_trim(0);
                 }
                 tracing::info!(image = %name, entries = tree.len(), "rootfs ready");
-                *self.tree.lock().unwrap() = Some(tree.clone());
-                self.ever_built.store(true, Ordering::Release);
-                if let Some(s) = self.sketch.lock().unwrap().take()
-                    && s.len() != tree.len()
-                {
-                    // Cannot happen: both merge the same entries.
-                    tracing::error!(image = %name, sketched = s.len(), built = tree.len(), "the built tree differs from its sketch");
-                }
                 Ok(tree)
             })
             .await;
