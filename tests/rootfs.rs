@@ -1404,6 +1404,8 @@ fn two_daemons_on_one_cache_share_its_objects_and_keep_its_size() {
         &oracles[0],
         "small via rw",
     );
+    // The walk can end before the layers are stored (from the sketch).
+    wait_ready(&rw, &h, "share", "small");
     registry_log_barrier(&reg);
     let since = reg.log_len();
     assert_trees_equal(
@@ -3214,6 +3216,18 @@ fn a_missing_name_is_settled_once_the_layers_above_are_listed() {
     assert_trees_equal(&root, &held.oracle, "after the held layer ended");
 }
 
+/// Waits (at most 60 s) until `repo:tag`'s tree is built, its layers stored
+/// and their indexes saved: a walk can end before that, answered from the
+/// sketch of the tree.
+fn wait_ready(m: &Mount, host: &str, repo: &str, tag: &str) {
+    let status = || -> Value {
+        serde_json::from_slice(&read(m.join(format!("{host}/{repo}/{tag}/status"))).unwrap())
+            .unwrap()
+    };
+    let ready = wait_until(Duration::from_secs(60), || status()["rootfs"] == "ready");
+    assert!(ready, "{repo}:{tag} not ready: {}", status());
+}
+
 /// Asserts that layer `layer` of `repo:1` is still streaming (`why`: what
 /// that shows).
 fn assert_streaming(m: &Mount, host: &str, repo: &str, layer: usize, why: &str) {
@@ -3434,7 +3448,7 @@ fn inodes_under(root: &Path) -> BTreeMap<PathBuf, (u64, u32, u64)> {
 /// waiting for the storing pass, hard links show their real link counts,
 /// and once the tree is built every path keeps its inode number. The same
 /// holds for an image whose lower layers were stored before (by another
-/// image) and only the top one streams.
+/// image, and another daemon on the cache) and only the top one streams.
 #[test]
 fn a_listed_image_is_walked_while_its_contents_are_stored() {
     require_env();
@@ -3467,16 +3481,20 @@ fn a_listed_image_is_walked_while_its_contents_are_stored() {
         push(&image, &format!("{h}/sketch/img:{tag}"), Format::Oci);
     }
     let hold = work.path().join("hold-storing");
-    let m = Mount::builder()
-        .insecure(&h)
-        .env("APT_LAYER_TEST_HOLD_STORING", hold.to_str().unwrap())
-        .start();
+    let cache = tempdir();
 
-    // "sketch" streams both its layers; "more" then only its top one.
+    // "sketch" streams both its layers; "more" then only its top one, on a
+    // daemon started again (its lower layers' objects are on disk, not yet
+    // checked by this process).
     for (tag, oracle, streaming) in [
         ("sketch", &oracles[0], &[0, 1][..]),
         ("more", &oracles[1], &[2][..]),
     ] {
+        let m = Mount::builder()
+            .insecure(&h)
+            .cache_dir(cache.path())
+            .env("APT_LAYER_TEST_HOLD_STORING", hold.to_str().unwrap())
+            .start();
         fs::write(&hold, b"").unwrap();
         let root = rootfs(&m, &h, "sketch/img", tag);
         let (r, o) = (root.clone(), oracle.clone());

@@ -450,18 +450,30 @@ impl Tree {
         if tree.is_sketch() {
             // Contents are still being stored: the file's entry in its live
             // layer has its object, or it is extracted now.
-            if let Some(id) = self.sketch_object(rf, &tree, i).await?
+            let id = self.sketch_object(rf, &tree, i).await?;
+            if let Some(id) = id
                 && let Ok(Some(f)) = store.get_verified(&id)
             {
                 return Ok(object_open(f, id));
             }
-            // Gone again (evicted): from the built tree, as any other (its
-            // node numbers are the sketch's).
-            tree = rf.tree(&self.layers).await?;
+            // Not verified in this process, or gone (evicted). A layer
+            // indexed before is checked or fetched again below, as in the
+            // built tree; one still being stored has no index to fetch by
+            // yet: its file waits for the built tree (whose node numbers are
+            // the sketch's).
+            let indexed = rf.image.layers.get(n.layer as usize).is_some_and(|d| {
+                self.layers.state(&crate::rootfs::LayerKey::of(d)).phase()
+                    == crate::rootfs::LayerPhase::Indexed
+            });
+            if id.is_none() || !indexed {
+                tree = rf.tree(&self.layers).await?;
+            }
         }
         let n = tree.node(i).ok_or(FsError::Stale(rf.base + i as u64))?;
         let id = n.object;
-        rf.ahead.opened(&tree, &store, i);
+        if !tree.is_sketch() {
+            rf.ahead.opened(&tree, &store, i);
+        }
         for attempt in 0..2 {
             // Verified before in this process: answer on this thread. Only
             // hashing (first open after a start, or a changed file) moves to
