@@ -39,6 +39,20 @@ fn status(m: &Mount, host: &str, repo: &str, tag: &str) -> Value {
     serde_json::from_slice(&s).unwrap()
 }
 
+/// Waits (at most 30 s) until `repo:tag`'s tree is built and its layers
+/// stored: a walk can end before that (answered from the sketch of the
+/// tree), and a streamed layer's mode is known once it is stored.
+fn wait_ready(m: &Mount, host: &str, repo: &str, tag: &str) {
+    let ready = wait_until(Duration::from_secs(30), || {
+        status(m, host, repo, tag)["rootfs"] == "ready"
+    });
+    assert!(
+        ready,
+        "{repo}:{tag} not ready: {}",
+        status(m, host, repo, tag)
+    );
+}
+
 /// Pushes `layout:tag` as `HOST/REPO:orig` and converts it to `kind` as
 /// `HOST/REPO:<kind>`; returns that tag.
 fn push_converted(
@@ -118,6 +132,7 @@ fn converted_edge_image_equals_umoci_unpack_of_the_original() {
         let tag = push_converted(&ctd, &reg, &layout, "edge", &repo, kind, None);
         let since = m.log().len();
         assert_trees_equal(&rootfs(&m, &h, &repo, &tag), &oracle, kind.mode());
+        wait_ready(&m, &h, &repo, &tag);
         // Layer 1 has a name that is not UTF-8: its TOC (JSON) holds U+FFFD
         // instead, so that layer is streamed, and the log says why.
         let s = status(&m, &h, &repo, &tag);
@@ -549,11 +564,7 @@ fn registry_ignoring_range_gets_the_layer_streamed_with_a_reason() {
     let fh = fault.host();
     let m = Mount::builder().insecure(&fh).start();
     assert_trees_equal(&rootfs(&m, &fh, "nr", &tag), &oracle, "Range ignored");
-    // A walk can end before the layer is stored (the tree is sketched from
-    // its listing).
-    wait_until(Duration::from_secs(30), || {
-        status(&m, &fh, "nr", &tag)["layers"][0]["state"] == "indexed"
-    });
+    wait_ready(&m, &fh, "nr", &tag);
     let s = status(&m, &fh, "nr", &tag);
     // Streamed once (a gzip layer, so with a span index), not lazily.
     assert_eq!(s["layers"][0]["mode"], "span-index", "{s}");
@@ -675,11 +686,7 @@ fn a_lazy_index_serves_only_descriptors_with_its_toc_pin() {
             &oracle,
             "B's image after A's lazy index of the same digest, same daemon",
         );
-        // A walk can end before the layer is stored (the tree is sketched
-        // from its listing).
-        wait_until(Duration::from_secs(30), || {
-            status(&m, &h, "honest", "v1")["layers"][0]["state"] == "indexed"
-        });
+        wait_ready(&m, &h, "honest", "v1");
         let s = status(&m, &h, "honest", "v1");
         assert_eq!(s["layers"][0]["mode"], "span-index", "{s}");
     }

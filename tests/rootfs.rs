@@ -2711,6 +2711,7 @@ fn evicted_file_of_a_gzip_layer_is_refetched_by_one_span() {
     let m = mount_on_cache(&reg, cache.path(), &["--cache-size", "1m"]);
     let root = rootfs(&m, &h, "span", "1");
     assert_trees_equal(&root, &oracle, "first read under a 1m cache");
+    wait_ready(&m, &h, "span", "1");
     let status: Value =
         serde_json::from_slice(&read(m.join(format!("{h}/span/1/status"))).unwrap()).unwrap();
     assert_eq!(
