@@ -192,8 +192,6 @@ pub struct Layers {
     /// Woken whenever a live layer or a rootfs changes (early answers wait
     /// on it).
     pub changed: Arc<tokio::sync::Notify>,
-    /// How many layers are [`LayerState::storing`].
-    storing: std::sync::atomic::AtomicUsize,
 }
 
 /// A layer's entries for a sketch of the tree.
@@ -215,13 +213,11 @@ impl Listed {
 
 /// Ends a layer's [`LayerState::storing`] when its read and the saving of
 /// its index are over, however they end.
-struct StoringDone<'a>(&'a Layers, &'a LayerState);
+struct StoringDone<'a>(&'a LayerState);
 
 impl Drop for StoringDone<'_> {
     fn drop(&mut self) {
-        if self.1.storing.swap(false, Ordering::AcqRel) {
-            self.0.storing.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.0.storing.store(false, Ordering::Release);
     }
 }
 
@@ -239,7 +235,6 @@ impl Layers {
             refetch_flights: Flights::default(),
             early: std::sync::atomic::AtomicBool::new(true),
             changed: Arc::new(tokio::sync::Notify::new()),
-            storing: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -278,7 +273,14 @@ impl Layers {
     /// download is over), so that the next start finds their indexes and
     /// fetches nothing again. Layers still downloading are not waited for.
     pub async fn finish_storing(&self, limit: std::time::Duration) {
-        let n = self.storing.load(Ordering::Acquire);
+        let storing = || {
+            let states = self.states.lock().unwrap();
+            states
+                .values()
+                .filter(|s| s.storing.load(Ordering::Acquire))
+                .count()
+        };
+        let n = storing();
         if n == 0 {
             return;
         }
@@ -287,15 +289,34 @@ impl Layers {
             "storing layers already downloaded before exiting"
         );
         let deadline = tokio::time::Instant::now() + limit;
-        while self.storing.load(Ordering::Acquire) > 0 {
+        while storing() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
-                    layers = self.storing.load(Ordering::Acquire),
+                    layers = storing(),
                     "exiting before every downloaded layer was stored; the next start reads them again"
                 );
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `check` answers (`Some`), looking again whenever a live
+    /// layer or a rootfs changes ([`Layers::changed`]). The wake-up is armed
+    /// before each look, so a change between the look and the wait is never
+    /// missed.
+    pub async fn until<T, F>(&self, mut check: impl FnMut() -> F) -> T
+    where
+        F: std::future::Future<Output = Option<T>>,
+    {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(x) = check().await {
+                return x;
+            }
+            notified.await;
         }
     }
 
@@ -366,7 +387,7 @@ impl Layers {
                     *st.index.lock().unwrap() = Arc::downgrade(&i);
                     return Ok(i);
                 }
-                let _stored = StoringDone(self, &st);
+                let _stored = StoringDone(&st);
                 let (saved, idx) = match self.lazy.index(registry, repo, desc, &st).await? {
                     Some(i) => {
                         let i = Arc::new(i);
@@ -443,7 +464,7 @@ impl Layers {
         }
         let Some(index) = index else {
             tracing::info!(layer = %desc.digest, "no index on disk this layer may use; reading the layer again");
-            let _stored = StoringDone(self, &st);
+            let _stored = StoringDone(&st);
             let idx = self.stream(registry, repo, desc, &st).await?;
             self.persist(desc, &st, Arc::new(idx)).await;
             return Ok(());
@@ -821,9 +842,7 @@ impl Layers {
             return Err(e);
         }
         // Listed and checked: every name of the layer is settled now.
-        if !st.storing.swap(true, Ordering::AcqRel) {
-            self.storing.fetch_add(1, Ordering::AcqRel);
-        }
+        st.storing.store(true, Ordering::Release);
         live.end();
         tracing::info!(layer = %desc.digest, elapsed = ?t0.elapsed(), "layer listed and checked; storing its contents");
         let stored = second.await;
@@ -1179,21 +1198,17 @@ impl Rootfs {
             return self.tree(layers).await;
         }
         self.core.start(layers);
-        loop {
-            let notified = layers.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(t) = self.shown() {
-                return Ok(t);
-            }
-            if let Some(e) = self.build_error() {
-                return Err(e);
-            }
-            if let Some(t) = self.sketch_now(layers).await {
-                return Ok(t);
-            }
-            notified.await;
-        }
+        layers
+            .until(|| async {
+                if let Some(t) = self.shown() {
+                    return Some(Ok(t));
+                }
+                if let Some(e) = self.build_error() {
+                    return Some(Err(e));
+                }
+                self.sketch_now(layers).await.map(Ok)
+            })
+            .await
     }
 }
 

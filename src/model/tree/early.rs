@@ -57,24 +57,21 @@ impl Tree {
         f: impl Fn(&[Option<Arc<LiveLayer>>]) -> Option<T>,
     ) -> Res<Option<T>> {
         rf.start(&self.layers);
-        loop {
-            let notified = self.layers.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if rf.answers_from_tree() {
-                return Ok(None);
-            }
-            if let Some(e) = rf.build_error() {
-                return Err(e);
-            }
-            if let Some(x) = f(&self.layers.live_views(&rf.image)) {
-                return Ok(Some(x));
-            }
-            if rf.sketch_now(&self.layers).await.is_some() {
-                return Ok(None);
-            }
-            notified.await;
-        }
+        let f = &f;
+        self.layers
+            .until(move || async move {
+                if rf.answers_from_tree() {
+                    return Some(Ok(None));
+                }
+                if let Some(e) = rf.build_error() {
+                    return Some(Err(e));
+                }
+                if let Some(x) = f(&self.layers.live_views(&rf.image)) {
+                    return Some(Ok(Some(x)));
+                }
+                rf.sketch_now(&self.layers).await.map(|_| Ok(None))
+            })
+            .await
     }
 
     /// `path` of early node `i` joined with `name`.
@@ -240,27 +237,25 @@ impl Tree {
         let Some((li, k)) = tree.origin(n) else {
             return Ok(None);
         };
-        loop {
-            let notified = self.layers.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if rf.was_built() {
-                return Ok(None);
-            }
-            if let Some(e) = rf.build_error() {
-                return Err(e);
-            }
-            let views = self.layers.live_views(&rf.image);
-            if let Some(Some(layer)) = views.get(li as usize) {
+        self.layers
+            .until(move || async move {
+                if rf.was_built() {
+                    return Some(Ok(None));
+                }
+                if let Some(e) = rf.build_error() {
+                    return Some(Err(e));
+                }
+                let views = self.layers.live_views(&rf.image);
+                let layer = views.get(li as usize)?.as_ref()?;
                 if let Some(id) = layer.object(k) {
-                    return Ok(Some(id));
+                    return Some(Ok(Some(id)));
                 }
                 if let Some(x) = layer.want(k) {
                     self.layers.extract_early(layer.clone(), k, x);
                 }
-            }
-            notified.await;
-        }
+                None
+            })
+            .await
     }
 
     /// `readlink` of a rootfs node.
