@@ -218,6 +218,12 @@ impl ObjectStore {
             Ok(m) if m.is_file() => Some(m.len()),
             _ => None,
         };
+        if !appeared && size.is_some() {
+            // Removed, and stored again before this event was read: the
+            // name stays known, but whoever keeps the removed file open
+            // must let it go, or its disk is never freed.
+            self.tell_unlinked(std::slice::from_ref(id));
+        }
         self.agree(id, size);
     }
 
@@ -1156,6 +1162,29 @@ mod tests {
         s.learn_dir(kept[0]);
         assert!(s.contains(&kept), "an object still on disk stays");
         assert_eq!(s.stats().bytes, 4);
+    }
+
+    /// An object another process removed and that was stored again before
+    /// the removal was read stays known, and whoever keeps the removed
+    /// file open is told to let it go.
+    #[test]
+    fn an_object_removed_and_stored_again_is_told_as_unlinked() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        s.on_unlinked(move |ids| t.lock().unwrap().extend_from_slice(ids));
+        let id = put(&s, b"again");
+        let held = std::fs::File::open(s.path(&id)).unwrap();
+        std::fs::remove_file(s.path(&id)).unwrap();
+        std::fs::write(s.path(&id), b"again").unwrap();
+        s.learn(&id, false);
+        assert!(s.contains(&id), "the name is there again");
+        assert_eq!(*told.lock().unwrap(), vec![id]);
+        assert_eq!(held.metadata().unwrap().nlink(), 0);
+        // An event that agrees with the disk tells nobody.
+        s.learn(&id, true);
+        assert_eq!(told.lock().unwrap().len(), 1);
     }
 
     /// A file under an object's name that the store does not know is kept
