@@ -9,8 +9,15 @@
 //!
 //! Contracts:
 //! - **Bounded**: at most `cap` opens are kept (each holds a descriptor;
-//!   the cap is a share of the descriptor limit), least recently released
-//!   go first.
+//!   the cap is a share of the descriptor limit).
+//! - **Scan resistant**: when full, the least recently released open gives
+//!   way to a newly released one only if it has been idle for
+//!   [`MIN_IDLE`]; otherwise the new one is not kept. A walk of more files
+//!   than the cap (a second `tar` of a large tree) thus keeps its first
+//!   `cap` files and finds them on its next pass, where plain LRU would
+//!   evict each file just before the pass comes back to it and never hit.
+//!   A working set that moves on (another image, minutes later) still
+//!   replaces the old one once that has been idle that long.
 //! - **Never stale**: a kept open is used only while its image's merged
 //!   tree is built (every layer checked: an image whose layer failed
 //!   answers `EIO` through the usual path) and its object is still the
@@ -26,12 +33,17 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cas::ObjectId;
 use crate::model::OpenFile;
 
 /// At most this many kept opens, whatever the descriptor limit.
 const MAX_KEPT: usize = 8192;
+
+/// When full, a kept open idle for less than this is not replaced by a
+/// newly released one (module doc: scan resistant).
+pub const MIN_IDLE: Duration = Duration::from_secs(30);
 
 /// One kept open (`B`: the passthrough backing id; a stand-in in tests).
 pub struct Kept<B = fuser::BackingId> {
@@ -41,9 +53,17 @@ pub struct Kept<B = fuser::BackingId> {
     pub id: Arc<B>,
 }
 
+/// A kept open in the cache: its object (for the index by object), when it
+/// was released, and the open itself.
+struct Entry<B> {
+    object: ObjectId,
+    released: Instant,
+    kept: Kept<B>,
+}
+
 /// Kept opens by inode, least recently released first out.
 pub struct KeptOpens<B = fuser::BackingId> {
-    lru: lru::LruCache<u64, (ObjectId, Kept<B>)>,
+    lru: lru::LruCache<u64, Entry<B>>,
     /// The inodes kept for each object (hard links and images share one).
     by_object: HashMap<ObjectId, Vec<u64>>,
 }
@@ -67,11 +87,27 @@ impl<B> KeptOpens<B> {
     }
 
     /// Keeps the released open `file` of inode `ino` (a rootfs file with
-    /// its object and backing id); the least recently kept goes if full.
-    pub fn keep(&mut self, ino: u64, file: Arc<OpenFile>, id: Arc<B>) {
+    /// its object and backing id), released at `now`. If full, the least
+    /// recently released goes if it has been idle for [`MIN_IDLE`];
+    /// otherwise this one is not kept (module doc: scan resistant).
+    pub fn keep(&mut self, ino: u64, file: Arc<OpenFile>, id: Arc<B>, now: Instant) {
         let Some(object) = file.object else { return };
-        if let Some((old_ino, (old_object, _))) = self.lru.push(ino, (object, Kept { file, id })) {
-            self.unindex(old_ino, &old_object);
+        if self.lru.len() == self.lru.cap().get()
+            && !self.lru.contains(&ino)
+            && self
+                .lru
+                .peek_lru()
+                .is_some_and(|(_, e)| now.saturating_duration_since(e.released) < MIN_IDLE)
+        {
+            return;
+        }
+        let entry = Entry {
+            object,
+            released: now,
+            kept: Kept { file, id },
+        };
+        if let Some((old_ino, old)) = self.lru.push(ino, entry) {
+            self.unindex(old_ino, &old.object);
         }
         let inos = self.by_object.entry(object).or_default();
         if !inos.contains(&ino) {
@@ -82,9 +118,9 @@ impl<B> KeptOpens<B> {
     /// Takes the kept open of `ino`, if any (it is kept again at its
     /// release).
     pub fn take(&mut self, ino: u64) -> Option<Kept<B>> {
-        let (object, kept) = self.lru.pop(&ino)?;
-        self.unindex(ino, &object);
-        Some(kept)
+        let e = self.lru.pop(&ino)?;
+        self.unindex(ino, &e.object);
+        Some(e.kept)
     }
 
     /// Drops the kept opens of `objects` (their files were unlinked).
@@ -134,16 +170,17 @@ mod tests {
     fn keeps_takes_evicts_and_forgets_by_object() {
         let mut k: KeptOpens<()> = KeptOpens::with_cap(3);
         let id = Arc::new(());
+        let t0 = Instant::now();
         // Inodes 1 and 2 share object 7 (a hard link, another image).
-        k.keep(1, open(7), id.clone());
-        k.keep(2, open(7), id.clone());
-        k.keep(3, open(8), id.clone());
+        k.keep(1, open(7), id.clone(), t0);
+        k.keep(2, open(7), id.clone(), t0);
+        k.keep(3, open(8), id.clone(), t0);
         assert_eq!(k.len(), 3);
         assert!(k.take(2).is_some());
         assert!(k.take(2).is_none(), "taken once");
-        k.keep(2, open(7), id.clone());
-        // Full: the least recently kept (inode 1) goes.
-        k.keep(4, open(9), id.clone());
+        k.keep(2, open(7), id.clone(), t0);
+        // Full, and the least recently kept (inode 1) idle long enough: it goes.
+        k.keep(4, open(9), id.clone(), t0 + MIN_IDLE);
         assert!(k.take(1).is_none());
         assert_eq!(k.len(), 3);
         // Object 7's file was unlinked: every inode kept for it goes.
@@ -152,13 +189,46 @@ mod tests {
         assert_eq!(k.len(), 2);
         assert!(!k.by_object.contains_key(&[7; 32]));
         // An inode kept again for another object moves in the index.
-        k.keep(3, open(9), id.clone());
+        k.keep(3, open(9), id.clone(), t0);
         k.forget_objects(&[[8; 32]]);
         assert!(k.take(3).is_some(), "inode 3 now reads object 9");
         // A file without an object (not a rootfs file) is never kept.
         let mut plain = (*open(1)).clone();
         plain.object = None;
-        k.keep(5, Arc::new(plain), id);
+        k.keep(5, Arc::new(plain), id, t0);
         assert!(k.take(5).is_none());
+    }
+
+    /// Two passes over more files than the cap, as `tar` twice over a
+    /// large tree: the second finds the first pass's first `cap` files
+    /// (plain LRU would find none), and a working set idle for
+    /// [`MIN_IDLE`] gives way to a new one.
+    #[test]
+    fn a_scan_larger_than_the_cap_keeps_its_first_files() {
+        let (cap, files) = (100u64, 130u64);
+        let mut k: KeptOpens<()> = KeptOpens::with_cap(cap as usize);
+        let id = Arc::new(());
+        let t0 = Instant::now();
+        let pass = |k: &mut KeptOpens<()>, inos: std::ops::Range<u64>, at: Instant| {
+            let mut hits = 0;
+            for ino in inos {
+                hits += usize::from(k.take(ino).is_some());
+                k.keep(ino, open(ino as u8), id.clone(), at);
+            }
+            hits
+        };
+        assert_eq!(pass(&mut k, 0..files, t0), 0);
+        assert_eq!(pass(&mut k, 0..files, t0), cap as usize);
+        assert_eq!(k.len(), cap as usize);
+        // Another image's files, once the first pass has been idle: they
+        // replace it.
+        let later = t0 + MIN_IDLE;
+        assert_eq!(pass(&mut k, 1000..1000 + cap, later), 0);
+        assert_eq!(pass(&mut k, 1000..1000 + cap, later), cap as usize);
+        assert_eq!(
+            pass(&mut k, 0..files, later),
+            0,
+            "the first set was replaced"
+        );
     }
 }

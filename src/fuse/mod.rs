@@ -556,7 +556,9 @@ impl Filesystem for Fs {
         if let (Some(Handle::File(f, Some(id))), Some(k)) = (h, &self.kept)
             && f.object.is_some()
         {
-            k.lock().unwrap().keep(ino.0, f, id);
+            k.lock()
+                .unwrap()
+                .keep(ino.0, f, id, std::time::Instant::now());
         }
     }
 
