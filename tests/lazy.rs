@@ -39,20 +39,6 @@ fn status(m: &Mount, host: &str, repo: &str, tag: &str) -> Value {
     serde_json::from_slice(&s).unwrap()
 }
 
-/// Waits (at most 30 s) until `repo:tag`'s tree is built and its layers
-/// stored: a walk can end before that (answered from the sketch of the
-/// tree), and a streamed layer's mode is known once it is stored.
-fn wait_ready(m: &Mount, host: &str, repo: &str, tag: &str) {
-    let ready = wait_until(Duration::from_secs(30), || {
-        status(m, host, repo, tag)["rootfs"] == "ready"
-    });
-    assert!(
-        ready,
-        "{repo}:{tag} not ready: {}",
-        status(m, host, repo, tag)
-    );
-}
-
 /// Pushes `layout:tag` as `HOST/REPO:orig` and converts it to `kind` as
 /// `HOST/REPO:<kind>`; returns that tag.
 fn push_converted(

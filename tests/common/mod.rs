@@ -3294,6 +3294,22 @@ pub fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "3\n").expect("write /proc/sys/vm/drop_caches");
 }
 
+/// Waits (at most 60 s) until `repo:tag`'s tree is built, its layers
+/// stored and their indexes saved (`"rootfs": "ready"` in its `status`).
+/// A walk of `rootfs/` can end before that: once every layer is listed it
+/// is answered from a sketch of the tree while a gzip layer's second pass
+/// still stores its contents. What storing leaves behind (objects, layer
+/// modes and states, cache commands' output, evictions and the log lines
+/// they write) is only settled once the tree is ready.
+pub fn wait_ready(m: &Mount, host: &str, repo: &str, tag: &str) {
+    let status = || -> Value {
+        serde_json::from_slice(&read(m.join(format!("{host}/{repo}/{tag}/status"))).unwrap())
+            .unwrap()
+    };
+    let ready = wait_until(Duration::from_secs(60), || status()["rootfs"] == "ready");
+    assert!(ready, "{repo}:{tag} not ready: {}", status());
+}
+
 /// Makes sure the registry's access log has caught up: sends a request with
 /// a unique marker and waits until its access-log line appears. Requests
 /// the registry finished before the marker are in the log afterwards.
