@@ -12,9 +12,18 @@
 //!   filesystem-wide rename lock); a name never holds partial content, and
 //!   a crash leaves nothing in `tmp/` that another process could mistake.
 //! - **Verification**: an object read back is verified against its name
-//!   the first time it is opened in this process and again whenever its
-//!   inode, size, mtime or ctime change (so a damaged or replaced file is
-//!   caught); a bad object is deleted and reported missing, never served.
+//!   the first time it is opened and again whenever its inode, size, mtime
+//!   or ctime change (so a damaged or replaced file is caught: any write,
+//!   truncate, `chmod`, `touch` or replacement moves its ctime, which no
+//!   caller can set back); a bad object is deleted and reported missing,
+//!   never served. What was verified, as a fingerprint of that stamp, is
+//!   kept across restarts in `<cache-dir>/verified`
+//!   ([`ObjectStore::save_verified`], at a daemon's clean exit and after
+//!   `cache verify`), so a restarted daemon does not hash every object again
+//!   on first open (for the Debian image, ~1 s of a first `tar` after a
+//!   restart). That file is trusted as the layer indexes next to it are:
+//!   whoever can write the cache directory could forge either. A missing,
+//!   stale or damaged file only costs hashing again.
 //! - **Bound**: the total size of objects, plus the spills of layers being
 //!   read ([`ObjectStore::reserve_spill`]), stays under the limit by evicting
 //!   the least recently used objects. A full disk evicts too: a write that
@@ -73,12 +82,26 @@ struct Stamp {
 }
 
 impl Stamp {
-    /// A non-zero fingerprint of the stamp (what the index keeps).
+    /// A non-zero fingerprint of the stamp (what the index keeps, and
+    /// `<cache-dir>/verified` across restarts): the first 8 bytes of a
+    /// sha256 of its fields, stable across builds, unlike `std`'s hasher.
     fn fingerprint(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (self.ino, self.size, self.mtime, self.ctime).hash(&mut h);
-        h.finish().max(1)
+        let mut fields = [0u8; 48];
+        let values = [
+            self.ino,
+            self.size,
+            self.mtime.0 as u64,
+            self.mtime.1 as u64,
+            self.ctime.0 as u64,
+            self.ctime.1 as u64,
+        ];
+        for (chunk, v) in fields.chunks_exact_mut(8).zip(values) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        let mut h = Sha256::new();
+        h.update(&fields);
+        let d = h.finish();
+        u64::from_le_bytes(d[..8].try_into().expect("8 bytes")).max(1)
     }
 
     fn of(m: &std::fs::Metadata) -> Stamp {
@@ -164,6 +187,10 @@ impl ObjectStore {
         for (_, id, size) in found {
             state.total += size;
             state.lru.put(id, Info { size, verified: 0 });
+        }
+        let known = load_verified(&cache_dir.join(VERIFIED_FILE), &mut state.lru);
+        if known > 0 {
+            tracing::debug!(objects = known, "verified stamps read from the cache");
         }
         let store = ObjectStore {
             root: cache_dir.to_path_buf(),
@@ -616,7 +643,8 @@ impl ObjectStore {
         }
     }
 
-    /// Hashes every object; removes and returns the paths of bad ones.
+    /// Hashes every object; removes and returns the paths of bad ones, and
+    /// marks the good ones verified (for [`ObjectStore::save_verified`]).
     pub fn verify_all(&self) -> Vec<PathBuf> {
         let ids: Vec<ObjectId> = self
             .state
@@ -629,17 +657,44 @@ impl ObjectStore {
         let mut bad = Vec::new();
         for id in ids {
             let path = self.path(&id);
-            let ok = File::open(&path)
-                .and_then(|f| hash_file(&f))
-                .map(|h| h == id)
-                .unwrap_or(false);
-            if !ok {
+            // The stamp is taken before hashing, as `check` does: a change
+            // while hashing leaves a stamp that no longer matches.
+            let verified = File::open(&path).and_then(|f| {
+                let stamp = Stamp::of(&f.metadata()?);
+                Ok((hash_file(&f)? == id).then_some(stamp))
+            });
+            if let Ok(Some(stamp)) = verified {
+                if let Some(i) = self.state.lock().unwrap().lru.peek_mut(&id) {
+                    i.verified = stamp.fingerprint();
+                }
+            } else {
                 let _ = std::fs::remove_file(&path);
                 self.forget(&id);
                 bad.push(path);
             }
         }
         bad
+    }
+
+    /// Writes what this process has verified (each object's stamp
+    /// fingerprint) to `<cache-dir>/verified`, replacing the file whole, so
+    /// the next process trusts those objects while their files stay as
+    /// they are (module doc). Returns how many were written.
+    pub fn save_verified(&self) -> io::Result<usize> {
+        let mut data = VERIFIED_MAGIC.to_vec();
+        let n = {
+            let st = self.state.lock().unwrap();
+            let mut n = 0;
+            for (id, info) in st.lru.iter().filter(|(_, i)| i.verified != 0) {
+                data.extend_from_slice(id);
+                data.extend_from_slice(&info.verified.to_le_bytes());
+                n += 1;
+            }
+            n
+        };
+        let mut t = TempFile::with_data(&self.root.join("tmp"), &data)?;
+        t.replace(&self.root.join(VERIFIED_FILE))?;
+        Ok(n)
     }
 
     /// Removes object `id` (one a failed layer created).
@@ -694,6 +749,46 @@ impl ObjectStore {
         self.evict_to(self.bound());
         Ok(true)
     }
+}
+
+/// Where verified stamps are kept across restarts, under the cache dir.
+const VERIFIED_FILE: &str = "verified";
+
+/// First bytes of that file (the format's version); then 40-byte records:
+/// an object id and its stamp's fingerprint (little endian).
+const VERIFIED_MAGIC: &[u8] = b"apt-layer verified 1\n";
+
+/// Marks the objects of `lru` that `path` lists as verified with the
+/// fingerprint it gives (checked against the file at each open); how many.
+/// A missing or malformed file marks none.
+fn load_verified(path: &Path, lru: &mut ObjIndex) -> usize {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read verified stamps; objects are hashed again on first open");
+            return 0;
+        }
+    };
+    let records = match data.strip_prefix(VERIFIED_MAGIC) {
+        Some(r) if r.len() % 40 == 0 => r,
+        _ => {
+            tracing::warn!(path = %path.display(), "verified stamps in an unknown format; objects are hashed again on first open");
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for r in records.chunks_exact(40) {
+        let id: ObjectId = r[..32].try_into().expect("32 bytes");
+        let fp = u64::from_le_bytes(r[32..].try_into().expect("8 bytes"));
+        if let Some(i) = lru.peek_mut(&id)
+            && fp != 0
+        {
+            i.verified = fp;
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The objects under `objects/`, with their metadata.
@@ -1024,6 +1119,58 @@ mod tests {
         let s = ObjectStore::open(d.path(), 25).unwrap();
         assert_eq!(s.stats().objects, 1);
         assert!(s.verify_all().is_empty());
+    }
+
+    /// What one process verified, saved, is trusted by the next while the
+    /// object's file stays as it is; a file written meanwhile (its ctime
+    /// moves) is hashed again and, damaged, removed; a malformed stamps
+    /// file marks nothing.
+    #[test]
+    fn verified_stamps_survive_a_restart_but_not_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let a = put(&s, b"aaaaaaaaaa");
+        let b = put(&s, b"bbbbbbbbbb");
+        assert_eq!(s.save_verified().unwrap(), 2);
+        drop(s);
+
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(
+            matches!(s.get_verified(&a), Ok(Some(_))),
+            "a saved stamp spares the hash"
+        );
+        // Written while no process watched (same size, same mtime set back:
+        // only the ctime tells).
+        let m = std::fs::metadata(s.path(&b)).unwrap();
+        std::fs::write(s.path(&b), b"bbbbbbbbbc").unwrap();
+        let f = File::options().write(true).open(s.path(&b)).unwrap();
+        f.set_modified(m.modified().unwrap()).unwrap();
+        drop((s, f));
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(
+            s.get_verified(&b).is_err(),
+            "a changed file is hashed again"
+        );
+        assert!(s.get(&b).is_none(), "and, damaged, not served");
+        assert!(!s.path(&b).exists());
+        assert!(s.get(&a).is_some());
+        drop(s);
+
+        // Without the file, or with a damaged one: hashed on first open.
+        for bad in [&b"apt-layer verified 1\nshort"[..], b"other"] {
+            std::fs::write(d.path().join(VERIFIED_FILE), bad).unwrap();
+            let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+            assert!(s.get_verified(&a).is_err(), "{bad:?}");
+        }
+        std::fs::remove_file(d.path().join(VERIFIED_FILE)).unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(s.get_verified(&a).is_err());
+        // `cache verify` marks what it hashed.
+        assert!(s.verify_all().is_empty());
+        assert_eq!(s.save_verified().unwrap(), 1);
+        drop(s);
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(matches!(s.get_verified(&a), Ok(Some(_))));
     }
 
     /// A daemon's store follows another process on the same cache: it

@@ -240,6 +240,12 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     });
     let res = session.run();
     rt.block_on(layers.finish_storing(STORING_GRACE));
+    // The next start trusts the objects verified here while their files
+    // stay as they are, instead of hashing each again on first open.
+    match layers.store().save_verified() {
+        Ok(n) => tracing::info!(objects = n, "verified stamps saved"),
+        Err(e) => tracing::warn!(error = %e, "cannot save verified stamps"),
+    }
     rt.shutdown_timeout(Duration::from_secs(2));
     match res {
         Ok(()) => {}

@@ -359,6 +359,10 @@ fn cache(cmd: CacheCmd, dir: Option<PathBuf>, size: Option<String>) -> Result<()
         CacheCmd::Verify => {
             let mut bad = objects.verify_all();
             bad.extend(meta.verify_all());
+            // A daemon started next trusts what was just hashed.
+            if let Err(e) = objects.save_verified() {
+                eprintln!("warning: cannot save verified stamps: {e}");
+            }
             for p in &bad {
                 println!("bad: {}", p.display());
             }
