@@ -16,14 +16,11 @@
 //!   or ctime change (so a damaged or replaced file is caught: any write,
 //!   truncate, `chmod`, `touch` or replacement moves its ctime, which no
 //!   caller can set back); a bad object is deleted and reported missing,
-//!   never served. What was verified, as a fingerprint of that stamp, is
-//!   kept across restarts in `<cache-dir>/verified`
-//!   ([`ObjectStore::save_verified`], at a daemon's clean exit and after
-//!   `cache verify`), so a restarted daemon does not hash every object again
-//!   on first open (for the Debian image, ~1 s of a first `tar` after a
-//!   restart). That file is trusted as the layer indexes next to it are:
-//!   whoever can write the cache directory could forge either. A missing,
-//!   stale or damaged file only costs hashing again.
+//!   never served. What was verified is kept across restarts
+//!   ([`crate::stamps`]; [`ObjectStore::save_verified`], at a daemon's
+//!   clean exit and after `cache verify`), so a restarted daemon does not
+//!   hash every object again on first open (for the Debian image, ~1 s of a
+//!   first `tar` after a restart).
 //! - **Bound**: the total size of objects, plus the spills of layers being
 //!   read ([`ObjectStore::reserve_spill`]), stays under the limit by evicting
 //!   the least recently used objects. A full disk evicts too: a write that
@@ -63,6 +60,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::objindex::{Info, ObjIndex};
 use crate::publish::TempFile;
+use crate::stamps::{self, Stamp};
 
 /// sha256 of an object's content.
 pub type ObjectId = [u8; 32];
@@ -70,48 +68,6 @@ pub type ObjectId = [u8; 32];
 /// Hex name of an object id.
 pub fn object_hex(id: &ObjectId) -> String {
     hex::encode(id)
-}
-
-/// What identifies one version of an object file on disk.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    /// A non-zero fingerprint of the stamp (what the index keeps, and
-    /// `<cache-dir>/verified` across restarts): the first 8 bytes of a
-    /// sha256 of its fields, stable across builds, unlike `std`'s hasher.
-    fn fingerprint(&self) -> u64 {
-        let mut fields = [0u8; 48];
-        let values = [
-            self.ino,
-            self.size,
-            self.mtime.0 as u64,
-            self.mtime.1 as u64,
-            self.ctime.0 as u64,
-            self.ctime.1 as u64,
-        ];
-        for (chunk, v) in fields.chunks_exact_mut(8).zip(values) {
-            chunk.copy_from_slice(&v.to_le_bytes());
-        }
-        let mut h = Sha256::new();
-        h.update(&fields);
-        let d = h.finish();
-        u64::from_le_bytes(d[..8].try_into().expect("8 bytes")).max(1)
-    }
-
-    fn of(m: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            ino: m.ino(),
-            size: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
 }
 
 struct State {
@@ -188,7 +144,7 @@ impl ObjectStore {
             state.total += size;
             state.lru.put(id, Info { size, verified: 0 });
         }
-        let known = load_verified(&cache_dir.join(VERIFIED_FILE), &mut state.lru);
+        let known = stamps::load(cache_dir, &mut state.lru);
         if known > 0 {
             tracing::debug!(objects = known, "verified stamps read from the cache");
         }
@@ -681,19 +637,12 @@ impl ObjectStore {
     /// the next process trusts those objects while their files stay as
     /// they are (module doc). Returns how many were written.
     pub fn save_verified(&self) -> io::Result<usize> {
-        let mut data = VERIFIED_MAGIC.to_vec();
-        let n = {
+        let (data, n) = {
             let st = self.state.lock().unwrap();
-            let mut n = 0;
-            for (id, info) in st.lru.iter().filter(|(_, i)| i.verified != 0) {
-                data.extend_from_slice(id);
-                data.extend_from_slice(&info.verified.to_le_bytes());
-                n += 1;
-            }
-            n
+            stamps::encode(st.lru.iter().map(|(id, i)| (id, i.verified)))
         };
         let mut t = TempFile::with_data(&self.root.join("tmp"), &data)?;
-        t.replace(&self.root.join(VERIFIED_FILE))?;
+        t.replace(&self.root.join(stamps::FILE))?;
         Ok(n)
     }
 
@@ -749,46 +698,6 @@ impl ObjectStore {
         self.evict_to(self.bound());
         Ok(true)
     }
-}
-
-/// Where verified stamps are kept across restarts, under the cache dir.
-const VERIFIED_FILE: &str = "verified";
-
-/// First bytes of that file (the format's version); then 40-byte records:
-/// an object id and its stamp's fingerprint (little endian).
-const VERIFIED_MAGIC: &[u8] = b"apt-layer verified 1\n";
-
-/// Marks the objects of `lru` that `path` lists as verified with the
-/// fingerprint it gives (checked against the file at each open); how many.
-/// A missing or malformed file marks none.
-fn load_verified(path: &Path, lru: &mut ObjIndex) -> usize {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read verified stamps; objects are hashed again on first open");
-            return 0;
-        }
-    };
-    let records = match data.strip_prefix(VERIFIED_MAGIC) {
-        Some(r) if r.len() % 40 == 0 => r,
-        _ => {
-            tracing::warn!(path = %path.display(), "verified stamps in an unknown format; objects are hashed again on first open");
-            return 0;
-        }
-    };
-    let mut n = 0;
-    for r in records.chunks_exact(40) {
-        let id: ObjectId = r[..32].try_into().expect("32 bytes");
-        let fp = u64::from_le_bytes(r[32..].try_into().expect("8 bytes"));
-        if let Some(i) = lru.peek_mut(&id)
-            && fp != 0
-        {
-            i.verified = fp;
-            n += 1;
-        }
-    }
-    n
 }
 
 /// The objects under `objects/`, with their metadata.
@@ -1158,11 +1067,11 @@ mod tests {
 
         // Without the file, or with a damaged one: hashed on first open.
         for bad in [&b"apt-layer verified 1\nshort"[..], b"other"] {
-            std::fs::write(d.path().join(VERIFIED_FILE), bad).unwrap();
+            std::fs::write(d.path().join(stamps::FILE), bad).unwrap();
             let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
             assert!(s.get_verified(&a).is_err(), "{bad:?}");
         }
-        std::fs::remove_file(d.path().join(VERIFIED_FILE)).unwrap();
+        std::fs::remove_file(d.path().join(stamps::FILE)).unwrap();
         let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
         assert!(s.get_verified(&a).is_err());
         // `cache verify` marks what it hashed.

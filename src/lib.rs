@@ -38,4 +38,5 @@ pub mod publish;
 pub mod registry;
 pub mod rootfs;
 pub mod singleflight;
+pub mod stamps;
 pub mod store;
