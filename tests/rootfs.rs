@@ -393,18 +393,10 @@ fn sparse_files_from_gnu_tar_equal_umoci_unpack() {
 /// `check_oracle`, pushes it to a registry, mounts that, and compares the
 /// image's `rootfs/` with the unpack.
 fn served_as_umoci_unpacks(layers: &[Vec<TarEntry>], what: &str, check_oracle: impl Fn(&Path)) {
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "img", layers);
-    let oracle = umoci_unpack(&layout_ref(&layout, "img"), &work.path().join("bundle"));
+    let img = PushedImage::new("img", layers, "served/img:1");
+    let (h, oracle) = (img.host.clone(), img.oracle.clone());
     check_oracle(&oracle);
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "img"),
-        &format!("{h}/served/img:1"),
-        Format::Oci,
-    );
-    let m = mount_of(&reg);
+    let m = mount_of(&img.reg);
     assert_trees_equal(&rootfs(&m, &h, "served/img", "1"), &oracle, what);
 }
 
@@ -499,27 +491,16 @@ fn a_tree_in_use_keeps_its_image_when_the_tag_moves() {
 #[test]
 fn tags_of_one_image_are_separate_trees_to_the_kernel() {
     require_env();
-    let work = tempdir();
     let layers = vec![vec![
         TarEntry::dir("./"),
         TarEntry::dir("proc/"),
         TarEntry::dir("etc/"),
         TarEntry::file("etc/os-release", "ID=test\n"),
     ]];
-    let layout = make_tar_image(work.path(), "one", &layers);
-    let reg = Registry::start();
-    let h = reg.host();
-    let digest = push(
-        &layout_ref(&layout, "one"),
-        &format!("{h}/same:a"),
-        Format::Oci,
-    );
-    push(
-        &layout_ref(&layout, "one"),
-        &format!("{h}/same:b"),
-        Format::Oci,
-    );
-    let m = mount_of(&reg);
+    let img = PushedImage::new("one", &layers, "same:a");
+    let (h, digest) = (img.host.clone(), img.digest.clone());
+    push(&img.image, &format!("{h}/same:b"), Format::Oci);
+    let m = mount_of(&img.reg);
     let roots = [
         rootfs(&m, &h, "same", "a"),
         rootfs(&m, &h, "same", "b"),
@@ -578,7 +559,6 @@ fn tags_of_one_image_are_separate_trees_to_the_kernel() {
 fn an_unused_tree_leaves_memory_and_comes_back_the_same() {
     require_env();
     const FILES: usize = 12_000;
-    let work = tempdir();
     let mut layer = vec![TarEntry::dir("./")];
     for d in 0..FILES / 1000 {
         layer.push(TarEntry::dir(format!("d{d:02}/")));
@@ -586,15 +566,8 @@ fn an_unused_tree_leaves_memory_and_comes_back_the_same() {
             layer.push(TarEntry::file(format!("d{d:02}/file-{f:04}"), "same\n"));
         }
     }
-    let layout = make_tar_image(work.path(), "idle", &[layer]);
-    let oracle = umoci_unpack(&layout_ref(&layout, "idle"), &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "idle"),
-        &format!("{h}/idle/img:1"),
-        Format::Oci,
-    );
+    let img = PushedImage::new("idle", &[layer], "idle/img:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
     let m = Mount::builder().insecure(&h).option("tree_idle=2s").start();
     let root = rootfs(&m, &h, "idle/img", "1");
     let inos = |root: &Path| -> BTreeMap<PathBuf, u64> {
@@ -629,7 +602,7 @@ fn an_unused_tree_leaves_memory_and_comes_back_the_same() {
         "RSS {loaded} -> {unloaded} bytes: the {FILES}-entry tree did not leave memory"
     );
 
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let off = reg.log_len();
     drop_caches(); // the kernel forgets its inodes: every name is asked again
     assert_eq!(
@@ -638,7 +611,7 @@ fn an_unused_tree_leaves_memory_and_comes_back_the_same() {
         "inode numbers changed when the tree came back"
     );
     assert_trees_equal(&root, &oracle, "after the tree came back");
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let blobs = reg
         .requests_since(off)
         .into_iter()
@@ -761,19 +734,14 @@ fn two_layer_files() -> Vec<Vec<TarEntry>> {
 #[test]
 fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "lazy", &two_layer_files());
-    let image = layout_ref(&layout, "lazy");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(&image, &format!("{h}/lazy:1"), Format::Oci);
-    let manifest = layout_manifest(&layout, "lazy");
+    let img = PushedImage::new("lazy", &two_layer_files(), "lazy:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
+    let manifest = layout_manifest(&img.layout, "lazy");
     let layers = manifest_layer_digests(&manifest);
     let config = manifest["config"]["digest"].as_str().unwrap().to_string();
 
-    let m = mount_of(&reg);
-    registry_log_barrier(&reg);
+    let m = mount_of(reg);
+    registry_log_barrier(reg);
     let off = reg.log_len();
     let tag = m.join(format!("{h}/lazy/1"));
     // `ls -l <tag>` and reading the metadata files.
@@ -804,7 +772,7 @@ fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
         read(tag.join(f)).unwrap_or_else(|e| panic!("read {f}: {e}"));
     }
     assert!(stat(tag.join("rootfs")).unwrap().is_dir());
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let reqs = reg.requests_since(off);
     for l in &layers {
         assert!(
@@ -820,9 +788,9 @@ fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
 
     // Using rootfs streams each layer, once.
     assert_trees_equal(&rootfs(&m, &h, "lazy", "1"), &oracle, "lazy rootfs");
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     for l in &layers {
-        let n = blob_gets_since(&reg, off, l);
+        let n = blob_gets_since(reg, off, l);
         assert_eq!(
             n,
             1,
@@ -838,16 +806,11 @@ fn opening_a_tag_fetches_no_layer_until_rootfs_is_used() {
 #[test]
 fn concurrent_readers_stream_each_layer_once() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "cc", &two_layer_files());
-    let image = layout_ref(&layout, "cc");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(&image, &format!("{h}/concurrent:1"), Format::Oci);
-    let layers = manifest_layer_digests(&layout_manifest(&layout, "cc"));
-    let m = mount_of(&reg);
-    registry_log_barrier(&reg);
+    let img = PushedImage::new("cc", &two_layer_files(), "concurrent:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
+    let layers = manifest_layer_digests(&layout_manifest(&img.layout, "cc"));
+    let m = mount_of(reg);
+    registry_log_barrier(reg);
     let off = reg.log_len();
     let root = rootfs(&m, &h, "concurrent", "1");
     let readers: Vec<_> = (0..4)
@@ -860,9 +823,9 @@ fn concurrent_readers_stream_each_layer_once() {
         let diffs = r.join().expect("reader thread");
         assert!(diffs.is_empty(), "reader {i}: {diffs:#?}");
     }
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     for l in &layers {
-        let n = blob_gets_since(&reg, off, l);
+        let n = blob_gets_since(reg, off, l);
         assert_eq!(
             n,
             1,
@@ -1041,7 +1004,6 @@ fn an_overlay_mounted_while_a_layer_streams_blocks_nothing() {
 #[test]
 fn device_nodes_and_setuid_work_unless_turned_off() {
     require_env();
-    let work = tempdir();
     let layers = vec![vec![
         TarEntry::dir("./"),
         TarEntry::dir("dev/"),
@@ -1049,17 +1011,11 @@ fn device_nodes_and_setuid_work_unless_turned_off() {
         TarEntry::dir("bin/"),
         TarEntry::file("bin/su", "setuid\n").mode(0o4755),
     ]];
-    let layout = make_tar_image(work.path(), "dev", &layers);
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "dev"),
-        &format!("{h}/dev:1"),
-        Format::Oci,
-    );
+    let img = PushedImage::new("dev", &layers, "dev:1");
+    let (reg, h) = (&img.reg, img.host.clone());
 
     // Default: chroot needs both, so neither is turned off.
-    let m = mount_of(&reg);
+    let m = mount_of(reg);
     let opts = mount_options(m.path()).expect("mount listed in mountinfo");
     assert!(
         !opts.iter().any(|o| o == "nodev" || o == "nosuid"),
@@ -1193,16 +1149,9 @@ fn a_stored_file_is_read_by_the_kernel_from_its_object() {
 #[test]
 fn immutable_answers_are_kept_by_the_kernel() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "kept", &two_layer_files());
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "kept"),
-        &format!("{h}/kept:1"),
-        Format::Oci,
-    );
-    let m = mount_of(&reg);
+    let img = PushedImage::new("kept", &two_layer_files(), "kept:1");
+    let (reg, h) = (&img.reg, img.host.clone());
+    let m = mount_of(reg);
     let _kept = caches_kept();
     let tag = m.join(format!("{h}/kept/1"));
     let manifest = read(tag.join("manifest.json")).unwrap();
@@ -1233,25 +1182,20 @@ fn immutable_answers_are_kept_by_the_kernel() {
 #[test]
 fn restart_fetches_no_blob_again() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "r", &two_layer_files());
-    let image = layout_ref(&layout, "r");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(&image, &format!("{h}/restart:1"), Format::Oci);
+    let img = PushedImage::new("r", &two_layer_files(), "restart:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
     let cache = tempdir();
 
-    let mut m1 = mount_on_cache(&reg, cache.path(), &[]);
+    let mut m1 = mount_on_cache(reg, cache.path(), &[]);
     assert_trees_equal(&rootfs(&m1, &h, "restart", "1"), &oracle, "first mount");
     m1.stop();
     drop(m1);
 
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let off = reg.log_len();
-    let m2 = mount_on_cache(&reg, cache.path(), &[]);
+    let m2 = mount_on_cache(reg, cache.path(), &[]);
     assert_trees_equal(&rootfs(&m2, &h, "restart", "1"), &oracle, "after restart");
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let blobs: Vec<String> = reg
         .requests_since(off)
         .into_iter()
@@ -1302,16 +1246,11 @@ fn objects_bytes(cache: &Path) -> u64 {
 fn eviction_under_small_cache_size_then_reread_correct() {
     require_env();
     const LIMIT: u64 = 64 * 1024;
-    let work = tempdir();
     // 16 × 12 KiB = 192 KiB of content for a 64 KiB cache.
-    let layout = make_tar_image(work.path(), "ev", &many_files(16, 12 * 1024, 100));
-    let image = layout_ref(&layout, "ev");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(&image, &format!("{h}/evict:1"), Format::Oci);
+    let img = PushedImage::new("ev", &many_files(16, 12 * 1024, 100), "evict:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
     let cache = tempdir();
-    let mut m = mount_on_cache(&reg, cache.path(), &["--cache-size", "64k"]);
+    let mut m = mount_on_cache(reg, cache.path(), &["--cache-size", "64k"]);
     let root = rootfs(&m, &h, "evict", "1");
     assert_trees_equal(&root, &oracle, "first read under a 64k cache");
     assert!(
@@ -1323,13 +1262,13 @@ fn eviction_under_small_cache_size_then_reread_correct() {
     // by Range requests (DESIGN.md §2: "any later read of evicted content
     // is a Range request for one span, never the whole layer"; these
     // layers are smaller than one span).
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let reread = reg.log_len();
     assert_trees_equal(&root, &oracle, "second read (evicted objects refetched)");
     assert_trees_equal(&root, &oracle, "third read");
-    registry_log_barrier(&reg);
-    for layer in manifest_layer_digests(&layout_manifest(&layout, "ev")) {
-        let full: Vec<(u16, u64)> = blob_get_responses_since(&reg, reread, &layer)
+    registry_log_barrier(reg);
+    for layer in manifest_layer_digests(&layout_manifest(&img.layout, "ev")) {
+        let full: Vec<(u16, u64)> = blob_get_responses_since(reg, reread, &layer)
             .into_iter()
             .filter(|(status, _)| *status != 206)
             .collect();
@@ -1534,22 +1473,15 @@ fn shared_layer_is_stored_once() {
 #[test]
 fn an_object_damaged_while_open_is_not_served_to_a_later_open() {
     require_env();
-    let work = tempdir();
     let v = pseudo_random(211, 40_000);
     let layers = vec![vec![
         TarEntry::dir("./"),
         TarEntry::file("victim", v.clone()),
     ]];
-    let layout = make_tar_image(work.path(), "held", &layers);
-    let reg = Registry::start();
-    let h = reg.host();
-    push(
-        &layout_ref(&layout, "held"),
-        &format!("{h}/heldopen:1"),
-        Format::Oci,
-    );
+    let img = PushedImage::new("held", &layers, "heldopen:1");
+    let (reg, h) = (&img.reg, img.host.clone());
     let cache = tempdir();
-    let mut m = mount_on_cache(&reg, cache.path(), &[]);
+    let mut m = mount_on_cache(reg, cache.path(), &[]);
     let root = rootfs(&m, &h, "heldopen", "1");
     assert_eq!(read(root.join("victim")).unwrap(), v);
     let o = object_path(cache.path(), &sha256_hex(&v));
@@ -1572,7 +1504,6 @@ fn an_object_damaged_while_open_is_not_served_to_a_later_open() {
 #[test]
 fn corrupted_object_is_detected_and_refetched() {
     require_env();
-    let work = tempdir();
     let v1 = pseudo_random(201, 40_000);
     let v2 = pseudo_random(202, 50_000);
     let layers = vec![vec![
@@ -1582,16 +1513,12 @@ fn corrupted_object_is_detected_and_refetched() {
         TarEntry::file("data/victim2", v2.clone()),
         TarEntry::file("data/other", pseudo_random(203, 10_000)),
     ]];
-    let layout = make_tar_image(work.path(), "c", &layers);
-    let image = layout_ref(&layout, "c");
-    let layer = manifest_layer_digests(&layout_manifest(&layout, "c"))[0].clone();
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(&image, &format!("{h}/corrupt:1"), Format::Oci);
+    let img = PushedImage::new("c", &layers, "corrupt:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
+    let layer = manifest_layer_digests(&layout_manifest(&img.layout, "c"))[0].clone();
     let cache = tempdir();
 
-    let mut m1 = mount_on_cache(&reg, cache.path(), &[]);
+    let mut m1 = mount_on_cache(reg, cache.path(), &[]);
     let root = rootfs(&m1, &h, "corrupt", "1");
     assert_trees_equal(&root, &oracle, "first read");
     let o1 = object_path(cache.path(), &sha256_hex(&v1));
@@ -1624,9 +1551,9 @@ fn corrupted_object_is_detected_and_refetched() {
 
     // After a restart: detected, refetched from the registry.
     flip_byte(&o2, 1_000);
-    registry_log_barrier(&reg);
+    registry_log_barrier(reg);
     let off = reg.log_len();
-    let m2 = mount_on_cache(&reg, cache.path(), &[]);
+    let m2 = mount_on_cache(reg, cache.path(), &[]);
     let root = rootfs(&m2, &h, "corrupt", "1");
     let got = read(root.join("data/victim2")).expect("read victim2 after restart");
     assert!(
@@ -1639,7 +1566,7 @@ fn corrupted_object_is_detected_and_refetched() {
     // after the daemon has the bytes it needed (and after a barrier).
     assert!(
         wait_until(Duration::from_secs(10), || blob_gets_since(
-            &reg, off, &layer
+            reg, off, &layer
         ) >= 1),
         "the corrupted object was not refetched from the registry: {:#?}",
         reg.requests_since(off)
@@ -1659,18 +1586,14 @@ fn corrupted_object_is_detected_and_refetched() {
 #[test]
 fn status_reports_layers() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "s", &two_layer_files());
-    let image = layout_ref(&layout, "s");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    let digest = push(&image, &format!("{h}/status:1"), Format::Oci);
+    let img = PushedImage::new("s", &two_layer_files(), "status:1");
+    let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
+    let digest = &img.digest;
     let (mbytes, _) = get_manifest(&h, "status", "1", None);
     let manifest: Value = serde_json::from_slice(&mbytes).unwrap();
     let mlayers = manifest["layers"].as_array().unwrap().clone();
-    let cache = work.path().join("cache");
-    let m = mount_on_cache(&reg, &cache, &[]);
+    let cache = img.work.path().join("cache");
+    let m = mount_on_cache(reg, &cache, &[]);
     let status_path = m.join(format!("{h}/status/1/status"));
     let status = || -> Value {
         let b = read(&status_path).expect("read status");
@@ -1732,7 +1655,7 @@ fn status_reports_layers() {
     // A daemon started again on the same cache shows the same, before
     // anything is read (from the head of each saved index).
     drop(m);
-    let again = mount_on_cache(&reg, &cache, &[]);
+    let again = mount_on_cache(reg, &cache, &[]);
     let b = read(again.join(format!("{h}/status/1/status"))).expect("read status");
     let after: Value = serde_json::from_slice(&b).unwrap();
     for (l, before) in after["layers"]
@@ -1765,14 +1688,10 @@ fn fill_cache(reg: &Registry, repo: &str, cache: &Path, oracle: &Path) {
 #[test]
 fn cache_verify_names_bad_objects() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "v", &many_files(6, 3000, 300));
-    let image = layout_ref(&layout, "v");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    push(&image, &format!("{}/verify:1", reg.host()), Format::Oci);
+    let img = PushedImage::new("v", &many_files(6, 3000, 300), "verify:1");
+    let (reg, oracle) = (&img.reg, img.oracle.clone());
     let cache = tempdir();
-    fill_cache(&reg, "verify", cache.path(), &oracle);
+    fill_cache(reg, "verify", cache.path(), &oracle);
     let objects = object_files(cache.path());
     assert_eq!(
         objects.len(),
@@ -1898,7 +1817,6 @@ fn tight_disk_after_other(
     other: bool,
 ) {
     require_env();
-    let work = tempdir();
     let mut layer = vec![TarEntry::dir("./"), TarEntry::dir("f/")];
     for i in 0..16 {
         layer.push(TarEntry::file(
@@ -1906,15 +1824,11 @@ fn tight_disk_after_other(
             pseudo_random(300 + i, 1 << 20),
         ));
     }
-    let layout = make_tar_image(work.path(), name, &[layer]);
-    let image = layout_ref(&layout, name);
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    let h = reg.host();
-    push(&image, &format!("{h}/{name}:1"), Format::Oci);
+    let img = PushedImage::new(name, &[layer], &format!("{name}:1"));
+    let (reg, h, oracle, work) = (&img.reg, img.host.clone(), img.oracle.clone(), &img.work);
     let dir = work.path().join("cache");
     let _disk = Tmpfs::mount(&dir, disk);
-    let m = mount_on_cache(&reg, &dir, &["--cache-size", cache]);
+    let m = mount_on_cache(reg, &dir, &["--cache-size", cache]);
     if other {
         let mut other = vec![TarEntry::dir("./"), TarEntry::dir("o/")];
         for i in 0..8 {
@@ -1977,14 +1891,10 @@ fn daemon_objects_open(pid: u32) -> Vec<(String, bool)> {
 #[test]
 fn a_released_open_is_kept_for_the_next_until_its_object_is_evicted() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "k", &many_files(6, 8192, 500));
-    let image = layout_ref(&layout, "k");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    push(&image, &format!("{}/kept:1", reg.host()), Format::Oci);
+    let img = PushedImage::new("k", &many_files(6, 8192, 500), "kept:1");
+    let (reg, oracle) = (&img.reg, img.oracle.clone());
     let cache = tempdir();
-    let m = mount_on_cache(&reg, cache.path(), &[]);
+    let m = mount_on_cache(reg, cache.path(), &[]);
     let root = rootfs(&m, &reg.host(), "kept", "1");
     assert_trees_equal(&root, &oracle, "first read");
     let pid = m.pid().expect("daemon pid");
@@ -2019,14 +1929,10 @@ fn a_released_open_is_kept_for_the_next_until_its_object_is_evicted() {
 #[test]
 fn cache_gc_evicts_down_to_size() {
     require_env();
-    let work = tempdir();
-    let layout = make_tar_image(work.path(), "g", &many_files(8, 4096, 400));
-    let image = layout_ref(&layout, "g");
-    let oracle = umoci_unpack(&image, &work.path().join("bundle"));
-    let reg = Registry::start();
-    push(&image, &format!("{}/gc:1", reg.host()), Format::Oci);
+    let img = PushedImage::new("g", &many_files(8, 4096, 400), "gc:1");
+    let (reg, oracle) = (&img.reg, img.oracle.clone());
     let cache = tempdir();
-    fill_cache(&reg, "gc", cache.path(), &oracle);
+    fill_cache(reg, "gc", cache.path(), &oracle);
     let before = cache_stats(cache.path());
     assert_eq!(before["objects"], 8, "{before}");
     assert_eq!(before["bytes"], 8 * 4096, "{before}");
@@ -2045,7 +1951,7 @@ fn cache_gc_evicts_down_to_size() {
     );
     assert_objects_well_formed(cache.path());
     // What gc removed comes back.
-    let m = mount_on_cache(&reg, cache.path(), &[]);
+    let m = mount_on_cache(reg, cache.path(), &[]);
     assert_trees_equal(&rootfs(&m, &reg.host(), "gc", "1"), &oracle, "after gc");
 }
 

@@ -2977,6 +2977,55 @@ pub fn make_tar_image(dir: &Path, tag: &str, layers: &[Vec<TarEntry>]) -> PathBu
     layout
 }
 
+/// An image of hand-written tar layers ([`make_tar_image`]), its `umoci
+/// unpack` (the oracle) and a registry of its own serving it: the setup
+/// most rootfs tests share, in one place so that each test shows only its
+/// layers, where they are pushed and what it checks. The tempdir (layout,
+/// unpack, and whatever else the test keeps in `work`) and the registry
+/// live as long as this does.
+pub struct PushedImage {
+    /// Holds the OCI layout (`oci/`) and the unpack (`bundle/`).
+    pub work: TempDir,
+    /// The OCI layout.
+    pub layout: PathBuf,
+    /// `LAYOUT:NAME`, the image in the layout.
+    pub image: String,
+    /// `umoci unpack` of the image: what its `rootfs/` must equal.
+    pub oracle: PathBuf,
+    pub reg: Registry,
+    /// `reg.host()`.
+    pub host: String,
+    /// The manifest digest of the push.
+    pub digest: String,
+}
+
+impl PushedImage {
+    /// Makes image `name` of `layers`, unpacks it, and pushes it (OCI) to a
+    /// new registry as `HOST/DEST` (`DEST` is `repo:tag`).
+    pub fn new(name: &str, layers: &[Vec<TarEntry>], dest: &str) -> PushedImage {
+        require_env();
+        let work = tempfile::Builder::new()
+            .prefix("apt-layer-image-")
+            .tempdir()
+            .unwrap();
+        let layout = make_tar_image(work.path(), name, layers);
+        let image = layout_ref(&layout, name);
+        let oracle = umoci_unpack(&image, &work.path().join("bundle"));
+        let reg = Registry::start();
+        let host = reg.host();
+        let digest = push(&image, &format!("{host}/{dest}"), Format::Oci);
+        PushedImage {
+            work,
+            layout,
+            image,
+            oracle,
+            reg,
+            host,
+            digest,
+        }
+    }
+}
+
 /// `umoci raw add-layer --image LAYOUT:TAG` of the tar `bytes`.
 pub fn add_tar_layer(image: &str, tar: &[u8]) {
     let f = tempfile::Builder::new()
