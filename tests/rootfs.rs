@@ -1156,6 +1156,11 @@ fn immutable_answers_are_kept_by_the_kernel() {
     let tag = m.join(format!("{h}/kept/1"));
     let manifest = read(tag.join("manifest.json")).unwrap();
     let file = tag.join("rootfs/data/one");
+    // The first look starts the layers; an answer given while they are
+    // still listed may carry no cache time. Once the tree is built, look
+    // again: that answer is the one the kernel must keep.
+    stat(&file).unwrap();
+    wait_ready(&m, &h, "kept", "1");
     let st = stat(&file).unwrap();
 
     let trace = FuseTrace::start(m.path());
