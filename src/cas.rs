@@ -144,7 +144,7 @@ impl ObjectStore {
             state.total += size;
             state.lru.put(id, Info { size, verified: 0 });
         }
-        let known = stamps::load(cache_dir, &mut state.lru);
+        let known = stamps::apply(&stamps::read(cache_dir), &mut state.lru);
         if known > 0 {
             tracing::debug!(objects = known, "verified stamps read from the cache");
         }
@@ -635,10 +635,14 @@ impl ObjectStore {
     /// Writes what this process has verified (each object's stamp
     /// fingerprint) to `<cache-dir>/verified`, replacing the file whole, so
     /// the next process trusts those objects while their files stay as
-    /// they are (module doc). Returns how many were written.
+    /// they are (module doc). What the file said of objects this process
+    /// has not verified (another daemon on the cache saved it) is kept.
+    /// Returns how many were written.
     pub fn save_verified(&self) -> io::Result<usize> {
+        let before = stamps::read(&self.root);
         let (data, n) = {
-            let st = self.state.lock().unwrap();
+            let mut st = self.state.lock().unwrap();
+            stamps::apply(&before, &mut st.lru);
             stamps::encode(st.lru.iter().map(|(id, i)| (id, i.verified)))
         };
         let mut t = TempFile::with_data(&self.root.join("tmp"), &data)?;
@@ -1080,6 +1084,24 @@ mod tests {
         drop(s);
         let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
         assert!(matches!(s.get_verified(&a), Ok(Some(_))));
+    }
+
+    /// Two processes on one cache: the one that saves last keeps what the
+    /// other saved of objects it did not verify itself.
+    #[test]
+    fn saving_verified_stamps_keeps_another_process_s() {
+        let d = tempfile::tempdir().unwrap();
+        let s1 = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let a = put(&s1, b"aaaaaaaaaa");
+        let s2 = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        let b = put(&s2, b"bbbbbbbbbb");
+        assert!(s2.get_verified(&a).is_err(), "s2 never verified a");
+        assert_eq!(s1.save_verified().unwrap(), 1);
+        assert_eq!(s2.save_verified().unwrap(), 2);
+        drop((s1, s2));
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(matches!(s.get_verified(&a), Ok(Some(_))));
+        assert!(matches!(s.get_verified(&b), Ok(Some(_))));
     }
 
     /// A daemon's store follows another process on the same cache: it

@@ -71,34 +71,45 @@ pub(crate) const FILE: &str = "verified";
 /// an object id and its stamp's fingerprint (little endian).
 const MAGIC: &[u8] = b"apt-layer verified 1\n";
 
-/// Marks the objects of `lru` that `<cache_dir>/verified` lists as verified with the
-/// fingerprint it gives (checked against the file at each open); how many.
-/// A missing or malformed file marks none.
-pub(crate) fn load(cache_dir: &Path, lru: &mut ObjIndex) -> usize {
+/// The `(object, fingerprint)` pairs `<cache_dir>/verified` lists; none if
+/// it is missing or malformed.
+pub(crate) fn read(cache_dir: &Path) -> Vec<(ObjectId, u64)> {
     let path = &cache_dir.join(FILE);
     let data = match std::fs::read(path) {
         Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot read verified stamps; objects are hashed again on first open");
-            return 0;
+            return Vec::new();
         }
     };
     let records = match data.strip_prefix(MAGIC) {
         Some(r) if r.len() % 40 == 0 => r,
         _ => {
             tracing::warn!(path = %path.display(), "verified stamps in an unknown format; objects are hashed again on first open");
-            return 0;
+            return Vec::new();
         }
     };
+    records
+        .chunks_exact(40)
+        .map(|r| {
+            let id: ObjectId = r[..32].try_into().expect("32 bytes");
+            (id, u64::from_le_bytes(r[32..].try_into().expect("8 bytes")))
+        })
+        .filter(|&(_, fp)| fp != 0)
+        .collect()
+}
+
+/// Marks the objects of `lru` not verified yet with the fingerprints of
+/// `stamps` (from [`read`]; each is checked against the file at its open);
+/// how many.
+pub(crate) fn apply(stamps: &[(ObjectId, u64)], lru: &mut ObjIndex) -> usize {
     let mut n = 0;
-    for r in records.chunks_exact(40) {
-        let id: ObjectId = r[..32].try_into().expect("32 bytes");
-        let fp = u64::from_le_bytes(r[32..].try_into().expect("8 bytes"));
-        if let Some(i) = lru.peek_mut(&id)
-            && fp != 0
+    for (id, fp) in stamps {
+        if let Some(i) = lru.peek_mut(id)
+            && i.verified == 0
         {
-            i.verified = fp;
+            i.verified = *fp;
             n += 1;
         }
     }
