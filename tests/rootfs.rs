@@ -1223,10 +1223,10 @@ fn bytes_read_by(pid: u32) -> u64 {
 }
 
 /// A daemon started again on the same cache trusts the objects verified
-/// before (their stamps, saved at the clean exit) while their files are
-/// unchanged: it reads none of them again to hash it, and serves the right
-/// bytes. (A file changed meanwhile is hashed and refetched:
-/// `corrupted_object_is_detected_and_refetched`.)
+/// before (their stamps, saved a few seconds after the tree was built and
+/// at a clean exit) while their files are unchanged: it reads none of them
+/// again to hash it, and serves the right bytes. (A file changed meanwhile
+/// is hashed and refetched: `corrupted_object_is_detected_and_refetched`.)
 #[test]
 fn restart_hashes_no_object_again() {
     require_env();
@@ -1234,32 +1234,54 @@ fn restart_hashes_no_object_again() {
     let img = PushedImage::new("vr", &many_files(8, SIZE, 1300), "verified:1");
     let (reg, h, oracle) = (&img.reg, img.host.clone(), img.oracle.clone());
     let cache = tempdir();
+    let stamps = cache.path().join("verified");
+    // Opens the 8 files on a daemon just started; what it read meanwhile.
+    let read_all = |m: &Mount| {
+        let files = rootfs(m, &h, "verified", "1").join("f");
+        let names: Vec<_> = fs::read_dir(&files)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 8, "{names:?}");
+        let pid = m.pid().expect("the daemon runs");
+        let before = bytes_read_by(pid);
+        for n in &names {
+            let got = fs::read(files.join(n)).unwrap();
+            let want = fs::read(oracle.join("f").join(n)).unwrap();
+            assert!(got == want, "{n:?}: wrong bytes after the restart");
+        }
+        bytes_read_by(pid) - before
+    };
 
+    // Built, then killed (no clean exit): the stamps were saved once the
+    // tree was built.
     let mut m1 = mount_on_cache(reg, cache.path(), &[]);
     assert_trees_equal(&rootfs(&m1, &h, "verified", "1"), &oracle, "first mount");
     wait_ready(&m1, &h, "verified", "1");
-    m1.stop();
+    assert!(
+        wait_until(Duration::from_secs(20), || stamps.exists()),
+        "no {} after the tree was built",
+        stamps.display()
+    );
+    m1.kill();
     drop(m1);
-
-    let m2 = mount_on_cache(reg, cache.path(), &[]);
-    let files = rootfs(&m2, &h, "verified", "1").join("f");
-    let names: Vec<_> = fs::read_dir(&files)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(names.len(), 8, "{names:?}");
-    let pid = m2.pid().expect("the daemon runs");
-    let before = bytes_read_by(pid);
-    for n in &names {
-        let got = fs::read(files.join(n)).unwrap();
-        let want = fs::read(oracle.join("f").join(n)).unwrap();
-        assert!(got == want, "{n:?}: wrong bytes after the restart");
-    }
-    let read = bytes_read_by(pid) - before;
+    let mut m2 = mount_on_cache(reg, cache.path(), &[]);
+    let read = read_all(&m2);
     assert!(
         read < SIZE as u64,
-        "the restarted daemon read {read} bytes while 8 files of {SIZE} bytes it had \
-         verified before were opened: it hashed them again"
+        "after a kill, the daemon read {read} bytes while 8 files of {SIZE} bytes verified \
+         before were opened: it hashed them again"
+    );
+
+    // A clean exit saves them too (the file is gone meanwhile).
+    fs::remove_file(&stamps).unwrap();
+    m2.stop();
+    drop(m2);
+    let m3 = mount_on_cache(reg, cache.path(), &[]);
+    let read = read_all(&m3);
+    assert!(
+        read < SIZE as u64,
+        "after a clean exit, the daemon read {read} bytes to open files verified before"
     );
 }
 
