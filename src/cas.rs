@@ -17,8 +17,9 @@
 //!   truncate, `chmod`, `touch` or replacement moves its ctime, which no
 //!   caller can set back); a bad object is deleted and reported missing,
 //!   never served. What was verified is kept across restarts
-//!   ([`crate::stamps`]; [`ObjectStore::save_verified`], at a daemon's
-//!   clean exit and after `cache verify`), so a restarted daemon does not
+//!   ([`crate::stamps`]; [`ObjectStore::save_verified`], by a daemon a few
+//!   seconds after it builds a tree and at its clean exit, and by `cache
+//!   verify`), so a restarted daemon does not
 //!   hash every object again on first open (for the Debian image, ~1 s of a
 //!   first `tar` after a restart).
 //! - **Bound**: the total size of objects, plus the spills of layers being
