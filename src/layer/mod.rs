@@ -382,7 +382,11 @@ impl IndexStore {
         let data = postcard::to_stdvec(&saving).map_err(std::io::Error::other)?;
         let path = self.path(&index.digest);
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        std::fs::write(&tmp, &data)?;
+        // A failed write (a full disk) leaves nothing behind.
+        if let Err(e) = std::fs::write(&tmp, &data) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &path)
     }
 

@@ -443,8 +443,14 @@ impl Layers {
     /// crash would fetch again. A failed save is logged; the layer is whole
     /// in memory and serves this process.
     async fn persist(&self, desc: &Descriptor, st: &LayerState, idx: Arc<LayerIndex>) {
-        let indexes = self.indexes.clone();
-        let saved = tokio::task::spawn_blocking(move || indexes.save(&idx)).await;
+        let (indexes, store) = (self.indexes.clone(), self.store.clone());
+        // A full disk evicts objects for the index, as for any write to the
+        // cache: without its index, a later read of an evicted file would
+        // stream the whole layer again.
+        let saved = tokio::task::spawn_blocking(move || {
+            crate::cas::when_full(|| store.make_room(0), || indexes.save(&idx))
+        })
+        .await;
         if let Ok(Err(e)) = saved {
             tracing::warn!(layer = %desc.digest, error = %e, "cannot persist layer index");
         }
