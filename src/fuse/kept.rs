@@ -26,7 +26,9 @@
 //!   otherwise it is dropped and the open takes the usual path.
 //! - **Never holds evicted disk**: the store tells which objects' files it
 //!   unlinked ([`crate::cas::ObjectStore::on_unlinked`]); their kept opens
-//!   go at once, so the disk is freed as eviction means it to be.
+//!   go at once, so the disk is freed as eviction means it to be. An open
+//!   released after that notice (the kernel sends the release after the
+//!   reader's close) finds its file unlinked and is not kept.
 //! - **Locking**: one mutex, never held while calling the model or the
 //!   store (the store calls in here from its eviction).
 
@@ -35,8 +37,10 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::MetadataExt;
+
 use crate::cas::ObjectId;
-use crate::model::OpenFile;
+use crate::model::{Content, OpenFile};
 
 /// At most this many kept opens, whatever the descriptor limit.
 const MAX_KEPT: usize = 8192;
@@ -92,6 +96,16 @@ impl<B> KeptOpens<B> {
     /// otherwise this one is not kept (module doc: scan resistant).
     pub fn keep(&mut self, ino: u64, file: Arc<OpenFile>, id: Arc<B>, now: Instant) {
         let Some(object) = file.object else { return };
+        // Unlinked already (the store's notice can come before this
+        // release, which the kernel sends after the reader's close): not
+        // kept, or it would hold the evicted file's disk. Checked under the
+        // lock `forget_objects` takes, so a notice after this check finds
+        // the entry below.
+        if let Content::File(f) = &file.content
+            && f.metadata().is_ok_and(|m| m.nlink() == 0)
+        {
+            return;
+        }
         if self.lru.len() == self.lru.cap().get()
             && !self.lru.contains(&ino)
             && self
@@ -155,7 +169,6 @@ impl<B> KeptOpens<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Content;
 
     fn open(object: u8) -> Arc<OpenFile> {
         Arc::new(OpenFile {
@@ -197,6 +210,28 @@ mod tests {
         plain.object = None;
         k.keep(5, Arc::new(plain), id, t0);
         assert!(k.take(5).is_none());
+    }
+
+    /// An open whose object was unlinked before its release (the store's
+    /// notice came first) is not kept.
+    #[test]
+    fn an_unlinked_object_is_not_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("object");
+        std::fs::write(&path, b"content").unwrap();
+        let f = Arc::new(OpenFile {
+            content: Content::File(Arc::new(std::fs::File::open(&path).unwrap())),
+            keep_cache: true,
+            direct_io: false,
+            object: Some([3; 32]),
+        });
+        let mut k: KeptOpens<()> = KeptOpens::with_cap(4);
+        let t0 = Instant::now();
+        k.keep(1, f.clone(), Arc::new(()), t0);
+        assert!(k.take(1).is_some(), "linked: kept");
+        std::fs::remove_file(&path).unwrap();
+        k.keep(1, f, Arc::new(()), t0);
+        assert!(k.take(1).is_none(), "unlinked: not kept");
     }
 
     /// Two passes over more files than the cap, as `tar` twice over a
