@@ -390,12 +390,8 @@ impl ObjectStore {
     /// intact, else `None` (a damaged file is removed).
     pub fn check(&self, id: &ObjectId, file: File) -> Option<File> {
         let path = self.path(id);
-        let stamp = Stamp::of(&file.metadata().ok()?);
-        match hash_file(&file) {
+        match self.hash_and_mark(id, &file) {
             Ok(actual) if &actual == id => {
-                if let Some(i) = self.state.lock().unwrap().lru.peek_mut(id) {
-                    i.verified = stamp.fingerprint();
-                }
                 // Hashing read it to the end; hand it back at the start.
                 io::Seek::seek(&mut &file, io::SeekFrom::Start(0)).ok()?;
                 Some(file)
@@ -416,6 +412,21 @@ impl ObjectStore {
                 None
             }
         }
+    }
+
+    /// Hashes object `id`'s open `file` (its sha256) and, if it matches,
+    /// marks the object verified with the file's stamp, taken before
+    /// hashing: a change while hashing leaves a stamp that no longer
+    /// matches.
+    fn hash_and_mark(&self, id: &ObjectId, file: &File) -> io::Result<ObjectId> {
+        let stamp = Stamp::of(&file.metadata()?);
+        let actual = hash_file(file)?;
+        if &actual == id
+            && let Some(i) = self.state.lock().unwrap().lru.peek_mut(id)
+        {
+            i.verified = stamp.fingerprint();
+        }
+        Ok(actual)
     }
 
     fn forget(&self, id: &ObjectId) {
@@ -614,17 +625,10 @@ impl ObjectStore {
         let mut bad = Vec::new();
         for id in ids {
             let path = self.path(&id);
-            // The stamp is taken before hashing, as `check` does: a change
-            // while hashing leaves a stamp that no longer matches.
-            let verified = File::open(&path).and_then(|f| {
-                let stamp = Stamp::of(&f.metadata()?);
-                Ok((hash_file(&f)? == id).then_some(stamp))
-            });
-            if let Ok(Some(stamp)) = verified {
-                if let Some(i) = self.state.lock().unwrap().lru.peek_mut(&id) {
-                    i.verified = stamp.fingerprint();
-                }
-            } else {
+            let ok = File::open(&path)
+                .and_then(|f| self.hash_and_mark(&id, &f))
+                .is_ok_and(|h| h == id);
+            if !ok {
                 let _ = std::fs::remove_file(&path);
                 self.forget(&id);
                 bad.push(path);

@@ -34,10 +34,9 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::os::unix::fs::MetadataExt;
 
 use crate::cas::ObjectId;
 use crate::model::{Content, OpenFile};
