@@ -17,9 +17,9 @@
 //!   truncate, `chmod`, `touch` or replacement moves its ctime, which no
 //!   caller can set back); a bad object is deleted and reported missing,
 //!   never served. What was verified is kept across restarts
-//!   ([`crate::stamps`]; [`ObjectStore::save_verified`], by a daemon a few
-//!   seconds after it builds a tree and at its clean exit, and by `cache
-//!   verify`), so a restarted daemon does not
+//!   ([`crate::stamps`]; [`ObjectStore::save_verified`], by a daemon within
+//!   a few seconds of verifying objects and at its clean exit, and by
+//!   `cache verify`), so a restarted daemon does not
 //!   hash every object again on first open (for the Debian image, ~1 s of a
 //!   first `tar` after a restart).
 //! - **Bound**: the total size of objects, plus the spills of layers being
@@ -75,6 +75,9 @@ struct State {
     lru: ObjIndex,
     total: u64,
     pinned: HashMap<ObjectId, u32>,
+    /// An object was verified since the stamps were last saved
+    /// ([`ObjectStore::save_verified_if_new`]).
+    unsaved: bool,
 }
 
 /// Counters for `cache stats` and `status`.
@@ -104,6 +107,7 @@ pub struct ObjectStore {
     /// Told of objects whose files went ([`ObjectStore::on_unlinked`]).
     unlinked: std::sync::OnceLock<Unlinked>,
 }
+
 
 /// What to tell when objects' files are unlinked or found gone.
 type Unlinked = Box<dyn Fn(&[ObjectId]) + Send + Sync>;
@@ -140,6 +144,7 @@ impl ObjectStore {
             lru: ObjIndex::new(),
             total: 0,
             pinned: HashMap::new(),
+            unsaved: false,
         };
         for (_, id, size) in found {
             state.total += size;
@@ -421,10 +426,12 @@ impl ObjectStore {
     fn hash_and_mark(&self, id: &ObjectId, file: &File) -> io::Result<ObjectId> {
         let stamp = Stamp::of(&file.metadata()?);
         let actual = hash_file(file)?;
-        if &actual == id
-            && let Some(i) = self.state.lock().unwrap().lru.peek_mut(id)
-        {
-            i.verified = stamp.fingerprint();
+        if &actual == id {
+            let mut st = self.state.lock().unwrap();
+            if let Some(i) = st.lru.peek_mut(id) {
+                i.verified = stamp.fingerprint();
+                st.unsaved = true;
+            }
         }
         Ok(actual)
     }
@@ -647,12 +654,27 @@ impl ObjectStore {
         let before = stamps::read(&self.root);
         let (data, n) = {
             let mut st = self.state.lock().unwrap();
+            st.unsaved = false;
             stamps::apply(&before, &mut st.lru);
             stamps::encode(st.lru.iter().map(|(id, i)| (id, i.verified)))
         };
-        let mut t = TempFile::with_data(&self.root.join("tmp"), &data)?;
-        t.replace(&self.root.join(stamps::FILE))?;
-        Ok(n)
+        let saved = TempFile::with_data(&self.root.join("tmp"), &data)
+            .and_then(|mut t| t.replace(&self.root.join(stamps::FILE)));
+        if saved.is_err() {
+            self.state.lock().unwrap().unsaved = true;
+        }
+        saved.map(|()| n)
+    }
+
+    /// [`ObjectStore::save_verified`] if an object was verified since the
+    /// last save (`None` if not). A daemon calls it every few seconds, so
+    /// one killed later does not leave the next start to hash again what
+    /// it verified.
+    pub fn save_verified_if_new(&self) -> io::Result<Option<usize>> {
+        if !self.state.lock().unwrap().unsaved {
+            return Ok(None);
+        }
+        self.save_verified().map(Some)
     }
 
     /// Removes object `id` (one a failed layer created).
@@ -703,6 +725,7 @@ impl ObjectStore {
             {
                 st.total += size;
             }
+            st.unsaved |= stamp.is_some();
         }
         self.evict_to(self.bound());
         Ok(true)
@@ -1086,6 +1109,30 @@ mod tests {
         // `cache verify` marks what it hashed.
         assert!(s.verify_all().is_empty());
         assert_eq!(s.save_verified().unwrap(), 1);
+        drop(s);
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert!(matches!(s.get_verified(&a), Ok(Some(_))));
+    }
+
+    /// The periodic save writes only when something was verified since
+    /// the last one: a stored object, or one hashed on its first open.
+    #[test]
+    fn stamps_are_saved_again_only_after_a_new_verification() {
+        let d = tempfile::tempdir().unwrap();
+        let stamps = d.path().join(stamps::FILE);
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert_eq!(s.save_verified_if_new().unwrap(), None, "nothing verified");
+        let a = put(&s, b"aaaaaaaaaa");
+        assert_eq!(s.save_verified_if_new().unwrap(), Some(1), "a stored");
+        std::fs::remove_file(&stamps).unwrap();
+        assert_eq!(s.save_verified_if_new().unwrap(), None, "saved already");
+        assert!(!stamps.exists());
+        drop(s);
+
+        let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
+        assert_eq!(s.save_verified_if_new().unwrap(), None);
+        assert!(s.get(&a).is_some(), "hashed on its first open");
+        assert_eq!(s.save_verified_if_new().unwrap(), Some(1), "a hashed");
         drop(s);
         let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
         assert!(matches!(s.get_verified(&a), Ok(Some(_))));

@@ -9,7 +9,8 @@
 //! Shutdown: `umount`, SIGTERM, SIGINT or SIGHUP end the session; the daemon
 //! unmounts (if needed), finishes storing layers whose download is over (at
 //! most `STORING_GRACE`), lets other in-flight work finish briefly and
-//! exits 0.
+//! exits 0, saving the verified stamps (also saved every `STAMPS_PERIOD`
+//! while objects are being verified).
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -31,6 +32,10 @@ use crate::store::MetaStore;
 /// listed to be stored (their indexes saved), so that the next start does
 /// not fetch them again.
 const STORING_GRACE: Duration = Duration::from_secs(30);
+
+/// How often the verified stamps are saved while objects are being
+/// verified ([`crate::cas::ObjectStore::save_verified_if_new`]).
+const STAMPS_PERIOD: Duration = Duration::from_secs(5);
 
 /// Loads auth and registries.conf and builds the shared registry client.
 pub fn make_client(
@@ -157,6 +162,26 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
             loop {
                 tick.tick().await;
                 tree.unload_idle_trees(idle);
+            }
+        });
+    }
+
+    {
+        // Whatever this daemon verifies is saved within a few seconds, so a
+        // daemon killed later (not stopped, which saves too) still spares
+        // the next start from hashing those objects again.
+        let store = tree.layers().store().clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(STAMPS_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.save_verified_if_new()).await {
+                    Ok(Ok(Some(n))) => tracing::debug!(objects = n, "verified stamps saved"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot save verified stamps"),
+                    _ => {}
+                }
             }
         });
     }

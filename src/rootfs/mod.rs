@@ -52,7 +52,7 @@ pub mod lazy;
 pub mod merge;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -192,13 +192,7 @@ pub struct Layers {
     /// Woken whenever a live layer or a rootfs changes (early answers wait
     /// on it).
     pub changed: Arc<tokio::sync::Notify>,
-    /// A save of the verified stamps is scheduled ([`Layers::save_stamps_soon`]).
-    stamps_pending: Arc<AtomicBool>,
 }
-
-/// How long after an image's tree is built its verified stamps are saved
-/// (one save for the images built meanwhile).
-const STAMPS_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A layer's entries for a sketch of the tree.
 enum Listed {
@@ -228,27 +222,6 @@ impl Drop for StoringDone<'_> {
 }
 
 impl Layers {
-    /// Saves the store's verified stamps ([`crate::stamps`]) a few seconds
-    /// from now, once for whatever was verified meanwhile. Called when an
-    /// image's tree is built: a daemon killed later (not stopped, which
-    /// saves them too) then still spares the next start from hashing that
-    /// image's objects again. Needs a tokio runtime.
-    pub fn save_stamps_soon(&self) {
-        if self.stamps_pending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (store, pending) = (self.store.clone(), self.stamps_pending.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(STAMPS_DELAY).await;
-            pending.store(false, Ordering::Release);
-            match tokio::task::spawn_blocking(move || store.save_verified()).await {
-                Ok(Ok(n)) => tracing::debug!(objects = n, "verified stamps saved"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save verified stamps"),
-                Err(_) => {}
-            }
-        });
-    }
-
     /// Layers fetched with `client`, stored in `store`, indexed in `indexes`.
     pub fn new(client: RegistryClient, store: Arc<ObjectStore>, indexes: IndexStore) -> Layers {
         let chunks = crate::layer::seekable::ChunkStore::new(indexes.dir());
@@ -262,7 +235,6 @@ impl Layers {
             refetch_flights: Flights::default(),
             early: std::sync::atomic::AtomicBool::new(true),
             changed: Arc::new(tokio::sync::Notify::new()),
-            stamps_pending: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -1468,7 +1440,6 @@ impl RootfsCore {
                     libc::malloc_trim(0);
                 }
                 tracing::info!(image = %name, entries = tree.len(), "rootfs ready");
-                layers.save_stamps_soon();
                 Ok(tree)
             })
             .await;
