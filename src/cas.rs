@@ -27,8 +27,10 @@
 //!   the least recently used objects. A full disk evicts too: a write that
 //!   meets `ENOSPC` makes room ([`ObjectStore::make_room`]) and retries,
 //!   else fails. Eviction only unlinks, so readers holding an object open
-//!   keep reading it. The most recently used object always stays, even if
-//!   it alone exceeds the bound (while spills hold part of it).
+//!   keep reading it, and its disk comes back when they close it: with
+//!   nothing left to evict, `make_room` waits up to a second after the
+//!   last eviction for that. The most recently used object always stays,
+//!   even if it alone exceeds the bound (while spills hold part of it).
 //! - **Nothing is evicted for what can never fit**: no object is larger
 //!   than the limit ([`ObjectStore::max_object`]); a writer whose object
 //!   would grow past it fails at once (`FileTooLarge`), before writing or
@@ -58,6 +60,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::objindex::{Info, ObjIndex};
 use crate::publish::TempFile;
@@ -106,8 +109,14 @@ pub struct ObjectStore {
     reserved: AtomicU64,
     /// Told of objects whose files went ([`ObjectStore::on_unlinked`]).
     unlinked: std::sync::OnceLock<Unlinked>,
+    /// When this store last unlinked an object or found one gone
+    /// ([`ObjectStore::make_room`] waits a moment for its disk).
+    last_unlinked: Mutex<Option<Instant>>,
 }
 
+/// How long after an object was unlinked a full disk with nothing left to
+/// evict waits for that object's space ([`ObjectStore::make_room`]).
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
 
 /// What to tell when objects' files are unlinked or found gone.
 type Unlinked = Box<dyn Fn(&[ObjectId]) + Send + Sync>;
@@ -163,6 +172,7 @@ impl ObjectStore {
             pins: crate::pins::Pins::open(cache_dir)?,
             reserved: AtomicU64::new(0),
             unlinked: std::sync::OnceLock::new(),
+            last_unlinked: Mutex::new(None),
         };
         store.evict_to(limit);
         Ok(store)
@@ -456,9 +466,11 @@ impl ObjectStore {
     }
 
     fn tell_unlinked(&self, ids: &[ObjectId]) {
-        if let Some(f) = self.unlinked.get()
-            && !ids.is_empty()
-        {
+        if ids.is_empty() {
+            return;
+        }
+        *self.last_unlinked.lock().unwrap() = Some(Instant::now());
+        if let Some(f) = self.unlinked.get() {
             f(ids);
         }
     }
@@ -507,11 +519,46 @@ impl ObjectStore {
     /// room, where the second used to find the first had just evicted what
     /// it meant to, return false, and fail its write. A want larger than
     /// the limit can never be met: false at once, nothing evicted.
+    ///
+    /// With nothing left to evict, an eviction a moment ago may still free
+    /// room: an evicted object keeps its disk until its last descriptor
+    /// closes (a reader's, a kept open, the kernel's passthrough backing
+    /// file, which goes when the FUSE release arrives, asynchronously), and
+    /// a write in flight, once stored, makes the object before it
+    /// evictable. So until a second after the last unlink, it waits
+    /// for the disk's free space to grow or for an object to evict.
     pub fn make_room(&self, want: u64) -> bool {
         if want > self.limit {
             return false;
         }
         let _one = self.making_room.lock().unwrap();
+        if self.evict_some(want) {
+            return true;
+        }
+        let Some(unlinked) = *self.last_unlinked.lock().unwrap() else {
+            return false;
+        };
+        let free = || free_bytes(&self.root).unwrap_or(0);
+        let start = free();
+        while Instant::now() < unlinked + RELEASE_WAIT {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = free();
+            if now > start {
+                tracing::info!(
+                    freed = now - start,
+                    "cache disk full: evicted objects were closed, their room came back"
+                );
+                return true;
+            }
+            if self.evict_some(want) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// [`ObjectStore::make_room`]'s eviction; whether it evicted anything.
+    fn evict_some(&self, want: u64) -> bool {
         let stored = self.stats().bytes;
         let before = self.evicted.load(Ordering::Relaxed);
         self.evict_to(stored.saturating_sub(want.max(stored / 4)));
@@ -914,6 +961,18 @@ pub fn when_full<T>(
     }
 }
 
+/// Free bytes (for an unprivileged writer) on the filesystem of `path`.
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(path)?;
+    // SAFETY: a zeroed statvfs is a valid value to fill; `dir` is open.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 /// Whether two open files are the same file (device and inode).
 pub fn same_file(a: &File, b: &File) -> io::Result<bool> {
     let (ma, mb) = (a.metadata()?, b.metadata()?);
@@ -1136,6 +1195,44 @@ mod tests {
         drop(s);
         let s = ObjectStore::open(d.path(), 1 << 20).unwrap();
         assert!(matches!(s.get_verified(&a), Ok(Some(_))));
+    }
+
+    /// A full disk with nothing left to evict, a moment after an eviction:
+    /// `make_room` waits instead of failing the write, for an evicted
+    /// object whose file a reader still holds (its room comes back when the
+    /// reader closes it) or for a write in flight (stored, it makes the
+    /// object before it evictable).
+    #[test]
+    fn a_full_disk_waits_for_room_an_eviction_a_moment_ago_frees() {
+        const BIG: usize = 32 << 20;
+        let d = tempfile::tempdir().unwrap();
+        let s = ObjectStore::open(d.path(), 1 << 30).unwrap();
+        let big = put(&s, &vec![7u8; BIG]);
+        let held = s.get(&big).unwrap();
+        put(&s, b"the most recently used object stays");
+        assert!(s.make_room(0), "the large object is evicted");
+        assert!(!s.path(&big).exists());
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        assert!(
+            s.make_room(0),
+            "nothing left to evict, but the evicted object's room comes back"
+        );
+        reader.join().unwrap();
+        // An object stored meanwhile (a write in flight) makes the one
+        // before it evictable.
+        let s = Arc::new(s);
+        let writer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                put(&s, b"a write that was in flight")
+            })
+        };
+        assert!(s.make_room(0), "the object before the new one is evicted");
+        writer.join().unwrap();
     }
 
     /// Two processes on one cache: the one that saves last keeps what the
