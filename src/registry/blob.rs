@@ -16,32 +16,22 @@ impl RegistryClient {
     ) -> Result<Bytes, RegistryError> {
         self.check(registry, repo)?;
         let what = format!("blob {digest} of {repo}");
-        let w = &what;
+        // The whole body is part of each attempt: a cut connection mid-body
+        // is retried like one that failed to start.
         let (ep, bytes) = self
-            .pull(registry, repo, w, |ep| async move {
-                let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
-                let auth = self.registry_auth(&ep.host);
-                // The whole body is part of each attempt: a cut connection
-                // mid-body is retried like one that failed to start.
-                self.retrying(&ep.host, w, || async {
-                    self.inner
-                        .oci
-                        .store_auth_if_needed(r.resolve_registry(), &auth)
-                        .await;
-                    let mut s = self.inner.oci.pull_blob_stream(&r, digest).await?;
-                    let mut buf = Vec::new();
-                    while let Some(chunk) = s.next().await {
-                        let chunk = chunk?;
-                        if buf.len() as u64 + chunk.len() as u64 > max {
-                            return Err(OciDistributionError::SpecViolationError(format!(
-                                "blob larger than {max} bytes"
-                            )));
-                        }
-                        buf.extend_from_slice(&chunk);
+            .blob_attempts(registry, repo, digest, &what, |r| async move {
+                let mut s = self.inner.oci.pull_blob_stream(&r, digest).await?;
+                let mut buf = Vec::new();
+                while let Some(chunk) = s.next().await {
+                    let chunk = chunk?;
+                    if buf.len() as u64 + chunk.len() as u64 > max {
+                        return Err(OciDistributionError::SpecViolationError(format!(
+                            "blob larger than {max} bytes"
+                        )));
                     }
-                    Ok(Bytes::from(buf))
-                })
-                .await
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(Bytes::from(buf))
             })
             .await?;
         let actual = sha256_digest(&bytes);
@@ -120,22 +110,12 @@ impl RegistryClient {
             Some(len) => format!("range {offset}+{len} of blob {digest} of {repo}"),
             None => format!("blob {digest} of {repo}"),
         };
-        let w = &what;
         let (ep, res) = self
-            .pull(registry, repo, w, |ep| async move {
-                let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
-                let auth = self.registry_auth(&ep.host);
-                self.retrying(&ep.host, w, || async {
-                    self.inner
-                        .oci
-                        .store_auth_if_needed(r.resolve_registry(), &auth)
-                        .await;
-                    self.inner
-                        .oci
-                        .pull_blob_stream_partial(&r, digest, offset, len)
-                        .await
-                })
-                .await
+            .blob_attempts(registry, repo, digest, &what, |r| async move {
+                self.inner
+                    .oci
+                    .pull_blob_stream_partial(&r, digest, offset, len)
+                    .await
             })
             .await?;
         let window = self.timeout();
@@ -154,6 +134,41 @@ impl RegistryClient {
                 Ok(skip_take(min_rate(s.stream, window), offset, len))
             }
         }
+    }
+
+    /// Runs `attempt` for blob `digest` on each endpoint serving
+    /// `registry`/`repo` (mirrors first, [`Self::pull`]), retried
+    /// ([`Self::retrying`]), with the endpoint's credentials handed to
+    /// oci-client before each try. The endpoint that answered, and what
+    /// `attempt` made of its answer.
+    async fn blob_attempts<T, F, Fut>(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &str,
+        what: &str,
+        attempt: F,
+    ) -> Result<(Endpoint, T), RegistryError>
+    where
+        F: Fn(Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        let attempt = &attempt;
+        // Boxed: nested in the callers' futures, the unboxed state machine
+        // overflows the compiler's layout depth.
+        Box::pin(self.pull(registry, repo, what, |ep| async move {
+            let r = Reference::with_digest(ep.host.clone(), ep.repo.clone(), digest.into());
+            let auth = self.registry_auth(&ep.host);
+            self.retrying(&ep.host, what, || async {
+                self.inner
+                    .oci
+                    .store_auth_if_needed(r.resolve_registry(), &auth)
+                    .await;
+                attempt(r.clone()).await
+            })
+            .await
+        }))
+        .await
     }
 }
 
