@@ -169,17 +169,26 @@ fn serve(opts: &MountOptions, ready: &mut Option<std::fs::File>) -> Result<(), S
     {
         // Whatever this daemon verifies is saved within a few seconds, so a
         // daemon killed later (not stopped, which saves too) still spares
-        // the next start from hashing those objects again.
+        // the next start from hashing those objects again. A save that
+        // fails (a full disk) is tried again at the next tick, and logged
+        // once until one succeeds.
         let store = tree.layers().store().clone();
         rt.spawn(async move {
             let mut tick = tokio::time::interval(STAMPS_PERIOD);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
             loop {
                 tick.tick().await;
                 let store = store.clone();
                 match tokio::task::spawn_blocking(move || store.save_verified_if_new()).await {
-                    Ok(Ok(Some(n))) => tracing::debug!(objects = n, "verified stamps saved"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot save verified stamps"),
+                    Ok(Ok(Some(n))) => {
+                        tracing::debug!(objects = n, "verified stamps saved");
+                        failing = false;
+                    }
+                    Ok(Err(e)) if !failing => {
+                        tracing::warn!(error = %e, "cannot save verified stamps; trying again every few seconds");
+                        failing = true;
+                    }
                     _ => {}
                 }
             }
