@@ -538,7 +538,10 @@ impl ObjectStore {
         let Some(unlinked) = *self.last_unlinked.lock().unwrap() else {
             return false;
         };
-        let free = || free_bytes(&self.root).unwrap_or(0);
+        let Ok(root) = File::open(&self.root) else {
+            return false;
+        };
+        let free = || free_bytes(&root).unwrap_or(0);
         let start = free();
         while Instant::now() < unlinked + RELEASE_WAIT {
             std::thread::sleep(Duration::from_millis(10));
@@ -961,10 +964,9 @@ pub fn when_full<T>(
     }
 }
 
-/// Free bytes (for an unprivileged writer) on the filesystem of `path`.
-fn free_bytes(path: &Path) -> io::Result<u64> {
+/// Free bytes (for an unprivileged writer) on the filesystem of `dir`.
+fn free_bytes(dir: &File) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
-    let dir = File::open(path)?;
     // SAFETY: a zeroed statvfs is a valid value to fill; `dir` is open.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut s) } != 0 {

@@ -67,9 +67,12 @@ impl Stamp {
 /// Where verified stamps are kept across restarts, under the cache dir.
 pub(crate) const FILE: &str = "verified";
 
-/// First bytes of that file (the format's version); then 40-byte records:
-/// an object id and its stamp's fingerprint (little endian).
+/// First bytes of that file (the format's version); then [`RECORD`]s.
 const MAGIC: &[u8] = b"apt-layer verified 1\n";
+
+/// Bytes of one record: an object id (32) and its stamp's fingerprint (8,
+/// little endian).
+const RECORD: usize = 40;
 
 /// The `(object, fingerprint)` pairs `<cache_dir>/verified` lists; none if
 /// it is missing or malformed.
@@ -84,14 +87,14 @@ pub(crate) fn read(cache_dir: &Path) -> Vec<(ObjectId, u64)> {
         }
     };
     let records = match data.strip_prefix(MAGIC) {
-        Some(r) if r.len() % 40 == 0 => r,
+        Some(r) if r.len() % RECORD == 0 => r,
         _ => {
             tracing::warn!(path = %path.display(), "verified stamps in an unknown format; objects are hashed again on first open");
             return Vec::new();
         }
     };
     records
-        .chunks_exact(40)
+        .chunks_exact(RECORD)
         .map(|r| {
             let id: ObjectId = r[..32].try_into().expect("32 bytes");
             (id, u64::from_le_bytes(r[32..].try_into().expect("8 bytes")))
