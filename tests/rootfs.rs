@@ -1252,6 +1252,15 @@ fn restart_hashes_no_object_again() {
         }
         bytes_read_by(pid) - before
     };
+    // A daemon just started opens the 8 files without hashing them.
+    let hashes_nothing = |m: &Mount, when: &str| {
+        let read = read_all(m);
+        assert!(
+            read < SIZE as u64,
+            "{when}, the daemon read {read} bytes while 8 files of {SIZE} bytes verified \
+             before were opened: it hashed them again"
+        );
+    };
 
     // Built, then killed (no clean exit): the stamps were saved once the
     // tree was built.
@@ -1266,23 +1275,14 @@ fn restart_hashes_no_object_again() {
     m1.kill();
     drop(m1);
     let mut m2 = mount_on_cache(reg, cache.path(), &[]);
-    let read = read_all(&m2);
-    assert!(
-        read < SIZE as u64,
-        "after a kill, the daemon read {read} bytes while 8 files of {SIZE} bytes verified \
-         before were opened: it hashed them again"
-    );
+    hashes_nothing(&m2, "after a kill");
 
     // A clean exit saves them too (the file is gone meanwhile).
     fs::remove_file(&stamps).unwrap();
     m2.stop();
     drop(m2);
     let mut m3 = mount_on_cache(reg, cache.path(), &[]);
-    let read = read_all(&m3);
-    assert!(
-        read < SIZE as u64,
-        "after a clean exit, the daemon read {read} bytes to open files verified before"
-    );
+    hashes_nothing(&m3, "after a clean exit");
 
     // Verified well after the tree was built (a daemon that has run for a
     // while), then killed: saved within seconds too.
@@ -1313,11 +1313,7 @@ fn restart_hashes_no_object_again() {
     m4.kill();
     drop(m4);
     let m5 = mount_on_cache(reg, cache.path(), &[]);
-    let read = read_all(&m5);
-    assert!(
-        read < SIZE as u64,
-        "after a kill, the daemon read {read} bytes to open files verified late before it"
-    );
+    hashes_nothing(&m5, "after a kill, of files verified late");
 }
 
 /// Files of `n` × `size` bytes, distinct content, over two layers.
